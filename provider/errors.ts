@@ -1,0 +1,36 @@
+// Errors meant for the user: they say what failed and, where known, how to fix it.
+
+/** Bad input or a host that does not fit: the message names the field or the fix. */
+export class UserError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "UserError";
+  }
+}
+
+/** A command on a host that exited non-zero: carries the command, exit code and output. */
+export class CommandError extends Error {
+  constructor(
+    readonly host: string,
+    readonly commandText: string,
+    readonly code: number | null,
+    readonly signal: string | null,
+    readonly stdout: string,
+    readonly stderr: string,
+    hint?: string,
+  ) {
+    const status = code === null ? `signal ${signal ?? "unknown"}` : `exit code ${code}`;
+    const out = [stderr.trim(), stdout.trim()].filter(Boolean).join("\n").slice(-4000);
+    super(
+      `on ${host}: ${shorten(commandText)} failed with ${status}` +
+        (out ? `:\n${out}` : "") +
+        (hint ? `\nhint: ${hint}` : ""),
+    );
+    this.name = "CommandError";
+  }
+}
+
+function shorten(s: string): string {
+  const one = s.replace(/\s+/g, " ").trim();
+  return one.length > 300 ? one.slice(0, 300) + "..." : one;
+}

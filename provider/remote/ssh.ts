@@ -1,0 +1,210 @@
+// SSH transport: one connection per operation, host key pinned, retries on dial, a timeout
+// on every command, and secrets passed on stdin (never on a command line).
+import type { NodeSSH } from "node-ssh";
+import { command, quote } from "../host/shell";
+import { CommandError, UserError } from "../errors";
+
+export interface SshTarget {
+  address: string;
+  port: number;
+  user: string;
+  privateKey: string;
+  /** Pinned host key, "ssh-ed25519 AAAA..." as in known_hosts (without the host name). */
+  hostKey: string;
+}
+
+export interface RunResult {
+  code: number | null;
+  signal: string | null;
+  stdout: string;
+  stderr: string;
+}
+
+export interface RunOptions {
+  /** Data for the command's stdin: the way secrets and file contents reach a host. */
+  stdin?: string | Buffer;
+  /** Default 10 minutes. */
+  timeoutMs?: number;
+  /** Resolve with the result instead of throwing on a non-zero exit. */
+  allowFailure?: boolean;
+  /** Said in the error when the command fails. */
+  hint?: string;
+  /** Called with each line of stdout as it arrives (progress). */
+  onLine?: (line: string) => void;
+}
+
+export interface ConnectOptions {
+  /** Dial attempts before giving up (default 5). */
+  attempts?: number;
+  /** Per-dial timeout (default 20 s). */
+  dialTimeoutMs?: number;
+  /** Delay between attempts (default 2 s, doubled each time up to 15 s). */
+  retryDelayMs?: number;
+  log?: (msg: string) => void;
+}
+
+/** Parses "ssh-ed25519 AAAA... [comment]" into its key blob. */
+export function parseHostKey(hostKey: string): { type: string; blob: Buffer } {
+  const parts = hostKey.trim().split(/\s+/);
+  if (parts.length < 2 || !/^(ssh-|ecdsa-)/.test(parts[0]) || !/^[A-Za-z0-9+/]+=*$/.test(parts[1])) {
+    throw new UserError(`host key "${hostKey.slice(0, 40)}" is not in "ssh-ed25519 AAAA..." form (the line of the host's /etc/ssh/ssh_host_ed25519_key.pub)`);
+  }
+  return { type: parts[0], blob: Buffer.from(parts[1], "base64") };
+}
+
+export class Remote {
+  private constructor(
+    private readonly ssh: NodeSSH,
+    readonly target: SshTarget,
+    readonly name: string,
+  ) {}
+
+  /** Connects, verifying the pinned host key; retries dial failures but never a key mismatch. */
+  static async connect(target: SshTarget, opts: ConnectOptions = {}): Promise<Remote> {
+    const { NodeSSH } = require("node-ssh") as typeof import("node-ssh");
+    const name = `${target.user}@${target.address}:${target.port}`;
+    const attempts = opts.attempts ?? 5;
+    const pinned = parseHostKey(target.hostKey);
+    let delay = opts.retryDelayMs ?? 2000;
+    let lastError: unknown;
+    for (let attempt = 1; attempt <= attempts; attempt++) {
+      let mismatch: string | undefined;
+      const ssh = new NodeSSH();
+      try {
+        await ssh.connect({
+          host: target.address,
+          port: target.port,
+          username: target.user,
+          privateKey: target.privateKey,
+          readyTimeout: opts.dialTimeoutMs ?? 20000,
+          keepaliveInterval: 10000,
+          keepaliveCountMax: 6,
+          hostVerifier: (key: Buffer) => {
+            if (key.equals(pinned.blob)) return true;
+            mismatch = `${keyType(key)} ${key.toString("base64")}`;
+            return false;
+          },
+        });
+        return new Remote(ssh, target, name);
+      } catch (err) {
+        ssh.dispose();
+        if (mismatch !== undefined) {
+          throw new UserError(
+            `host key of ${name} does not match the pinned hostKey: the host offered "${mismatch}". ` +
+              `If the host was reinstalled on purpose, set hostKey to the new key; otherwise do not trust this host.`,
+          );
+        }
+        if (/authentication methods failed|All configured authentication/i.test(String(err))) {
+          throw new UserError(`SSH login to ${name} was refused: check host.user and host.privateKey (${String(err)})`);
+        }
+        lastError = err;
+        if (attempt < attempts) {
+          opts.log?.(`ssh ${name}: ${(err as Error).message}: retrying in ${Math.round(delay / 1000)} s (attempt ${attempt}/${attempts})`);
+          await sleep(delay);
+          delay = Math.min(delay * 2, 15000);
+        }
+      }
+    }
+    throw new UserError(`cannot reach ${name} over SSH after ${attempts} attempts: ${(lastError as Error)?.message ?? lastError}`);
+  }
+
+  /** Runs a shell script as root (through `sudo -n` when the user is not root). */
+  async run(script: string, opts: RunOptions = {}): Promise<RunResult> {
+    const wrapped = this.target.user === "root" ? `sh -c ${quote(script)}` : `sudo -n sh -c ${quote(script)}`;
+    const timeoutMs = opts.timeoutMs ?? 600_000;
+    let channel: { close(): void; signal?(s: string): void } | undefined;
+    let timedOut = false;
+    let partial = "";
+    const timer = setTimeout(() => {
+      timedOut = true;
+      try { channel?.signal?.("KILL"); } catch { /* best effort */ }
+      try { channel?.close(); } catch { /* best effort */ }
+    }, timeoutMs);
+    try {
+      const res = await this.ssh.execCommand(wrapped, {
+        stdin: opts.stdin === undefined ? undefined : toStream(opts.stdin),
+        onChannel: (c) => { channel = c; },
+        onStdout: opts.onLine
+          ? (chunk) => {
+              partial += chunk.toString("utf8");
+              const lines = partial.split("\n");
+              partial = lines.pop() ?? "";
+              for (const l of lines) opts.onLine!(l);
+            }
+          : undefined,
+      });
+      if (timedOut) {
+        throw new CommandError(this.name, script, null, "timeout", res.stdout, res.stderr,
+          `the command did not finish within ${Math.round(timeoutMs / 1000)} s`);
+      }
+      if (res.code !== 0 && !opts.allowFailure) {
+        throw new CommandError(this.name, script, res.code, res.signal, res.stdout, res.stderr, opts.hint);
+      }
+      return res;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Runs an argument vector as root. */
+  async runArgv(argv: string[], opts: RunOptions = {}): Promise<RunResult> {
+    return this.run(command(argv), opts);
+  }
+
+  /** Writes a file atomically as root with the given mode; content travels on stdin. */
+  async writeFile(path: string, content: string | Buffer, mode = "0644"): Promise<void> {
+    const tmp = `${path}.tmp-${process.pid}`;
+    await this.run(
+      `set -e; umask 077; mkdir -p "$(dirname ${quote(path)})"; cat > ${quote(tmp)}; ` +
+        `chmod ${quote(mode)} ${quote(tmp)}; mv -f ${quote(tmp)} ${quote(path)}`,
+      { stdin: content },
+    );
+  }
+
+  /** Reads a file as root; undefined when it does not exist. */
+  async readFile(path: string): Promise<string | undefined> {
+    const res = await this.run(`if [ -e ${quote(path)} ]; then cat ${quote(path)}; else exit 3; fi`, { allowFailure: true });
+    if (res.code === 3) return undefined;
+    if (res.code !== 0) throw new CommandError(this.name, `cat ${path}`, res.code, res.signal, res.stdout, res.stderr);
+    return res.stdout;
+  }
+
+  /** Uploads a local file through SFTP to a temporary path, then installs it as root. */
+  async putFile(localPath: string, remotePath: string, mode = "0755"): Promise<void> {
+    const tmp = `/tmp/.upload-${process.pid}-${Date.now()}`;
+    await this.ssh.putFile(localPath, tmp);
+    await this.run(`set -e; install -D -m ${quote(mode)} ${quote(tmp)} ${quote(remotePath)}; rm -f ${quote(tmp)}`);
+  }
+
+  dispose(): void {
+    this.ssh.dispose();
+  }
+}
+
+/** Connects, runs fn, and always closes the connection. */
+export async function withRemote<T>(target: SshTarget, fn: (r: Remote) => Promise<T>, opts?: ConnectOptions): Promise<T> {
+  const r = await Remote.connect(target, opts);
+  try {
+    return await fn(r);
+  } finally {
+    r.dispose();
+  }
+}
+
+function keyType(blob: Buffer): string {
+  try {
+    const len = blob.readUInt32BE(0);
+    return blob.subarray(4, 4 + len).toString("ascii");
+  } catch {
+    return "unknown";
+  }
+}
+
+function toStream(data: string | Buffer) {
+  const { Readable } = require("stream") as typeof import("stream");
+  return Readable.from([Buffer.isBuffer(data) ? data : Buffer.from(data, "utf8")]);
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
