@@ -299,6 +299,8 @@ export async function up(labDir: string, hosts: number): Promise<LabJson> {
       tools: { pulumi: path.join(BIN, "pulumi"), rustic: path.join(BIN, "rustic"), node: process.execPath },
       env: labEnv(labDir),
     };
+    fs.mkdirSync(path.join(labDir, "pulumi-state"), { recursive: true });
+    fs.mkdirSync(path.join(labDir, "pulumi-home"), { recursive: true });
     fs.writeFileSync(path.join(labDir, "lab.json"), JSON.stringify(lab, null, 2), { mode: 0o600 });
     return lab;
   } catch (e) {

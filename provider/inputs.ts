@@ -1,0 +1,182 @@
+// Input schemas (zod): every field is validated before any host or bucket is touched, and
+// every error names the field and says what is accepted. Values that reach a shell on a
+// host are limited to characters that need no interpretation, and are quoted as well.
+import { z } from "zod";
+import { parseHostKey } from "./remote/ssh";
+
+const MiB = 1024 * 1024;
+/** LVM's default extent size: sizes are whole multiples of it. */
+export const EXTENT = 4 * MiB;
+const MIN_SIZE: Record<Filesystem, number> = { ext4: 32 * MiB, xfs: 320 * MiB };
+
+const UNITS: Record<string, number> = {
+  "": 1, b: 1,
+  k: 1024, kb: 1000, kib: 1024,
+  m: MiB, mb: 1e6, mib: MiB,
+  g: 1024 * MiB, gb: 1e9, gib: 1024 * MiB,
+  t: 1024 * 1024 * MiB, tb: 1e12, tib: 1024 * 1024 * MiB,
+};
+
+/** "1GiB", "512MiB", "1.5G" (binary), "2GB" (decimal) or a number of bytes -> bytes. */
+export function parseSize(value: string | number): number {
+  if (typeof value === "number") {
+    if (!Number.isSafeInteger(value) || value <= 0) throw new Error(`${value} is not a positive whole number of bytes`);
+    return value;
+  }
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(value);
+  const unit = m ? UNITS[m[2].toLowerCase()] : undefined;
+  if (!m || unit === undefined) {
+    throw new Error(`"${value}" is not a size: use a number of bytes or a number with a unit (MiB, GiB, TiB, MB, GB), e.g. "10GiB"`);
+  }
+  const bytes = Math.round(parseFloat(m[1]) * unit);
+  if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new Error(`"${value}" is not a positive size`);
+  return bytes;
+}
+
+export function formatSize(bytes: number): string {
+  for (const [u, n] of [["TiB", 1024 ** 4], ["GiB", 1024 ** 3], ["MiB", MiB]] as const) {
+    if (bytes % n === 0) return `${bytes / n}${u}`;
+  }
+  return `${bytes}B`;
+}
+
+export type Filesystem = "ext4" | "xfs";
+
+const safeId = /^[a-z0-9][a-z0-9-]{0,39}$/;
+const reservedMounts = ["/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/opt",
+  "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib", "/var/log", "/mnt", "/media"];
+
+export const volumeIdSchema = z.string().regex(safeId,
+  "must be 1-40 characters of a-z, 0-9 and '-', starting with a letter or digit (it names LVM volumes and systemd units)");
+
+export const mountPathSchema = z.string()
+  .regex(/^(\/[A-Za-z0-9._-]+)+$/, "must be an absolute path of letters, digits, '.', '_', '-' and '/', e.g. /srv/pgdata")
+  .refine((p) => !p.split("/").some((c) => c === "." || c === ".."), "must not contain '.' or '..' components")
+  .refine((p) => !reservedMounts.includes(p), "must not be a system directory; use a directory below it, e.g. /srv/pgdata");
+
+const calendarShorthands = ["minutely", "hourly", "daily", "monthly", "weekly", "yearly", "annually", "quarterly", "semiannually"];
+/** A light check of systemd's OnCalendar syntax here; the host's systemd-analyze checks it fully. */
+export const scheduleSchema = z.string().min(1).max(100)
+  .regex(/^[A-Za-z0-9 *:,./~-]+$/, "must be a systemd OnCalendar expression such as \"*:0/5\" (every 5 minutes) or \"hourly\"")
+  .refine((s) => {
+    const tokens = s.trim().split(/\s+/);
+    if (tokens.length === 1 && calendarShorthands.includes(tokens[0].toLowerCase())) return true;
+    const days = /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun)([.,-]{1,2}(Mon|Tue|Wed|Thu|Fri|Sat|Sun))*$/i;
+    let i = 0;
+    if (days.test(tokens[i] ?? "")) i++;
+    if (/^[\d*]+([-~][\d*./,]+){1,2}$/.test(tokens[i] ?? "") && tokens.length - i > 1) i++;
+    if (/^[\d*][\d*,./]*(:[\d*][\d*,./]*){1,2}$/.test(tokens[i] ?? "")) i++;
+    if (tokens[i] === "UTC") i++;
+    return i === tokens.length && i > 0;
+  }, "must be a systemd OnCalendar expression such as \"*:0/5\" (every 5 minutes), \"hourly\" or \"Mon..Fri 02:00\"");
+
+const printable = (what: string) => z.string().min(1, `must not be empty`).max(4096)
+  .regex(/^[\x20-\x7e]+$/, `${what} must be printable ASCII on one line`);
+
+export const s3Schema = z.object({
+  endpoint: z.string().url("must be a URL such as https://s3.eu-central-1.amazonaws.com").regex(/^https?:\/\/[A-Za-z0-9.:[\]-]+(:\d+)?\/?$/, "must be http(s)://host[:port] without a path"),
+  hostEndpoint: z.string().url().regex(/^https?:\/\/[A-Za-z0-9.:[\]-]+(:\d+)?\/?$/, "must be http(s)://host[:port] without a path").optional(),
+  region: z.string().regex(/^[a-z0-9-]{1,40}$/, "must be a region name such as us-east-1").default("us-east-1"),
+  bucket: z.string().regex(/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/, "must be an S3 bucket name (3-63 of a-z, 0-9, '.', '-')"),
+  prefix: z.string().regex(/^([A-Za-z0-9._-]+(\/[A-Za-z0-9._-]+)*)?$/, "must be a relative key prefix such as volumes/prod (no leading '/', no '//')")
+    .refine((p) => !p.split("/").includes(".."), "must not contain '..'").default("dboxed-volumes"),
+  accessKeyId: printable("accessKeyId"),
+  secretAccessKey: printable("secretAccessKey"),
+  forcePathStyle: z.boolean().default(true),
+  createBucket: z.boolean().default(false),
+}).strict();
+
+export const retentionSchema = z.object({
+  keepLast: z.number().int().min(1, "must be at least 1: the latest snapshot is what a move or a restore needs").default(2),
+  keepHourly: z.number().int().min(0).default(6),
+  keepDaily: z.number().int().min(0).default(7),
+  keepWeekly: z.number().int().min(0).default(4),
+  keepMonthly: z.number().int().min(0).default(6),
+  keepYearly: z.number().int().min(0).default(1),
+}).strict();
+
+export const rusticSourceSchema = z.union([
+  z.object({ localPath: z.string().min(1).regex(/^[^\0\n]+$/, "must be a path to a rustic binary on the machine that runs pulumi") }).strict(),
+  z.object({
+    url: z.string().url().regex(/^https?:\/\/[A-Za-z0-9._~:/?#[\]@!$&()*+,;=%-]+$/, "must be a plain http(s) URL"),
+    sha256: z.string().regex(/^[a-f0-9]{64}$/, "must be the binary's sha256 as 64 lowercase hex digits"),
+  }).strict(),
+]);
+
+export const volumeProviderSchema = z.object({
+  s3: s3Schema,
+  password: z.string().min(8, "must be at least 8 characters").max(1024).regex(/^[^\n\r\0]+$/, "must be one line"),
+  retention: retentionSchema.default({}),
+  rustic: rusticSourceSchema,
+}).strict();
+export type VolumeProviderInputs = z.infer<typeof volumeProviderSchema>;
+
+export const hostSchema = z.object({
+  address: z.string().regex(/^[A-Za-z0-9]([A-Za-z0-9.:-]{0,252})$/, "must be a host name or an IP address"),
+  port: z.number().int().min(1).max(65535).default(22),
+  user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/, "must be a Unix user name (root, or a user with passwordless sudo)").default("root"),
+  privateKey: z.string().min(1).refine((k) => parsesAsKey(k), "must be an unencrypted OpenSSH or PEM private key (the content, not a path)"),
+  hostKey: z.string().refine((k) => { try { parseHostKey(k); return true; } catch { return false; } },
+    "must be the host's public key as \"ssh-ed25519 AAAA...\" (from /etc/ssh/ssh_host_ed25519_key.pub or ssh-keyscan)"),
+}).strict();
+export type HostInputs = z.infer<typeof hostSchema>;
+
+function parsesAsKey(k: string): boolean {
+  try {
+    const { utils } = require("ssh2") as typeof import("ssh2");
+    const parsed = utils.parseKey(k);
+    return !(parsed instanceof Error) && !(Array.isArray(parsed) && parsed.length === 0);
+  } catch {
+    return false;
+  }
+}
+
+export const volumeSchema = z.object({
+  volumeId: volumeIdSchema,
+  host: hostSchema,
+  size: z.union([z.string(), z.number()]),
+  filesystem: z.enum(["ext4", "xfs"], { errorMap: () => ({ message: "must be ext4 or xfs" }) }).default("ext4"),
+  mountPath: mountPathSchema,
+  volumeGroup: z.string().regex(/^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,126}$/, "must be the name of an existing LVM volume group").optional(),
+  backupSchedule: scheduleSchema.default("*:0/5"),
+  finalBackupOnDelete: z.boolean().default(true),
+  forgetSnapshotsOnDelete: z.boolean().default(false),
+  repository: z.object({
+    endpoint: z.string(), region: z.string(), bucket: z.string(), prefix: z.string(), forcePathStyle: z.boolean(),
+  }).strict(),
+  accessKeyId: z.string(),
+  secretAccessKey: z.string(),
+  password: z.string(),
+  retention: retentionSchema,
+  rustic: rusticSourceSchema,
+}).strict().superRefine((v, ctx) => {
+  let bytes: number;
+  try {
+    bytes = parseSize(v.size);
+  } catch (e) {
+    ctx.addIssue({ code: "custom", path: ["size"], message: (e as Error).message });
+    return;
+  }
+  if (bytes % EXTENT !== 0) {
+    const down = Math.floor(bytes / EXTENT) * EXTENT, up = down + EXTENT;
+    ctx.addIssue({ code: "custom", path: ["size"], message: `${bytes} bytes is not a multiple of 4 MiB (LVM's extent size): use ${formatSize(up)} or ${formatSize(down)}` });
+  }
+  const min = MIN_SIZE[v.filesystem];
+  if (bytes < min) ctx.addIssue({ code: "custom", path: ["size"], message: `${v.filesystem} needs at least ${formatSize(min)}` });
+});
+export type VolumeInputs = Omit<z.infer<typeof volumeSchema>, "size"> & { size: number };
+
+export interface Failure { property: string; reason: string }
+
+/** Validates; returns the parsed value or failures that each name a field. */
+export function validate<T>(schema: z.ZodType<T, any, any>, raw: unknown, prefix = ""): { value?: T; failures: Failure[] } {
+  const r = schema.safeParse(raw);
+  if (r.success) return { value: r.data, failures: [] };
+  return {
+    failures: r.error.issues.map((i) => {
+      const property = [prefix, ...i.path.map(String)].filter(Boolean).join(".");
+      const msg = i.code === "unrecognized_keys" ? `unknown field(s) ${i.keys.join(", ")}: check the spelling` : i.message;
+      return { property, reason: `${property || "input"}: ${msg}` };
+    }),
+  };
+}

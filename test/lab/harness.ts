@@ -1,0 +1,96 @@
+// Helpers for lab-backed tests: the running lab, SSH to its hosts, and the real pulumi CLI
+// run on a program in a scratch directory against the lab's local file backend.
+import { execFile } from "child_process";
+import * as fs from "fs";
+import * as path from "path";
+import type { LabHost, LabJson } from "../../lab/lab";
+import { REPO } from "../../lab/lab";
+import { Remote } from "../../provider/remote/ssh";
+
+let current: LabJson | undefined;
+export function setLab(lab: LabJson) { current = lab; }
+export function lab(): LabJson {
+  if (!current) throw new Error("the lab is not running: the root hook in test/lab/hooks.ts failed to start it (see its error above)");
+  return current;
+}
+
+export function hostTarget(h: LabHost) {
+  return { address: h.address, port: h.port, user: h.user, privateKey: fs.readFileSync(h.privateKeyPath, "utf8"), hostKey: h.hostKey };
+}
+
+/** Runs a script as root on a lab host and returns stdout; throws on a non-zero exit. */
+export async function onHost(h: LabHost, script: string, opts: { allowFailure?: boolean; timeoutMs?: number } = {}) {
+  const r = await Remote.connect(hostTarget(h), { attempts: 3 });
+  try {
+    return await r.run(script, opts);
+  } finally {
+    r.dispose();
+  }
+}
+
+export interface PulumiResult { code: number; stdout: string; stderr: string }
+
+/** A Pulumi project in a scratch directory, run with the real CLI. */
+export class Stack {
+  readonly dir: string;
+  constructor(readonly name: string, fixture: string, readonly extraEnv: Record<string, string> = {}) {
+    this.dir = path.join(lab().dir, "programs", name);
+    fs.rmSync(this.dir, { recursive: true, force: true });
+    fs.mkdirSync(path.join(this.dir, "node_modules"), { recursive: true });
+    fs.cpSync(path.join(REPO, "test", "fixtures", fixture), this.dir, { recursive: true });
+    // The program loads this checkout as the installed package, and the one @pulumi/pulumi.
+    fs.symlinkSync(REPO, path.join(this.dir, "node_modules", "pulumi-dboxed-volumes"));
+    fs.symlinkSync(path.join(REPO, "node_modules", "@pulumi"), path.join(this.dir, "node_modules", "@pulumi"));
+  }
+
+  env(): NodeJS.ProcessEnv {
+    return { ...process.env, ...lab().env, ...this.extraEnv, LAB_JSON: path.join(lab().dir, "lab.json") };
+  }
+
+  /** Runs `pulumi <args>`; resolves with the exit code (does not throw). */
+  run(args: string[], opts: { input?: Record<string, unknown>; timeoutMs?: number } = {}): Promise<PulumiResult> {
+    if (opts.input) fs.writeFileSync(path.join(this.dir, "input.json"), JSON.stringify(opts.input, null, 2));
+    return new Promise((resolve) => {
+      execFile(lab().tools.pulumi, [...args, "--non-interactive", "--cwd", this.dir, "--stack", this.name],
+        { env: this.env(), maxBuffer: 64 * 1024 * 1024, timeout: opts.timeoutMs ?? 1_800_000 },
+        (err, stdout, stderr) => {
+          const code = err ? (typeof (err as any).code === "number" ? (err as any).code : 1) : 0;
+          if (process.env.DBOXED_TEST_VERBOSE === "1") process.stderr.write(stdout + stderr);
+          resolve({ code, stdout, stderr });
+        });
+    });
+  }
+
+  async ok(args: string[], opts: { input?: Record<string, unknown>; timeoutMs?: number } = {}): Promise<PulumiResult> {
+    const r = await this.run(args, opts);
+    if (r.code !== 0) throw new Error(`pulumi ${args.join(" ")} failed (${r.code}):\n${r.stdout}\n${r.stderr}`);
+    return r;
+  }
+
+  async init(): Promise<void> {
+    await this.ok(["stack", "init"]);
+  }
+
+  up(input?: Record<string, unknown>) { return this.run(["up", "--yes", "--skip-preview"], { input }); }
+  preview(input?: Record<string, unknown>) { return this.run(["preview"], { input }); }
+
+  async outputs(): Promise<Record<string, any>> {
+    const r = await this.ok(["stack", "output", "--json", "--show-secrets"]);
+    return JSON.parse(r.stdout);
+  }
+
+  /** The raw state file of this stack, as stored by the file backend. */
+  stateText(): string {
+    const root = lab().env.PULUMI_BACKEND_URL.replace(/^file:\/\//, "");
+    const found: string[] = [];
+    const walk = (d: string) => {
+      for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+        const p = path.join(d, e.name);
+        if (e.isDirectory()) walk(p);
+        else if (e.name === `${this.name}.json`) found.push(p);
+      }
+    };
+    walk(root);
+    return found.map((f) => fs.readFileSync(f, "utf8")).join("\n");
+  }
+}
