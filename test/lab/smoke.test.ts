@@ -48,12 +48,12 @@ describe("lab smoke", () => {
       "mkdir -p /mnt/smoke && mount /dev/smoke/data /mnt/smoke && echo payload > /mnt/smoke/f",
       "lvcreate -q -s -L 32M -n snap smoke/data",
       "mkdir -p /mnt/snap && mount -o ro /dev/smoke/snap /mnt/snap && cat /mnt/snap/f",
-      "lvs --reportformat json -o lv_name,origin smoke",
+      "echo '<<<'; lvs --reportformat json -o lv_name,origin smoke; echo '>>>'",
       "umount /mnt/snap && lvremove -q -y smoke/snap && umount /mnt/smoke && lvremove -q -y smoke/data",
       "vgremove -q smoke && pvremove -q /dev/vdb && lvs --reportformat json smoke 2>/dev/null || echo removed",
     ].join("\n"));
     expect(r.stdout).to.contain("payload");
-    const report = JSON.parse(r.stdout.slice(r.stdout.indexOf("{"), r.stdout.lastIndexOf("}") + 1));
+    const report = JSON.parse(r.stdout.slice(r.stdout.indexOf("<<<") + 3, r.stdout.indexOf(">>>")));
     const lvs = report.report[0].lv.map((l: any) => `${l.lv_name}<-${l.origin}`);
     expect(lvs).to.have.members(["data<-", "snap<-data"]);
     expect(r.stdout.trim().split("\n").pop()).to.equal("removed");

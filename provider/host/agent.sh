@@ -1,0 +1,169 @@
+#!/bin/bash
+# dboxed-volume: the host side of a volume, run by its systemd units and by the provider.
+#   dboxed-volume attach ID   make the volume's block device available (loop + VG activation)
+#   dboxed-volume detach ID   release it again (after the mount unit is stopped)
+#   dboxed-volume backup ID   crash-consistent backup: lvm2 snapshot -> rustic -> S3, retention
+# Per-volume settings come from /etc/dboxed-volumes/ID/volume.env (written by the provider,
+# every value quoted); the repository secrets sit in the root-only rustic profile next to it.
+set -euo pipefail
+umask 077
+AGENT_VERSION=1
+
+die() {
+  echo "dboxed-volume: $*" >&2
+  [ -n "${STATE_DIR:-}" ] && [ -d "$STATE_DIR" ] && printf '%s\n' "$*" > "$STATE_DIR/last-error"
+  exit 1
+}
+
+# step DESCRIPTION STDOUT_FILE COMMAND...: runs COMMAND; on failure dies with its last stderr lines.
+step() {
+  local desc=$1 out=$2; shift 2
+  local err; err=$(mktemp)
+  if ! "$@" > "$out" 2> "$err"; then
+    cat "$err" >&2
+    local tail_; tail_=$(tail -n 3 "$err" | tr '\n' ' ')
+    rm -f "$err"
+    die "$desc failed: $tail_"
+  fi
+  cat "$err" >&2
+  rm -f "$err"
+}
+
+load() {
+  local id=$1
+  [[ "$id" =~ ^[a-z0-9][a-z0-9-]{0,39}$ ]] || die "invalid volume id: $id"
+  [ -r "/etc/dboxed-volumes/$id/volume.env" ] || die "volume $id is not configured on this host"
+  # shellcheck disable=SC1090
+  . "/etc/dboxed-volumes/$id/volume.env"
+}
+
+loop_device() { losetup -j "$IMAGE" -n -O NAME 2>/dev/null | head -n1; }
+
+attach() {
+  load "$1"
+  if [ "$OWN_VG" = 1 ]; then
+    [ -f "$IMAGE" ] || die "backing image $IMAGE is missing"
+    local dev; dev=$(loop_device)
+    [ -n "$dev" ] || dev=$(losetup -f --show "$IMAGE")
+    vgchange -q -ay "$VG" >/dev/null
+  else
+    lvchange -q -ay "$VG/$LV" >/dev/null
+  fi
+  [ -b "$DEVICE" ] || die "device $DEVICE did not appear"
+}
+
+detach() {
+  load "$1"
+  mountpoint -q "$MOUNT_PATH" && die "$MOUNT_PATH is still mounted"
+  if [ "$OWN_VG" = 1 ]; then
+    vgs "$VG" >/dev/null 2>&1 && vgchange -q -an "$VG" >/dev/null
+    local dev
+    while dev=$(loop_device) && [ -n "$dev" ]; do losetup -d "$dev"; done
+  else
+    lvs "$VG/$LV" >/dev/null 2>&1 && lvchange -q -an "$VG/$LV" >/dev/null
+  fi
+  return 0
+}
+
+remove_snapshot() {
+  if mountpoint -q "$SNAP_MNT" 2>/dev/null; then umount "$SNAP_MNT" || umount -l "$SNAP_MNT"; fi
+  if lvs "$VG/$SNAP_LV" >/dev/null 2>&1; then lvremove -q -f -y "$VG/$SNAP_LV" >/dev/null; fi
+}
+
+write_status() { # write_status STATUS SNAPSHOT_ID MESSAGE
+  local now; now=$(date +%s)
+  local msg; msg=$(printf '%s' "$3" | tr -c 'A-Za-z0-9 .,:;_/()=+@-' ' ' | cut -c1-500)
+  local last_ok=${LAST_OK:-0}
+  [ "$1" = ok ] && last_ok=$now
+  printf '{"volumeId":"%s","status":"%s","startedAt":%s,"finishedAt":%s,"snapshotId":"%s","lastSuccessAt":%s,"message":"%s","agentVersion":%s}\n' \
+    "$VOLUME_ID" "$1" "$STARTED" "$now" "$2" "$last_ok" "$msg" "$AGENT_VERSION" > "$STATE_DIR/status.json.tmp"
+  mv -f "$STATE_DIR/status.json.tmp" "$STATE_DIR/status.json"
+  chmod 0644 "$STATE_DIR/status.json"
+  mkdir -p "$METRICS_DIR"
+  local ok=0; [ "$1" = ok ] && ok=1
+  {
+    echo "# HELP dboxed_volume_backup_success 1 if the last backup of the volume succeeded."
+    echo "# TYPE dboxed_volume_backup_success gauge"
+    echo "dboxed_volume_backup_success{volume=\"$VOLUME_ID\"} $ok"
+    echo "# HELP dboxed_volume_backup_last_run_timestamp_seconds When the last backup attempt finished."
+    echo "# TYPE dboxed_volume_backup_last_run_timestamp_seconds gauge"
+    echo "dboxed_volume_backup_last_run_timestamp_seconds{volume=\"$VOLUME_ID\"} $now"
+    echo "# HELP dboxed_volume_backup_last_success_timestamp_seconds When the last successful backup finished."
+    echo "# TYPE dboxed_volume_backup_last_success_timestamp_seconds gauge"
+    echo "dboxed_volume_backup_last_success_timestamp_seconds{volume=\"$VOLUME_ID\"} $last_ok"
+    echo "# HELP dboxed_volume_backup_duration_seconds Duration of the last backup attempt."
+    echo "# TYPE dboxed_volume_backup_duration_seconds gauge"
+    echo "dboxed_volume_backup_duration_seconds{volume=\"$VOLUME_ID\"} $((now - STARTED))"
+  } > "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom.tmp"
+  chmod 0644 "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom.tmp"
+  mv -f "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom.tmp" "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom"
+}
+
+rustic_() { "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@"; }
+
+finish_backup() {
+  local rc=$1
+  trap - EXIT
+  set +e
+  remove_snapshot
+  if [ "$rc" -eq 0 ]; then
+    write_status ok "$SNAPSHOT_ID" "backup ok"
+  else
+    write_status failed "" "$(cat "$STATE_DIR/last-error" 2>/dev/null || echo "exit code $rc")"
+  fi
+  exit "$rc"
+}
+
+backup() {
+  load "$1"
+  mkdir -p "$STATE_DIR" "/run/dboxed-volumes/$VOLUME_ID"
+  SNAP_MNT="/run/dboxed-volumes/$VOLUME_ID/snapshot"
+  STARTED=$(date +%s)
+  SNAPSHOT_ID=""
+  LAST_OK=$(sed -n 's/.*"lastSuccessAt":\([0-9]*\).*/\1/p' "$STATE_DIR/status.json" 2>/dev/null || true)
+  exec 9>"$STATE_DIR/backup.lock"
+  flock -w "${LOCK_WAIT_SECONDS:-900}" 9 || die "another backup of $VOLUME_ID holds the lock"
+  rm -f "$STATE_DIR/last-error"
+  trap 'finish_backup $?' EXIT
+  [ -e "$STATE_DIR/initialized" ] || die "volume $VOLUME_ID is not initialised yet (restore pending): refusing to back up"
+  mountpoint -q "$MOUNT_PATH" || die "volume $VOLUME_ID is not mounted at $MOUNT_PATH"
+  remove_snapshot # leftovers of an interrupted run
+  sync -f "$MOUNT_PATH"
+  echo "creating snapshot $VG/$SNAP_LV"
+  # lvcreate suspends the origin and freezes the filesystem: the snapshot is crash-consistent.
+  if [ "$OWN_VG" = 1 ]; then
+    step "lvm snapshot" /dev/null lvcreate -q -s -kn -l 100%FREE -n "$SNAP_LV" "$VG/$LV"
+  else
+    step "lvm snapshot" /dev/null lvcreate -q -s -kn -L "${SNAPSHOT_BYTES}b" -n "$SNAP_LV" "$VG/$LV"
+  fi
+  mkdir -p "$SNAP_MNT"
+  local opts=ro
+  [ "$FILESYSTEM" = xfs ] && opts=ro,nouuid
+  step "mounting the snapshot" /dev/null mount -t "$FILESYSTEM" -o "$opts" "/dev/$VG/$SNAP_LV" "$SNAP_MNT"
+  echo "backing up $MOUNT_PATH (snapshot) as host $RUSTIC_HOST"
+  step "rustic backup" "$STATE_DIR/last-backup.json" rustic_ backup --json --host "$RUSTIC_HOST" --label "$VOLUME_ID" \
+    --tag dboxed-volume --tag "volume-$VOLUME_ID" --as-path / --no-scan --group-by host,label,paths "$SNAP_MNT"
+  SNAPSHOT_ID=$(grep -o '"id": *"[0-9a-f]\{64\}"' "$STATE_DIR/last-backup.json" | head -n1 | grep -o '[0-9a-f]\{64\}' || true)
+  [ -n "$SNAPSHOT_ID" ] || die "rustic reported no snapshot id"
+  echo "snapshot $SNAPSHOT_ID saved"
+  remove_snapshot
+  echo "applying retention"
+  step "rustic forget" /dev/null rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
+    --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
+    --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY"
+  # Lock-less prune (packs are only marked; removed a day later), at most once a day per volume.
+  if [ -z "$(find "$STATE_DIR/last-prune" -mmin -1440 2>/dev/null)" ]; then
+    echo "pruning unused data"
+    step "rustic prune" /dev/null rustic_ prune
+    touch "$STATE_DIR/last-prune"
+  fi
+  echo "backup of $VOLUME_ID done"
+}
+
+case "${1:-}" in
+  attach) attach "${2:?volume id}" ;;
+  detach) detach "${2:?volume id}" ;;
+  backup) backup "${2:?volume id}" ;;
+  version) echo "$AGENT_VERSION" ;;
+  *) die "usage: dboxed-volume attach|detach|backup ID" ;;
+esac

@@ -1,0 +1,84 @@
+// rustic: the repository profile (TOML, secrets inside, root-only on hosts and locally),
+// argument vectors, and parsing of its JSON output.
+
+export interface RepositoryConfig {
+  endpoint: string;
+  region: string;
+  bucket: string;
+  prefix: string;
+  forcePathStyle: boolean;
+  accessKeyId: string;
+  secretAccessKey: string;
+  password: string;
+}
+
+/** A TOML basic string. */
+export function tomlString(s: string): string {
+  return '"' + s.replace(/[\\"\u0000-\u001f\u007f]/g, (c) => {
+    if (c === "\\") return "\\\\";
+    if (c === '"') return '\\"';
+    return "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0");
+  }) + '"';
+}
+
+export function profileToml(r: RepositoryConfig): string {
+  return [
+    "# Written by pulumi-dboxed-volumes. Holds secrets: keep it root-only (0600).",
+    "[repository]",
+    `repository = "opendal:s3"`,
+    `password = ${tomlString(r.password)}`,
+    "",
+    "[repository.options]",
+    `endpoint = ${tomlString(r.endpoint.replace(/\/+$/, ""))}`,
+    `region = ${tomlString(r.region)}`,
+    `bucket = ${tomlString(r.bucket)}`,
+    `root = ${tomlString("/" + r.prefix)}`,
+    `access_key_id = ${tomlString(r.accessKeyId)}`,
+    `secret_access_key = ${tomlString(r.secretAccessKey)}`,
+    `enable_virtual_host_style = ${r.forcePathStyle ? "false" : "true"}`,
+    "",
+  ].join("\n");
+}
+
+export interface Snapshot {
+  id: string;
+  time: string;
+  hostname: string;
+  label?: string;
+  paths?: string[];
+  tags?: string[];
+  parent?: string;
+  tree?: string;
+  summary?: Record<string, unknown>;
+}
+
+/** Parses `rustic snapshots --json` in both its flat (-g '') and grouped forms. */
+export function parseSnapshots(json: string): Snapshot[] {
+  const text = json.trim();
+  if (!text) return [];
+  const data = JSON.parse(text);
+  const out: Snapshot[] = [];
+  const visit = (v: unknown) => {
+    if (Array.isArray(v)) v.forEach(visit);
+    else if (v && typeof v === "object") {
+      const o = v as Record<string, unknown>;
+      if (typeof o.id === "string" && typeof o.time === "string" && "tree" in o) out.push(o as unknown as Snapshot);
+      else if (Array.isArray(o.snapshots)) o.snapshots.forEach(visit);
+    }
+  };
+  visit(data);
+  return out.sort((a, b) => Date.parse(a.time) - Date.parse(b.time));
+}
+
+/** Common flags: profile, no progress bars, a cache dir of our own. */
+export function rusticArgv(binary: string, profile: string, args: string[]): string[] {
+  return [binary, "-P", profile, "--no-progress", "--cache-dir", "/var/cache/dboxed-volumes/rustic", ...args];
+}
+
+export function snapshotsArgs(rusticHost: string): string[] {
+  return ["snapshots", "--json", "--all", "-g", "", "--filter-host", rusticHost];
+}
+
+export function restoreArgs(snapshotId: string, dest: string): string[] {
+  return ["restore", "--numeric-id", "--delete", snapshotId, dest];
+}

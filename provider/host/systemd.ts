@@ -1,0 +1,82 @@
+// systemd unit files of a volume: the block device, the mount, the backup service and timer.
+import { AGENT_PATH, VolumeLayout } from "./layout";
+
+export const UNIT_DIR = "/etc/systemd/system";
+
+export function deviceUnit(l: VolumeLayout): string {
+  return `# Written by pulumi-dboxed-volumes.
+[Unit]
+Description=dboxed volume ${l.volumeId}: block device
+DefaultDependencies=no
+After=systemd-remount-fs.service systemd-udevd.service
+Wants=systemd-udevd.service
+Before=${l.units.mount}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=${AGENT_PATH} attach ${l.volumeId}
+ExecStop=${AGENT_PATH} detach ${l.volumeId}
+
+[Install]
+WantedBy=multi-user.target
+`;
+}
+
+export function mountUnit(l: VolumeLayout): string {
+  return `# Written by pulumi-dboxed-volumes.
+[Unit]
+Description=dboxed volume ${l.volumeId}
+Requires=${l.units.device}
+After=${l.units.device}
+
+[Mount]
+What=${l.device}
+Where=${l.mountPath}
+Type=${l.filesystem}
+Options=defaults
+
+[Install]
+WantedBy=multi-user.target
+`;
+}
+
+export function backupService(l: VolumeLayout): string {
+  // Requisite, not Requires: a backup never mounts the volume (during a move it must stay unmounted).
+  return `# Written by pulumi-dboxed-volumes.
+[Unit]
+Description=dboxed volume ${l.volumeId}: backup to S3
+Requisite=${l.units.mount}
+After=${l.units.mount} network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=${AGENT_PATH} backup ${l.volumeId}
+TimeoutStartSec=6h
+Nice=10
+`;
+}
+
+export function backupTimer(l: VolumeLayout, schedule: string): string {
+  return `# Written by pulumi-dboxed-volumes.
+[Unit]
+Description=dboxed volume ${l.volumeId}: backup schedule
+
+[Timer]
+OnCalendar=${schedule}
+AccuracySec=1s
+Persistent=false
+
+[Install]
+WantedBy=timers.target
+`;
+}
+
+export function unitFiles(l: VolumeLayout, schedule: string): Record<string, string> {
+  return {
+    [l.units.device]: deviceUnit(l),
+    [l.units.mount]: mountUnit(l),
+    [l.units.backup]: backupService(l),
+    [l.units.timer]: backupTimer(l, schedule),
+  };
+}
