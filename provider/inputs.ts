@@ -73,16 +73,18 @@ export const scheduleSchema = z.string().min(1).max(100)
 const printable = (what: string) => z.string().min(1, `must not be empty`).max(4096)
   .regex(/^[\x20-\x7e]+$/, `${what} must be printable ASCII on one line`);
 
+export const S3_DEFAULTS = { region: "us-east-1", prefix: "dboxed-volumes", forcePathStyle: true } as const;
+
 export const s3Schema = z.object({
   endpoint: z.string().url("must be a URL such as https://s3.eu-central-1.amazonaws.com").regex(/^https?:\/\/[A-Za-z0-9.:[\]-]+(:\d+)?\/?$/, "must be http(s)://host[:port] without a path"),
   hostEndpoint: z.string().url().regex(/^https?:\/\/[A-Za-z0-9.:[\]-]+(:\d+)?\/?$/, "must be http(s)://host[:port] without a path").optional(),
-  region: z.string().regex(/^[a-z0-9-]{1,40}$/, "must be a region name such as us-east-1").default("us-east-1"),
+  region: z.string().regex(/^[a-z0-9-]{1,40}$/, "must be a region name such as us-east-1").default(S3_DEFAULTS.region),
   bucket: z.string().regex(/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/, "must be an S3 bucket name (3-63 of a-z, 0-9, '.', '-')"),
   prefix: z.string().regex(/^([A-Za-z0-9._-]+(\/[A-Za-z0-9._-]+)*)?$/, "must be a relative key prefix such as volumes/prod (no leading '/', no '//')")
-    .refine((p) => !p.split("/").includes(".."), "must not contain '..'").default("dboxed-volumes"),
+    .refine((p) => !p.split("/").includes(".."), "must not contain '..'").default(S3_DEFAULTS.prefix),
   accessKeyId: printable("accessKeyId"),
   secretAccessKey: printable("secretAccessKey"),
-  forcePathStyle: z.boolean().default(true),
+  forcePathStyle: z.boolean().default(S3_DEFAULTS.forcePathStyle),
   createBucket: z.boolean().default(false),
 }).strict();
 

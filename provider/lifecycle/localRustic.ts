@@ -1,0 +1,50 @@
+// Runs rustic on the machine that runs pulumi, for the one thing done from there: initialising
+// the repository. The profile (with secrets) lives in a private temporary directory.
+import { execFile } from "child_process";
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import { UserError } from "../errors";
+import { profileToml, RepositoryConfig } from "../host/rustic";
+
+export type RusticSource = { localPath: string } | { url: string; sha256: string };
+
+async function localBinary(src: RusticSource): Promise<string> {
+  if ("localPath" in src) {
+    if (!fs.existsSync(src.localPath)) throw new UserError(`rustic.localPath: ${src.localPath} does not exist on this machine`);
+    return src.localPath;
+  }
+  const dir = path.join(os.homedir(), ".cache", "pulumi-dboxed-volumes");
+  const file = path.join(dir, `rustic-${src.sha256}`);
+  if (fs.existsSync(file)) return file;
+  const res = await fetch(src.url);
+  if (!res.ok) throw new UserError(`rustic.url: download of ${src.url} failed: HTTP ${res.status}`);
+  const data = Buffer.from(await res.arrayBuffer());
+  const sum = crypto.createHash("sha256").update(data).digest("hex");
+  if (sum !== src.sha256) throw new UserError(`rustic.sha256: ${src.url} has sha256 ${sum}, not ${src.sha256}`);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(file + ".tmp", data, { mode: 0o755 });
+  fs.renameSync(file + ".tmp", file);
+  return file;
+}
+
+/** Runs `rustic -P <private profile> <args>` locally and returns stdout. */
+export async function runLocalRustic(src: RusticSource, repo: RepositoryConfig, args: string[]): Promise<string> {
+  const bin = await localBinary(src);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "dboxed-volumes-"));
+  try {
+    fs.chmodSync(dir, 0o700);
+    fs.writeFileSync(path.join(dir, "profile.toml"), profileToml(repo), { mode: 0o600 });
+    return await new Promise<string>((resolve, reject) => {
+      execFile(bin, ["-P", path.join(dir, "profile"), "--no-progress", "--no-cache", ...args],
+        { timeout: 300_000, maxBuffer: 64 * 1024 * 1024 },
+        (err, stdout, stderr) => {
+          if (err) reject(new UserError(`rustic ${args[0]} failed on this machine: ${String(stderr || err.message).trim().slice(-2000)}`));
+          else resolve(stdout);
+        });
+    });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}

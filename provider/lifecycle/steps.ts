@@ -1,0 +1,282 @@
+// The host steps of a volume's life. Each one is safe to run again after being cut off:
+// it looks at what is there and does only what is missing.
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as path from "path";
+import { CommandError, UserError } from "../errors";
+import { formatSize, VolumeInputs } from "../inputs";
+import { AGENT_PATH, layoutFor, METRICS_DIR, RUSTIC_PATH, VolumeLayout, volumeEnv } from "../host/layout";
+import { ensureFilesystemScript } from "../host/fs";
+import { ensureStorageScript, growScript, lvsArgv, parseLvs, removeStorageScript } from "../host/lvm";
+import { parseSnapshots, profileToml, restoreArgs, rusticArgv, Snapshot, snapshotsArgs } from "../host/rustic";
+import { command, quote as q } from "../host/shell";
+import { UNIT_DIR, unitFiles } from "../host/systemd";
+import { Remote } from "../remote/ssh";
+
+export type Log = (msg: string) => void;
+
+export function layout(v: VolumeInputs): VolumeLayout {
+  return layoutFor(v);
+}
+
+function agentScript(): string {
+  // dist/provider/lifecycle -> dist/provider/host/agent.sh (copied by the build), or the source tree.
+  for (const p of [path.join(__dirname, "..", "host", "agent.sh"), path.join(__dirname, "..", "..", "..", "provider", "host", "agent.sh")]) {
+    if (fs.existsSync(p)) return fs.readFileSync(p, "utf8");
+  }
+  throw new Error("agent.sh is missing from the installed package");
+}
+
+const sha256 = (data: string | Buffer) => crypto.createHash("sha256").update(data).digest("hex");
+
+/** Checks the host can carry the volume before anything is changed on it. */
+export async function preflight(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  const mkfs = v.filesystem === "xfs" ? "mkfs.xfs" : "mkfs.ext4";
+  const pkgs = v.filesystem === "xfs" ? "lvm2 xfsprogs" : "lvm2 e2fsprogs";
+  const res = await r.run(`
+missing=""
+for c in lvcreate losetup blkid systemctl mount flock ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
+if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${pkgs} >/dev/null 2>&1 || true
+  missing=""
+  for c in lvcreate losetup blkid systemctl mount flock ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
+fi
+[ -z "$missing" ] || { echo "missing commands:$missing (install ${pkgs})"; exit 31; }
+modprobe dm_snapshot >/dev/null 2>&1 || true
+modprobe loop >/dev/null 2>&1 || true
+grep -q device-mapper /proc/misc || { echo "the kernel has no device-mapper"; exit 32; }
+systemd-analyze calendar -- ${q(v.backupSchedule)} >/dev/null 2>&1 || { echo "systemd rejects the schedule"; exit 33; }
+if mountpoint -q ${q(v.mountPath)}; then
+  src=$(findmnt -n -o SOURCE --target ${q(v.mountPath)})
+  [ "$(readlink -f "$src")" = "$(readlink -f ${q(l.device)} 2>/dev/null || echo none)" ] || { echo "$src"; exit 34; }
+elif [ -d ${q(v.mountPath)} ] && [ -n "$(ls -A ${q(v.mountPath)} 2>/dev/null)" ] && [ ! -e ${q(l.stateDir + "/formatted")} ]; then
+  exit 35
+fi
+exit 0`, { allowFailure: true });
+  const out = (res.stdout + res.stderr).trim();
+  switch (res.code) {
+    case 0: return;
+    case 30: throw new UserError(`host ${r.name}: need root or passwordless sudo (host.user)`);
+    case 31: throw new UserError(`host ${r.name}: ${out}`);
+    case 32: throw new UserError(`host ${r.name}: the kernel has no device-mapper, which lvm2 snapshots need`);
+    case 33: throw new UserError(`backupSchedule: systemd on ${r.name} rejects "${v.backupSchedule}" (check with: systemd-analyze calendar '${v.backupSchedule}')`);
+    case 34: throw new UserError(`mountPath: ${v.mountPath} on ${r.name} is already a mount point of ${out}: choose another mountPath`);
+    case 35: throw new UserError(`mountPath: ${v.mountPath} on ${r.name} is a directory that is not empty: choose another mountPath or empty it`);
+    default: throw new CommandError(r.name, "preflight", res.code, res.signal, res.stdout, res.stderr);
+  }
+}
+
+/** Installs the host agent and the rustic binary when missing or different. */
+export async function installTools(r: Remote, v: VolumeInputs, log: Log): Promise<void> {
+  const agent = agentScript();
+  const have = await r.run(`sha256sum ${q(AGENT_PATH)} ${q(RUSTIC_PATH)} 2>/dev/null; true`);
+  const sums = new Map(have.stdout.trim().split("\n").filter(Boolean).map((l) => { const [s, p] = l.split(/\s+/); return [p, s]; }));
+  if (sums.get(AGENT_PATH) !== sha256(agent)) await r.writeFile(AGENT_PATH, agent, "0755");
+  if ("localPath" in v.rustic) {
+    let data: Buffer;
+    try {
+      data = fs.readFileSync(v.rustic.localPath);
+    } catch (e) {
+      throw new UserError(`rustic.localPath: cannot read ${v.rustic.localPath} (${(e as Error).message})`);
+    }
+    if (sums.get(RUSTIC_PATH) !== sha256(data)) {
+      log(`installing rustic (${formatSize(Math.ceil(data.length / 1048576) * 1048576)}) on ${r.name}`);
+      await r.putFile(v.rustic.localPath, RUSTIC_PATH, "0755");
+    }
+  } else if (sums.get(RUSTIC_PATH) !== v.rustic.sha256) {
+    log(`downloading rustic on ${r.name}`);
+    const tmp = `${RUSTIC_PATH}.download`;
+    await r.run(`set -e; mkdir -p "$(dirname ${q(RUSTIC_PATH)})"; curl -fsSL --retry 3 -o ${q(tmp)} ${q(v.rustic.url)}
+echo ${q(`${v.rustic.sha256}  ${tmp}`)} | sha256sum -c --quiet
+chmod 0755 ${q(tmp)}; mv -f ${q(tmp)} ${q(RUSTIC_PATH)}`, { hint: "check rustic.url and rustic.sha256, and that the host can download from that URL" });
+  }
+  await r.run(`${q(RUSTIC_PATH)} --version >/dev/null`, { hint: "the rustic binary does not run on this host (wrong architecture or libc?)" });
+}
+
+/** Writes volume.env and the root-only rustic profile (secrets travel on stdin). */
+export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  await r.run(`install -d -m 0700 ${q(l.configDir)} && install -d -m 0700 ${q(l.stateDir)} /var/cache/dboxed-volumes`);
+  await r.writeFile(l.envFile, volumeEnv(l, { sizeBytes: v.size, retention: v.retention }), "0600");
+  await r.writeFile(`${l.profile}.toml`, profileToml({
+    ...v.repository, accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey, password: v.password,
+  }), "0600");
+}
+
+export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  const res = await r.run(ensureStorageScript(l, v.size), { allowFailure: true });
+  if (res.code === 20) throw new UserError(`volumeGroup: volume group "${l.vg}" does not exist on ${r.name}: create it or leave volumeGroup unset`);
+  if (res.code !== 0) throw new CommandError(r.name, "create storage", res.code, res.signal, res.stdout, res.stderr,
+    res.code === 21 ? `a volume group named ${l.vg} already exists on ${r.name}: is another volume with id ${v.volumeId} there?` : undefined);
+  await r.run(ensureFilesystemScript(l));
+}
+
+/** Writes the units, then starts the device and the mount. */
+export async function installUnits(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  for (const [name, text] of Object.entries(unitFiles(l, v.backupSchedule))) {
+    await r.writeFile(`${UNIT_DIR}/${name}`, text, "0644");
+  }
+  await r.runArgv(["systemctl", "daemon-reload"]);
+  await r.runArgv(["systemctl", "enable", "--now", "--quiet", l.units.device, l.units.mount],
+    { hint: `see: journalctl -u ${l.units.device} -u ${l.units.mount}` });
+}
+
+export async function listSnapshots(r: Remote, l: VolumeLayout): Promise<Snapshot[]> {
+  const res = await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, snapshotsArgs(l.rusticHost)),
+    { timeoutMs: 300_000, hint: "rustic cannot read the repository: check the S3 settings, hostEndpoint and the password" });
+  return parseSnapshots(res.stdout);
+}
+
+/**
+ * Makes a new volume hold its data: restores the latest snapshot of this volume id when the
+ * repository has one, else starts empty. Backups are refused until this has finished.
+ */
+export async function initialize(r: Remote, l: VolumeLayout, log: Log): Promise<{ restoredFrom?: string }> {
+  const marker = `${l.stateDir}/initialized`;
+  if ((await r.run(`test -e ${q(marker)}`, { allowFailure: true })).code === 0) return {};
+  const snaps = await listSnapshots(r, l);
+  const latest = snaps[snaps.length - 1];
+  if (latest) {
+    log(`restoring snapshot ${latest.id.slice(0, 8)} of ${latest.time} into ${l.mountPath}`);
+    const t0 = Date.now();
+    await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, restoreArgs(latest.id, l.mountPath)), { timeoutMs: 6 * 3600_000 });
+    log(`restore done in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+  }
+  await r.run(`touch ${q(marker)}`);
+  return { restoredFrom: latest?.id };
+}
+
+export async function startTimer(r: Remote, l: VolumeLayout): Promise<void> {
+  await r.runArgv(["systemctl", "enable", "--now", "--quiet", l.units.timer]);
+}
+
+export interface BackupStatus {
+  status: "ok" | "failed" | "never";
+  startedAt?: number;
+  finishedAt?: number;
+  snapshotId?: string;
+  lastSuccessAt?: number;
+  message?: string;
+}
+
+/** Runs the backup service now and waits for it; returns the status it wrote. */
+export async function runBackup(r: Remote, l: VolumeLayout, log: Log): Promise<BackupStatus> {
+  log("backing up");
+  const t0 = Date.now();
+  const res = await r.runArgv(["systemctl", "start", l.units.backup], { allowFailure: true, timeoutMs: 6 * 3600_000 });
+  const status = await readStatus(r, l);
+  if (res.code !== 0 || status.status !== "ok") {
+    const journal = await r.run(`journalctl -u ${q(l.units.backup)} -n 15 --no-pager -o cat 2>/dev/null; true`);
+    throw new UserError(`backup of volume ${l.volumeId} on ${r.name} failed: ${status.message ?? "see below"}\n${journal.stdout.trim()}`);
+  }
+  log(`backup done in ${((Date.now() - t0) / 1000).toFixed(0)} s: snapshot ${status.snapshotId?.slice(0, 8)}`);
+  return status;
+}
+
+export async function readStatus(r: Remote, l: VolumeLayout): Promise<BackupStatus> {
+  const text = await r.readFile(`${l.stateDir}/status.json`);
+  if (!text) return { status: "never" };
+  try {
+    return JSON.parse(text) as BackupStatus;
+  } catch {
+    return { status: "failed", message: "status file unreadable" };
+  }
+}
+
+export async function grow(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  await r.run(growScript(l, v.size), { hint: `the volume group may lack free space for ${formatSize(v.size)}` });
+}
+
+export interface Observed {
+  present: boolean;
+  configured: boolean;
+  sizeBytes?: number;
+  mounted: boolean;
+  timerActive: boolean;
+  usedBytes?: number;
+  status: BackupStatus;
+}
+
+/** What is on the host now: the LV and its size, the mount, the timer, the last backup. */
+export async function observe(r: Remote, l: VolumeLayout): Promise<Observed> {
+  const res = await r.run(`
+echo "==lvs"; ${command(lvsArgv(l.vg))} 2>/dev/null || true
+echo "==mounted"; mountpoint -q ${q(l.mountPath)} && [ "$(readlink -f "$(findmnt -n -o SOURCE --target ${q(l.mountPath)})")" = "$(readlink -f ${q(l.device)} 2>/dev/null)" ] && echo yes || echo no
+echo "==timer"; systemctl is-active ${q(l.units.timer)} 2>/dev/null || true
+echo "==used"; mountpoint -q ${q(l.mountPath)} && df -B1 --output=used ${q(l.mountPath)} | tail -n1 || true
+echo "==configured"; test -e ${q(l.envFile)} && echo yes || echo no
+echo "==status"; cat ${q(l.stateDir + "/status.json")} 2>/dev/null || true
+`);
+  const sections = new Map<string, string>();
+  for (const part of res.stdout.split(/^==/m).slice(1)) {
+    const nl = part.indexOf("\n");
+    sections.set(part.slice(0, nl).trim(), part.slice(nl + 1).trim());
+  }
+  const lv = parseLvs(sections.get("lvs") ?? "").find((x) => x.name === l.lv);
+  let status: BackupStatus = { status: "never" };
+  const st = sections.get("status");
+  if (st) { try { status = JSON.parse(st); } catch { status = { status: "failed", message: "status file unreadable" }; } }
+  return {
+    present: !!lv,
+    configured: sections.get("configured") === "yes",
+    sizeBytes: lv?.sizeBytes,
+    mounted: sections.get("mounted") === "yes",
+    timerActive: sections.get("timer") === "active",
+    usedBytes: sections.get("used") ? Number(sections.get("used")) : undefined,
+    status,
+  };
+}
+
+/**
+ * Stops writers from changing the volume (remount read-only), for a final backup.
+ * A busy filesystem is an error that names the processes: they must be stopped first.
+ */
+export async function quiesce(r: Remote, l: VolumeLayout): Promise<void> {
+  const res = await r.run(`mountpoint -q ${q(l.mountPath)} || exit 0
+mount -o remount,ro ${q(l.mountPath)} 2>&1 && exit 0
+echo; fuser -vm ${q(l.mountPath)} 2>&1 | tail -n 10; exit 40`, { allowFailure: true });
+  if (res.code === 40) {
+    throw new UserError(`volume ${l.volumeId} on ${r.name} is in use, so it cannot be made read-only for its final backup; ` +
+      `stop the programs that use ${l.mountPath} first:\n${res.stdout.trim()}`);
+  }
+  if (res.code !== 0) throw new CommandError(r.name, "remount read-only", res.code, res.signal, res.stdout, res.stderr);
+}
+
+/** Lets writers back in after a failed final backup. */
+export async function unquiesce(r: Remote, l: VolumeLayout): Promise<void> {
+  await r.run(`mountpoint -q ${q(l.mountPath)} && mount -o remount,rw ${q(l.mountPath)}; true`);
+}
+
+/** Stops and removes units, unmounts, removes the LV/image and the volume's files on the host. */
+export async function teardown(r: Remote, l: VolumeLayout): Promise<void> {
+  const u = l.units;
+  await r.run(`
+systemctl disable --now --quiet ${q(u.timer)} 2>/dev/null || true
+systemctl stop ${q(u.backup)} 2>/dev/null || true
+systemctl disable --now --quiet ${q(u.mount)} 2>/dev/null || true
+mountpoint -q ${q(l.mountPath)} && umount ${q(l.mountPath)}
+systemctl disable --now --quiet ${q(u.device)} 2>/dev/null || true
+true`);
+  const still = await r.run(`mountpoint -q ${q(l.mountPath)}`, { allowFailure: true });
+  if (still.code === 0) throw new UserError(`cannot unmount ${l.mountPath} on ${r.name}: it is busy; stop the programs that use it`);
+  if ((await r.run(`test -e ${q(l.envFile)}`, { allowFailure: true })).code === 0) {
+    await r.runArgv([AGENT_PATH, "detach", l.volumeId], { allowFailure: true });
+  }
+  await r.run(removeStorageScript(l));
+  await r.run(`rm -f ${Object.values(u).map((n) => q(`${UNIT_DIR}/${n}`)).join(" ")}
+systemctl daemon-reload
+systemctl reset-failed ${Object.values(u).map(q).join(" ")} 2>/dev/null || true
+rm -rf ${q(l.configDir)} ${q(l.stateDir)} ${q(`/run/dboxed-volumes/${l.volumeId}`)}
+rm -f ${q(`${METRICS_DIR}/dboxed_volume_${l.volumeId}.prom`)}
+rmdir ${q(l.mountPath)} 2>/dev/null || true`);
+}
+
+/** Forgets every snapshot of the volume and prunes (lock-less) what they alone used. */
+export async function forgetSnapshots(r: Remote, l: VolumeLayout, log: Log): Promise<void> {
+  const snaps = await listSnapshots(r, l);
+  if (snaps.length === 0) return;
+  log(`forgetting ${snaps.length} snapshot(s) of ${l.volumeId}`);
+  await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, ["forget", ...snaps.map((s) => s.id)]), { timeoutMs: 600_000 });
+  await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, ["prune"]), { timeoutMs: 3600_000 });
+}
+
+export { layoutFor };

@@ -1,0 +1,107 @@
+import * as pulumi from "@pulumi/pulumi";
+import { retentionSchema, S3_DEFAULTS } from "../inputs";
+import { shim } from "./shim";
+import { VolumeProvider } from "./volumeProvider";
+
+export interface HostArgs {
+  address: pulumi.Input<string>;
+  port?: pulumi.Input<number>;
+  /** root, or a user with passwordless sudo (default root). */
+  user?: pulumi.Input<string>;
+  /** The private key's content (stored as a secret). */
+  privateKey: pulumi.Input<string>;
+  /** Pins the host: its public key as "ssh-ed25519 AAAA..."; any other key is refused. */
+  hostKey: pulumi.Input<string>;
+}
+
+export interface VolumeArgs {
+  volumeProvider: VolumeProvider;
+  host: pulumi.Input<HostArgs>;
+  /** "10GiB", "512MiB", or bytes; a multiple of 4 MiB. Can grow, never shrink. */
+  size: pulumi.Input<string | number>;
+  filesystem?: pulumi.Input<"ext4" | "xfs">;
+  mountPath: pulumi.Input<string>;
+  /** An existing volume group to create the LV in; default: a loop-backed image with a VG of its own. */
+  volumeGroup?: pulumi.Input<string>;
+  /** systemd OnCalendar expression (default "*:0/5": every five minutes). */
+  backupSchedule?: pulumi.Input<string>;
+  /**
+   * Identifies the volume's data in the repository (default "<stack>-<name>"). A new Volume with
+   * the id of one whose snapshots exist starts from its latest snapshot.
+   */
+  volumeId?: pulumi.Input<string>;
+  /** Back up one last time before removing the volume from its host (default true). */
+  finalBackupOnDelete?: pulumi.Input<boolean>;
+  /** Forget and prune the volume's snapshots when it is deleted (default false: they are kept). */
+  forgetSnapshotsOnDelete?: pulumi.Input<boolean>;
+}
+
+/** The default volume id: "<stack>-<name>", reduced to the characters volume ids allow. */
+export function defaultVolumeId(stack: string, name: string): string {
+  return `${stack}-${name}`.toLowerCase().replace(/[^a-z0-9-]+/g, "-").replace(/^-+/, "").slice(0, 40).replace(/-+$/, "");
+}
+
+/** A persistent volume on an SSH host: lvm2 + scheduled crash-consistent rustic backups to S3. */
+export class Volume extends pulumi.dynamic.Resource {
+  public readonly volumeId!: pulumi.Output<string>;
+  public readonly device!: pulumi.Output<string>;
+  public readonly mountPath!: pulumi.Output<string>;
+  public readonly hostAddress!: pulumi.Output<string>;
+  public readonly sizeBytes!: pulumi.Output<number>;
+  public readonly usedBytes!: pulumi.Output<number>;
+  public readonly mounted!: pulumi.Output<boolean>;
+  public readonly timerActive!: pulumi.Output<boolean>;
+  public readonly lastBackupAt!: pulumi.Output<string>;
+  public readonly lastBackupStatus!: pulumi.Output<string>;
+  public readonly lastBackupMessage!: pulumi.Output<string>;
+  public readonly lastSuccessfulBackupAt!: pulumi.Output<string>;
+  public readonly latestSnapshotId!: pulumi.Output<string>;
+  public readonly snapshotCount!: pulumi.Output<number>;
+  public readonly restoredFrom!: pulumi.Output<string>;
+
+  constructor(name: string, args: VolumeArgs, opts?: pulumi.CustomResourceOptions) {
+    const settings = args.volumeProvider.settings;
+    const s3 = settings.apply((s) => s.s3);
+    const retention = settings.apply((s) => {
+      const r = retentionSchema.safeParse(s.retention ?? {});
+      return r.success ? r.data : s.retention; // invalid retention is reported by the VolumeProvider
+    });
+    // The volume needs its provider's checks and repository first.
+    const extra: any = opts?.dependsOn;
+    const dependsOn: any = extra === undefined ? [args.volumeProvider]
+      : Array.isArray(extra) ? [...extra, args.volumeProvider]
+      : pulumi.Resource.isInstance(extra) ? [extra, args.volumeProvider]
+      : Promise.resolve(extra).then((d: any) => [...(Array.isArray(d) ? d : [d]), args.volumeProvider]);
+    super(shim("volume"), name, {
+      volumeId: args.volumeId ?? defaultVolumeId(pulumi.getStack(), name),
+      host: pulumi.secret(args.host),
+      hostAddress: pulumi.output(args.host).apply((h) => h.address),
+      size: args.size,
+      filesystem: args.filesystem ?? "ext4",
+      mountPath: args.mountPath,
+      volumeGroup: args.volumeGroup,
+      backupSchedule: args.backupSchedule ?? "*:0/5",
+      finalBackupOnDelete: args.finalBackupOnDelete ?? true,
+      forgetSnapshotsOnDelete: args.forgetSnapshotsOnDelete ?? false,
+      repository: pulumi.unsecret(s3.apply((x) => ({
+        endpoint: x.hostEndpoint ?? x.endpoint,
+        region: x.region ?? S3_DEFAULTS.region,
+        bucket: x.bucket,
+        prefix: x.prefix ?? S3_DEFAULTS.prefix,
+        forcePathStyle: x.forcePathStyle ?? S3_DEFAULTS.forcePathStyle,
+      }))),
+      accessKeyId: s3.apply((x) => x.accessKeyId),
+      secretAccessKey: s3.apply((x) => x.secretAccessKey),
+      password: settings.apply((s) => s.password),
+      retention: pulumi.unsecret(retention),
+      rustic: pulumi.unsecret(settings.apply((s) => s.rustic)),
+      device: undefined, sizeBytes: undefined, usedBytes: undefined, mounted: undefined, timerActive: undefined,
+      lastBackupAt: undefined, lastBackupStatus: undefined, lastBackupMessage: undefined, lastSuccessfulBackupAt: undefined,
+      latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined,
+    }, {
+      ...opts,
+      dependsOn,
+      additionalSecretOutputs: ["host", "accessKeyId", "secretAccessKey", "password"],
+    }, "dboxed-volumes", "Volume");
+  }
+}

@@ -1,0 +1,53 @@
+import * as pulumi from "@pulumi/pulumi";
+import { shim } from "./shim";
+
+export interface S3Args {
+  /** The S3 endpoint as the machine running pulumi reaches it, e.g. https://s3.eu-central-1.amazonaws.com. */
+  endpoint: pulumi.Input<string>;
+  /** The endpoint as the volume hosts reach it, when it differs (a private network, the lab). */
+  hostEndpoint?: pulumi.Input<string>;
+  region?: pulumi.Input<string>;
+  bucket: pulumi.Input<string>;
+  /** Key prefix of the rustic repository in the bucket (default "dboxed-volumes"). */
+  prefix?: pulumi.Input<string>;
+  accessKeyId: pulumi.Input<string>;
+  secretAccessKey: pulumi.Input<string>;
+  /** Path-style requests (default true; needed by most S3-compatible servers). */
+  forcePathStyle?: pulumi.Input<boolean>;
+  /** Create the bucket when it does not exist (default false). */
+  createBucket?: pulumi.Input<boolean>;
+}
+
+export interface RetentionArgs {
+  keepLast?: number; keepHourly?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; keepYearly?: number;
+}
+
+/** How hosts get the rustic binary: copied from this machine, or downloaded and checked. */
+export type RusticSourceArgs = { localPath: string } | { url: string; sha256: string };
+
+export interface VolumeProviderArgs {
+  s3: pulumi.Input<S3Args>;
+  /** The rustic repository password (stored as a secret). */
+  password: pulumi.Input<string>;
+  retention?: pulumi.Input<RetentionArgs>;
+  rustic: pulumi.Input<RusticSourceArgs>;
+}
+
+/** An S3 bucket + prefix holding the rustic repository that volumes back up into. */
+export class VolumeProvider extends pulumi.dynamic.Resource {
+  /** s3://bucket/prefix of the repository. */
+  public readonly repository!: pulumi.Output<string>;
+  /** The settings volumes use (from the arguments, so they are known during a preview). */
+  public readonly settings: pulumi.Output<pulumi.Unwrap<VolumeProviderArgs>>;
+
+  constructor(name: string, args: VolumeProviderArgs, opts?: pulumi.CustomResourceOptions) {
+    super(shim("volumeProvider"), name, {
+      s3: pulumi.secret(args.s3),
+      password: pulumi.secret(args.password),
+      retention: args.retention ?? {},
+      rustic: args.rustic,
+      repository: undefined,
+    }, { ...opts, additionalSecretOutputs: ["s3", "password"] }, "dboxed-volumes", "VolumeProvider");
+    this.settings = pulumi.secret(pulumi.output(args) as pulumi.Output<pulumi.Unwrap<VolumeProviderArgs>>);
+  }
+}
