@@ -233,12 +233,7 @@ async function startS3(labDir: string): Promise<{ s3: LabJson["s3"]; state: LabS
   const port = await freePort();
   const accessKeyId = "lab" + crypto.randomBytes(6).toString("hex");
   const secretAccessKey = crypto.randomBytes(24).toString("base64url");
-  const out = fs.openSync(path.join(dir, "versitygw.log"), "a");
-  // Credentials reach versitygw through its environment, not its command line.
-  const child = spawn(path.join(BIN, "versitygw"),
-    ["--port", `127.0.0.1:${port}`, "--health", "/health", "posix", "--sidecar", path.join(dir, "meta"), path.join(dir, "data")],
-    { detached: true, stdio: ["ignore", out, out], env: { ...process.env, ROOT_ACCESS_KEY: accessKeyId, ROOT_SECRET_KEY: secretAccessKey } });
-  child.unref();
+  const pid = spawnS3(labDir, port, accessKeyId, secretAccessKey);
   const endpoint = `http://127.0.0.1:${port}`;
   await waitFor("the S3 server (versitygw)", 30000, async () => (await fetch(`${endpoint}/health`)).ok);
   const s3 = { endpoint, hostEndpoint: `http://${GUEST_S3.ip}:${GUEST_S3.port}`, region: "us-east-1", bucket: "lab-volumes", accessKeyId, secretAccessKey };
@@ -246,7 +241,19 @@ async function startS3(labDir: string): Promise<{ s3: LabJson["s3"]; state: LabS
   const client = new S3Client({ endpoint, region: s3.region, forcePathStyle: true, credentials: { accessKeyId, secretAccessKey } });
   await client.send(new CreateBucketCommand({ Bucket: s3.bucket }));
   client.destroy();
-  return { s3, state: { pid: child.pid!, port } };
+  return { s3, state: { pid, port } };
+}
+
+function spawnS3(labDir: string, port: number, accessKeyId: string, secretAccessKey: string): number {
+  const dir = path.join(labDir, "s3");
+  const out = fs.openSync(path.join(dir, "versitygw.log"), "a");
+  // Credentials reach versitygw through its environment, not its command line.
+  const child = spawn(path.join(BIN, "versitygw"),
+    ["--port", `127.0.0.1:${port}`, "--health", "/health", "posix", "--sidecar", path.join(dir, "meta"), path.join(dir, "data")],
+    { detached: true, stdio: ["ignore", out, out], env: { ...process.env, ROOT_ACCESS_KEY: accessKeyId, ROOT_SECRET_KEY: secretAccessKey } });
+  child.unref();
+  fs.closeSync(out);
+  return child.pid!;
 }
 
 export function labEnv(labDir: string): Record<string, string> {
@@ -334,10 +341,22 @@ export function status(labDir: string): string {
   return lines.join("\n");
 }
 
-/** Stops (SIGSTOP) or resumes (SIGCONT) the lab's S3 server: for outage tests. */
-export function pauseS3(labDir: string, paused: boolean): void {
+/** Stops the lab's S3 server: for outage tests. */
+export async function stopS3(labDir: string): Promise<void> {
   const state = JSON.parse(fs.readFileSync(path.join(labDir, "state.json"), "utf8")) as LabState;
-  process.kill(state.s3.pid, paused ? "SIGSTOP" : "SIGCONT");
+  try { process.kill(state.s3.pid, "SIGKILL"); } catch { /* gone */ }
+  await waitFor("the S3 server to stop", 10000, async () => !alive(state.s3.pid));
+}
+
+/** Starts the lab's S3 server again with the same port, credentials and data. */
+export async function restartS3(labDir: string): Promise<void> {
+  const file = path.join(labDir, "state.json");
+  const state = JSON.parse(fs.readFileSync(file, "utf8")) as LabState;
+  const lab = JSON.parse(fs.readFileSync(path.join(labDir, "lab.json"), "utf8")) as LabJson;
+  if (alive(state.s3.pid)) return;
+  state.s3.pid = spawnS3(labDir, state.s3.port, lab.s3.accessKeyId, lab.s3.secretAccessKey);
+  fs.writeFileSync(file, JSON.stringify(state, null, 2));
+  await waitFor("the S3 server (versitygw)", 30000, async () => (await fetch(`${lab.s3.endpoint}/health`)).ok);
 }
 
 async function main(argv: string[]) {

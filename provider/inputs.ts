@@ -136,6 +136,8 @@ function parsesAsKey(k: string): boolean {
 export const volumeSchema = z.object({
   volumeId: volumeIdSchema,
   host: hostSchema,
+  /** Copy of host.address that stays readable in state (host as a whole is secret). */
+  hostAddress: z.string().optional(),
   size: z.union([z.string(), z.number()]),
   filesystem: z.enum(["ext4", "xfs"], { errorMap: () => ({ message: "must be ext4 or xfs" }) }).default("ext4"),
   mountPath: mountPathSchema,

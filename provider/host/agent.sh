@@ -99,7 +99,7 @@ write_status() { # write_status STATUS SNAPSHOT_ID MESSAGE
   mv -f "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom.tmp" "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom"
 }
 
-rustic_() { "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@"; }
+rustic_() { NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@"; }
 
 finish_backup() {
   local rc=$1

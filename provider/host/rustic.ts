@@ -35,7 +35,7 @@ export function profileToml(r: RepositoryConfig): string {
     `root = ${tomlString("/" + r.prefix)}`,
     `access_key_id = ${tomlString(r.accessKeyId)}`,
     `secret_access_key = ${tomlString(r.secretAccessKey)}`,
-    `enable_virtual_host_style = ${r.forcePathStyle ? "false" : "true"}`,
+    `enable_virtual_host_style = ${r.forcePathStyle ? '"false"' : '"true"'}`,
     "",
   ].join("\n");
 }
@@ -76,7 +76,7 @@ export function rusticArgv(binary: string, profile: string, args: string[]): str
 }
 
 export function snapshotsArgs(rusticHost: string): string[] {
-  return ["snapshots", "--json", "--all", "-g", "", "--filter-host", rusticHost];
+  return ["snapshots", "--json", "-g", "", "--filter-host", rusticHost];
 }
 
 export function restoreArgs(snapshotId: string, dest: string): string[] {

@@ -38,9 +38,9 @@ export async function runLocalRustic(src: RusticSource, repo: RepositoryConfig, 
     fs.writeFileSync(path.join(dir, "profile.toml"), profileToml(repo), { mode: 0o600 });
     return await new Promise<string>((resolve, reject) => {
       execFile(bin, ["-P", path.join(dir, "profile"), "--no-progress", "--no-cache", ...args],
-        { timeout: 300_000, maxBuffer: 64 * 1024 * 1024 },
+        { timeout: 300_000, maxBuffer: 64 * 1024 * 1024, env: { ...process.env, NO_COLOR: "1" } },
         (err, stdout, stderr) => {
-          if (err) reject(new UserError(`rustic ${args[0]} failed on this machine: ${String(stderr || err.message).trim().slice(-2000)}`));
+          if (err) reject(new UserError(`rustic ${args[0]} failed on this machine: ${String(stderr || err.message).replace(/\x1b\[[0-9;]*m/g, "").trim().slice(-2000)}`));
           else resolve(stdout);
         });
     });
