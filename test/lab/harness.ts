@@ -79,6 +79,14 @@ export class Stack {
     return JSON.parse(r.stdout);
   }
 
+  /** A resource's outputs as stored in state (what `pulumi refresh` updated), by resource name. */
+  async resourceOutputs(name: string): Promise<Record<string, any>> {
+    const r = await this.ok(["stack", "export", "--show-secrets"]);
+    const res = JSON.parse(r.stdout).deployment.resources.find((x: any) => x.urn.endsWith(`::${name}`));
+    if (!res) throw new Error(`no resource named ${name} in stack ${this.name}`);
+    return res.outputs;
+  }
+
   /** The raw state file of this stack, as stored by the file backend. */
   stateText(): string {
     const root = lab().env.PULUMI_BACKEND_URL.replace(/^file:\/\//, "");

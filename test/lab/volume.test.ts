@@ -7,6 +7,7 @@ import { manifest } from "./manifest";
 import { restartS3, stopS3 } from "../../lab/lab";
 import { parseSnapshots } from "../../provider/host/rustic";
 import type { LabHost } from "../../lab/lab";
+import { runLocalRustic } from "../../provider/lifecycle/localRustic";
 
 const prefix = `vol-${crypto.randomBytes(3).toString("hex")}`;
 
@@ -20,6 +21,16 @@ async function rustic(host: LabHost, id: string, args: string) {
 
 async function snapshots(host: LabHost, id: string) {
   return parseSnapshots((await rustic(host, id, `snapshots --json -g '' --filter-host dboxed-volume-${id}`)).stdout);
+}
+
+/** The volume's snapshots, read from this machine with rustic (no host involved). */
+async function repositorySnapshots(id: string) {
+  const l = lab();
+  const out = await runLocalRustic({ localPath: l.tools.rustic }, {
+    endpoint: l.s3.endpoint, region: l.s3.region, bucket: l.s3.bucket, prefix, forcePathStyle: true,
+    accessKeyId: l.s3.accessKeyId, secretAccessKey: l.s3.secretAccessKey, password: "lab-repository-password-1",
+  }, ["snapshots", "--json", "-g", "", "--filter-host", `dboxed-volume-${id}`]);
+  return parseSnapshots(out);
 }
 
 /** Writes a mix of files into dir: random data, nested dirs, a symlink, a hardlink, an xattr, another owner. */
@@ -83,5 +94,140 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     expect(restored.xattrs).to.equal(before.xattrs);
     expect(restored.acls).to.equal(before.acls);
     expect(Object.keys(before.entries).length).to.be.greaterThan(45);
+  });
+
+  it("the timer fires on its schedule and makes an incremental snapshot that reuses its parent's data", async () => {
+    const before = await snapshots(h1, volumeId);
+    const res = await stack.up(volumeInput([vol({ backupSchedule: "*:*:0/20" })]));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    const unit = await onHost(h1, `systemctl cat dboxed-volume-${volumeId}-backup.timer`);
+    expect(unit.stdout).to.contain("OnCalendar=*:*:0/20");
+    await onHost(h1, `echo changed > ${mountPath}/data/sub/deeper/tag.txt`);
+    const t0 = Math.floor(Date.now() / 1000);
+    let after = before;
+    for (let i = 0; i < 60 && after.length <= before.length; i++) {
+      await new Promise((r) => setTimeout(r, 5000));
+      after = await snapshots(h1, volumeId);
+    }
+    expect(after.length, "no new snapshot from the timer within 5 minutes").to.be.greaterThan(before.length);
+    const newest = after[after.length - 1];
+    expect(Date.parse(newest.time) / 1000).to.be.at.least(t0 - 5);
+    expect(newest.parent).to.equal(after[after.length - 2].id);
+    const summary = newest.summary as Record<string, number>;
+    expect(summary.files_unmodified, JSON.stringify(summary)).to.be.greaterThan(40);
+    expect(summary.data_added).to.be.lessThan(1_000_000);
+    const journal = await onHost(h1, `journalctl -u dboxed-volume-${volumeId}-backup.service --no-pager -o cat | grep -c "backup of ${volumeId} done"`);
+    expect(Number(journal.stdout.trim())).to.be.greaterThan(0);
+    const back = await stack.up(volumeInput([vol()]));
+    expect(back.code, back.stdout + back.stderr).to.equal(0);
+  });
+
+  it("growing the size extends the LV and the filesystem online and keeps the data", async () => {
+    const before = await manifest(h1, mountPath);
+    const res = await stack.up(volumeInput([vol({ size: "256MiB" })]));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    const o = (await stack.outputs()).volumes.a;
+    expect(o.sizeBytes).to.equal(256 * 1024 * 1024);
+    const df = await onHost(h1, `df -B1 --output=size ${mountPath} | tail -n1`);
+    expect(Number(df.stdout.trim())).to.be.greaterThan(200 * 1024 * 1024);
+    expect((await manifest(h1, mountPath)).entries).to.deep.equal(before.entries);
+  });
+
+  it("shrinking is refused at preview with a message that names size", async () => {
+    const res = await stack.preview(volumeInput([vol({ size: "128MiB" })]));
+    expect(res.code).to.not.equal(0);
+    expect(res.stdout + res.stderr).to.match(/size: shrinking a volume is not supported/);
+  });
+
+  it("a backup while S3 is down fails visibly and leaves no snapshot LV or mount; the next one succeeds", async () => {
+    await stopS3(lab().dir);
+    try {
+      const run = await onHost(h1, `systemctl start dboxed-volume-${volumeId}-backup.service`, { allowFailure: true });
+      expect(run.code).to.not.equal(0);
+      const status = JSON.parse((await onHost(h1, `cat /var/lib/dboxed-volumes/${volumeId}/status.json`)).stdout);
+      expect(status.status).to.equal("failed");
+      expect(status.message).to.match(/rustic backup failed/);
+      const metric = await onHost(h1, `cat /var/lib/prometheus/node-exporter/dboxed_volume_${volumeId}.prom`);
+      expect(metric.stdout).to.contain(`dboxed_volume_backup_success{volume="${volumeId}"} 0`);
+      const leftovers = await onHost(h1, `lvs --noheadings -o lv_name dbv-${volumeId}; mountpoint -q /run/dboxed-volumes/${volumeId}/snapshot && echo MOUNTED || true`);
+      expect(leftovers.stdout.trim().split(/\s+/)).to.deep.equal(["data"]);
+      const refresh = await stack.run(["refresh", "--yes", "--skip-preview"]);
+      expect(refresh.code, refresh.stdout + refresh.stderr).to.equal(0);
+      const o = await stack.resourceOutputs("a");
+      expect(o.lastBackupStatus).to.equal("failed");
+      expect(o.lastBackupMessage).to.match(/rustic backup failed/);
+    } finally {
+      await restartS3(lab().dir);
+    }
+    await onHost(h1, `systemctl start dboxed-volume-${volumeId}-backup.service`);
+    const refresh = await stack.run(["refresh", "--yes", "--skip-preview"]);
+    expect(refresh.code, refresh.stdout + refresh.stderr).to.equal(0);
+    const o = await stack.resourceOutputs("a");
+    expect(o.lastBackupStatus).to.equal("ok");
+    const metric = await onHost(h1, `cat /var/lib/prometheus/node-exporter/dboxed_volume_${volumeId}.prom`);
+    expect(metric.stdout).to.contain(`dboxed_volume_backup_success{volume="${volumeId}"} 1`);
+  });
+
+  it("after a host reboot the volume is mounted again and the timer is active", async () => {
+    const before = await manifest(h1, mountPath);
+    await onHost(h1, "systemctl reboot", { allowFailure: true });
+    await new Promise((r) => setTimeout(r, 5000));
+    let up = false;
+    for (let i = 0; i < 60 && !up; i++) {
+      try {
+        const r = await onHost(h1, "systemctl is-system-running --wait", { allowFailure: true, timeoutMs: 120_000 });
+        up = /running|degraded/.test(r.stdout);
+      } catch {
+        await new Promise((r) => setTimeout(r, 3000));
+      }
+    }
+    expect(up, "the host did not come back").to.equal(true);
+    await onHost(h1, `date -s @${Math.floor(Date.now() / 1000)} >/dev/null`);
+    const state = await onHost(h1, `findmnt -n -o FSTYPE ${mountPath}; systemctl is-active dboxed-volume-${volumeId}-backup.timer`);
+    expect(state.stdout.trim().split("\n")).to.deep.equal(["ext4", "active"]);
+    expect((await manifest(h1, mountPath)).entries).to.deep.equal(before.entries);
+  });
+
+  let finalManifest: Awaited<ReturnType<typeof manifest>>;
+  let snapshotsBeforeDelete = 0;
+
+  it("delete takes a final backup, removes units, mount, LV and image, and keeps the snapshots", async () => {
+    await onHost(h1, `echo "written just before delete" > ${mountPath}/last-words.txt`);
+    finalManifest = await manifest(h1, mountPath);
+    snapshotsBeforeDelete = (await snapshots(h1, volumeId)).length;
+    expect(await repositorySnapshots(volumeId)).to.have.length(snapshotsBeforeDelete);
+    const res = await stack.up(volumeInput([]));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    const left = await onHost(h1, `ls /etc/systemd/system | grep -c dboxed-volume-${volumeId} || true
+mountpoint -q ${mountPath} && echo MOUNTED || echo unmounted
+vgs dbv-${volumeId} >/dev/null 2>&1 && echo VG || echo no-vg
+ls /var/lib/dboxed-volumes/${volumeId} /etc/dboxed-volumes/${volumeId} 2>/dev/null | wc -l
+losetup -a | grep -c ${volumeId} || true`);
+    expect(left.stdout.trim().split("\n")).to.deep.equal(["0", "unmounted", "no-vg", "0", "0"]);
+  });
+
+  it("a new Volume with the id of a deleted one restores its latest snapshot, final writes included", async () => {
+    const h2 = lab().hosts[1];
+    const b = new Stack("volumes-b", "volumes");
+    await b.init();
+    const input = volumeInput([{ name: "b", host: 1, args: { volumeId, size: "256MiB", mountPath: "/srv/restored", backupSchedule: "hourly" } }]);
+    const res = await b.up(input);
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(res.stdout).to.match(/restoring snapshot/);
+    const o = (await b.outputs()).volumes.b;
+    const snaps = await snapshots(h2, volumeId);
+    expect(snaps.length).to.equal(snapshotsBeforeDelete + 2); // the final backup, then the first on the new host
+    expect(o.restoredFrom).to.equal(snaps[snaps.length - 2].id);
+    const restored = await manifest(h2, "/srv/restored");
+    expect(restored.entries).to.deep.equal(finalManifest.entries);
+    expect(restored.xattrs).to.equal(finalManifest.xattrs);
+    expect(restored.acls).to.equal(finalManifest.acls);
+    // forgetSnapshotsOnDelete: the last delete also removes the volume's snapshots.
+    const forgetting = volumeInput([{ name: "b", host: 1, args: { volumeId, size: "256MiB", mountPath: "/srv/restored", backupSchedule: "hourly", forgetSnapshotsOnDelete: true } }]);
+    const upd = await b.up(forgetting);
+    expect(upd.code, upd.stdout + upd.stderr).to.equal(0);
+    const destroy = await b.run(["destroy", "--yes", "--skip-preview"]);
+    expect(destroy.code, destroy.stdout + destroy.stderr).to.equal(0);
+    expect(await repositorySnapshots(volumeId)).to.have.length(0);
   });
 });
