@@ -1,0 +1,64 @@
+// Bad inputs fail at preview, through the real CLI, with a message that names the field, and
+// no host is touched.
+import { expect } from "chai";
+import { lab, onHost, Stack } from "./harness";
+
+const bad = "x;$(reboot)`id`|&>y";
+
+/** [field named in the error, volume args, host override, provider override] */
+const cases: [string, Record<string, unknown>, Record<string, unknown>, Record<string, unknown>][] = [
+  ["size", { size: "10 potatoes" }, {}, {}],
+  ["size", { size: `1GiB${bad}` }, {}, {}],
+  ["size", { size: 1_000_000_000 }, {}, {}],
+  ["filesystem", { filesystem: `ext4${bad}` }, {}, {}],
+  ["mountPath", { mountPath: `/srv/a${bad}` }, {}, {}],
+  ["mountPath", { mountPath: "/etc" }, {}, {}],
+  ["volumeId", { volumeId: `v${bad}` }, {}, {}],
+  ["backupSchedule", { backupSchedule: `*:0/5${bad}` }, {}, {}],
+  ["volumeGroup", { volumeGroup: `vg0${bad}` }, {}, {}],
+  ["host.address", {}, { address: `h${bad}` }, {}],
+  ["host.user", {}, { user: `root${bad}` }, {}],
+  ["host.port", {}, { port: 70000 }, {}],
+  ["host.hostKey", {}, { hostKey: `ssh-ed25519 ${bad}` }, {}],
+  ["host.privateKey", {}, { privateKey: bad }, {}],
+  ["s3.bucket", {}, {}, { s3: { bucket: `b${bad}` } }],
+  ["s3.prefix", {}, {}, { s3: { prefix: `p/../${bad}` } }],
+  ["s3.region", {}, {}, { s3: { region: `us${bad}` } }],
+  ["s3.hostEndpoint", {}, {}, { s3: { hostEndpoint: `http://h${bad}` } }],
+  ["password", {}, {}, { password: "short" }],
+  ["retention.keepLast", {}, {}, { retention: { keepLast: 0 } }],
+  ["input", { sise: "1GiB" }, {}, {}],
+];
+
+async function hostState(): Promise<string[]> {
+  return Promise.all(lab().hosts.map(async (h) => (await onHost(h,
+    "ls -la /etc/dboxed-volumes /usr/local/lib/dboxed-volumes 2>&1; lvs --noheadings -o vg_name,lv_name 2>&1; " +
+    "systemctl list-unit-files 'dboxed-volume*' --no-legend 2>&1; ls /etc/systemd/system; ls /srv 2>&1")).stdout));
+}
+
+describe("bad inputs (real pulumi preview)", function () {
+  let stack: Stack;
+  let initial: string[];
+
+  before(async () => {
+    stack = new Stack("bad-inputs", "volumes");
+    await stack.init();
+    initial = await hostState();
+  });
+
+  for (const [field, args, hostOverride, provider] of cases) {
+    it(`${field}: ${JSON.stringify({ ...args, ...hostOverride, ...provider }).slice(0, 60)} fails at preview naming the field`, async () => {
+      const res = await stack.preview({
+        provider: provider,
+        volumes: [{ name: "v", host: 0, hostOverride, args: { volumeId: "bad-input", size: "64MiB", mountPath: "/srv/bad", ...args } }],
+      });
+      const text = res.stdout + res.stderr;
+      expect(res.code, text).to.not.equal(0);
+      expect(text).to.include(`${field}: `);
+    });
+  }
+
+  it("touched no host", async () => {
+    expect(await hostState()).to.deep.equal(initial);
+  });
+});

@@ -1,0 +1,148 @@
+// check() of both resources: every bad input fails with a message that names its field.
+import { expect } from "chai";
+import { execFileSync } from "child_process";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import * as volume from "../../provider/lifecycle/volume";
+import * as volumeProvider from "../../provider/lifecycle/volumeProvider";
+import { formatSize, parseSize } from "../../provider/inputs";
+import { UNKNOWN } from "../../provider/lifecycle/unknowns";
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), "inputs-test-"));
+execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", path.join(dir, "k")]);
+const privateKey = fs.readFileSync(path.join(dir, "k"), "utf8");
+const hostKey = fs.readFileSync(path.join(dir, "k.pub"), "utf8").split(" ").slice(0, 2).join(" ");
+
+const goodVolume = () => ({
+  volumeId: "pgdata",
+  host: { address: "10.1.2.3", port: 22, user: "root", privateKey, hostKey },
+  size: "1GiB", filesystem: "ext4", mountPath: "/srv/pgdata", backupSchedule: "*:0/5",
+  finalBackupOnDelete: true, forgetSnapshotsOnDelete: false,
+  repository: { endpoint: "http://10.0.2.100:9000", region: "us-east-1", bucket: "b", prefix: "p", forcePathStyle: true },
+  accessKeyId: "AKIA", secretAccessKey: "secret", password: "password1",
+  retention: { keepLast: 2, keepHourly: 6, keepDaily: 7, keepWeekly: 4, keepMonthly: 6, keepYearly: 1 },
+  rustic: { localPath: "/usr/local/bin/rustic" },
+});
+const goodProvider = () => ({
+  s3: { endpoint: "http://127.0.0.1:9000", bucket: "my-bucket", accessKeyId: "AKIA", secretAccessKey: "s" },
+  password: "password1", retention: {}, rustic: { localPath: "/usr/local/bin/rustic" },
+});
+
+function set(o: any, p: string, v: unknown) {
+  const keys = p.split(".");
+  let cur = o;
+  for (const k of keys.slice(0, -1)) cur = cur[k];
+  cur[keys[keys.length - 1]] = v;
+  return o;
+}
+
+const metachars = "a;$(reboot)`id`|&>x";
+const badVolumes: [string, string, unknown][] = [
+  ["size", "size", "10 potatoes"],
+  ["size", "size", 1_000_000_000],
+  ["size", "size", "16MiB"],
+  ["size", "size", `1GiB${metachars}`],
+  ["filesystem", "filesystem", "btrfs"],
+  ["filesystem", "filesystem", `ext4;${metachars}`],
+  ["mountPath", "mountPath", "relative/path"],
+  ["mountPath", "mountPath", `/srv/a${metachars}`],
+  ["mountPath", "mountPath", "/etc"],
+  ["mountPath", "mountPath", "/srv/../etc"],
+  ["mountPath", "mountPath", "/srv/with space"],
+  ["volumeId", "volumeId", "Bad_ID"],
+  ["volumeId", "volumeId", `v${metachars}`],
+  ["backupSchedule", "backupSchedule", "every 5 minutes"],
+  ["backupSchedule", "backupSchedule", `*:0/5${metachars}`],
+  ["host.address", "host.address", `h${metachars}`],
+  ["host.port", "host.port", 70000],
+  ["host.user", "host.user", `root${metachars}`],
+  ["host.privateKey", "host.privateKey", `not a key ${metachars}`],
+  ["host.hostKey", "host.hostKey", `ssh-ed25519 ${metachars}`],
+  ["volumeGroup", "volumeGroup", `vg0 ${metachars}`],
+];
+
+describe("Volume check", () => {
+  it("accepts a good volume and normalises the size to bytes", async () => {
+    const r = await volume.check({}, goodVolume());
+    expect(r.failures).to.deep.equal([]);
+    expect(r.inputs.size).to.equal(1024 ** 3);
+  });
+
+  for (const [field, p, value] of badVolumes) {
+    it(`refuses ${field} = ${JSON.stringify(value).slice(0, 40)} naming the field`, async () => {
+      const r = await volume.check({}, set(goodVolume(), p, value));
+      expect(r.failures.map((f) => f.property)).to.include(field);
+      expect(r.failures.find((f) => f.property === field)!.reason).to.match(new RegExp(`^${field.replace(".", "\\.")}: `));
+    });
+  }
+
+  it("refuses xfs below its minimum size", async () => {
+    const r = await volume.check({}, { ...goodVolume(), filesystem: "xfs", size: "128MiB" });
+    expect(r.failures[0].reason).to.match(/size: xfs needs at least 320MiB/);
+  });
+
+  it("refuses unknown fields (a typo) and names them", async () => {
+    const r = await volume.check({}, { ...goodVolume(), sise: "2GiB" });
+    expect(r.failures[0].reason).to.match(/unknown field\(s\) sise/);
+  });
+
+  it("refuses shrinking, naming size", async () => {
+    const r = await volume.check({ volumeId: "pgdata", size: 2 * 1024 ** 3 }, goodVolume());
+    expect(r.failures.map((f) => f.reason).join()).to.match(/size: shrinking a volume is not supported \(2GiB -> 1GiB\)/);
+  });
+
+  it("lets values that are unknown during a preview through", async () => {
+    const r = await volume.check({}, { ...goodVolume(), password: UNKNOWN, repository: UNKNOWN });
+    expect(r.failures).to.deep.equal([]);
+  });
+
+  it("still reports known bad values when others are unknown", async () => {
+    const r = await volume.check({}, { ...goodVolume(), password: UNKNOWN, mountPath: "/etc" });
+    expect(r.failures.map((f) => f.property)).to.deep.equal(["mountPath"]);
+  });
+});
+
+const badProviders: [string, string, unknown][] = [
+  ["s3.endpoint", "s3.endpoint", "not a url"],
+  ["s3.endpoint", "s3.endpoint", `http://h${metachars}`],
+  ["s3.hostEndpoint", "s3.hostEndpoint", "ftp://x"],
+  ["s3.bucket", "s3.bucket", "Bad_Bucket"],
+  ["s3.prefix", "s3.prefix", "/abs"],
+  ["s3.prefix", "s3.prefix", "a/../b"],
+  ["s3.region", "s3.region", `us east${metachars}`],
+  ["s3.accessKeyId", "s3.accessKeyId", "line\nbreak"],
+  ["password", "password", "short"],
+  ["retention.keepLast", "retention.keepLast", 0],
+  ["rustic.sha256", "rustic", { url: "https://example.org/rustic", sha256: "abc" }],
+];
+
+describe("VolumeProvider check", () => {
+  it("accepts a good provider and fills defaults", async () => {
+    const r = await volumeProvider.check({}, goodProvider());
+    expect(r.failures).to.deep.equal([]);
+    expect(r.inputs.s3.prefix).to.equal("dboxed-volumes");
+    expect(r.inputs.retention.keepLast).to.equal(2);
+  });
+  for (const [field, p, value] of badProviders) {
+    it(`refuses ${field} = ${JSON.stringify(value).slice(0, 40)} naming the field`, async () => {
+      const r = await volumeProvider.check({}, set(goodProvider(), p, value));
+      expect(r.failures.map((f) => f.property)).to.include(field);
+    });
+  }
+});
+
+describe("sizes", () => {
+  const table: [string | number, number][] = [
+    ["1GiB", 1024 ** 3], ["512MiB", 512 * 1024 ** 2], ["1.5G", 1.5 * 1024 ** 3], ["2GB", 2e9], [4194304, 4194304], ["1 TiB", 1024 ** 4],
+  ];
+  for (const [input, bytes] of table) it(`parses ${JSON.stringify(input)}`, () => expect(parseSize(input)).to.equal(bytes));
+  it("formats in the largest exact unit", () => {
+    expect(formatSize(1024 ** 3)).to.equal("1GiB");
+    expect(formatSize(260 * 1024 ** 2)).to.equal("260MiB");
+  });
+  it("refuses garbage", () => {
+    expect(() => parseSize("1 GiBs")).to.throw(/not a size/);
+    expect(() => parseSize(-1)).to.throw();
+  });
+});
