@@ -14,6 +14,8 @@ import * as path from "path";
 import { Remote, sleep } from "../provider/remote/ssh";
 
 export const REPO = path.resolve(__dirname, "..");
+// The AWS SDK warns that its 2027 releases need Node 22; the versions pinned here run on 20.
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
 export const CACHE = process.env.DBOXED_LAB_CACHE ?? path.join(os.homedir(), ".cache", "pulumi-dboxed-volumes");
 const IMAGE = path.join(CACHE, "image");
 const GOLDEN = path.join(CACHE, "golden");
@@ -258,13 +260,14 @@ function spawnS3(labDir: string, port: number, accessKeyId: string, secretAccess
 
 export function labEnv(labDir: string): Record<string, string> {
   return {
-    PATH: [BIN, path.join(REPO, "node_modules", "@pulumi", "pulumi"), path.dirname(process.execPath), process.env.PATH ?? "/usr/bin:/bin"].join(":"),
+    PATH: [BIN, path.dirname(process.execPath), process.env.PATH ?? "/usr/bin:/bin"].join(":"),
     PULUMI_HOME: path.join(labDir, "pulumi-home"),
     PULUMI_BACKEND_URL: `file://${path.join(labDir, "pulumi-state")}`,
     PULUMI_CONFIG_PASSPHRASE: "lab-passphrase-not-a-secret",
     PULUMI_SKIP_UPDATE_CHECK: "true",
     PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION: "true",
     PULUMI_AUTOMATION_API_SKIP_VERSION_CHECK: "true",
+    AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: "true",
   };
 }
 

@@ -55,6 +55,15 @@ install_language_host() {
   local here; here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
   printf '#!/bin/sh\nexec node %s "$@"\n' "$here/pulumi-language-nodejs.js" > "$BIN/pulumi-language-nodejs"
   chmod +x "$BIN/pulumi-language-nodejs"
+  # Dynamic providers: @pulumi/pulumi's own launcher, placed next to the CLI where it looks first.
+  cat > "$BIN/pulumi-resource-pulumi-nodejs" <<'SH'
+#!/bin/sh
+PULUMI_DYNAMIC_PROVIDER_SCRIPT_PATH=$(node -e "console.log(require.resolve('@pulumi/pulumi/cmd/dynamic-provider'))")
+if [ ! -z "$PULUMI_DYNAMIC_PROVIDER_SCRIPT_PATH" ]; then
+    node "$PULUMI_DYNAMIC_PROVIDER_SCRIPT_PATH" $@
+fi
+SH
+  chmod +x "$BIN/pulumi-resource-pulumi-nodejs"
 }
 
 build_rustic() {

@@ -12,3 +12,11 @@ export function shim(kind: "volume" | "volumeProvider"): pulumi.dynamic.Resource
     delete: (id: string, props: any) => require("pulumi-dboxed-volumes/dist/provider/runtime").handlers(kind).delete(id, props),
   };
 }
+
+/** JavaScript programs get no type check: a misspelt argument must not pass silently. */
+export function refuseUnknownArgs(what: string, args: object, known: string[]): void {
+  const unknown = Object.keys(args ?? {}).filter((k) => !known.includes(k));
+  if (unknown.length > 0) {
+    throw new Error(`${what}: unknown argument(s) ${unknown.join(", ")}: check the spelling (known: ${known.join(", ")})`);
+  }
+}

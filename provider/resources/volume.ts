@@ -1,6 +1,6 @@
 import * as pulumi from "@pulumi/pulumi";
 import { retentionSchema, S3_DEFAULTS } from "../inputs";
-import { shim } from "./shim";
+import { refuseUnknownArgs, shim } from "./shim";
 import { VolumeProvider } from "./volumeProvider";
 
 export interface HostArgs {
@@ -36,6 +36,9 @@ export interface VolumeArgs {
   forgetSnapshotsOnDelete?: pulumi.Input<boolean>;
 }
 
+const VOLUME_ARGS = ["volumeProvider", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
+  "volumeId", "finalBackupOnDelete", "forgetSnapshotsOnDelete"];
+
 /** The default volume id: "<stack>-<name>", reduced to the characters volume ids allow. */
 export function defaultVolumeId(stack: string, name: string): string {
   return `${stack}-${name}`.toLowerCase().replace(/[^a-z0-9-]+/g, "-").replace(/^-+/, "").slice(0, 40).replace(/-+$/, "");
@@ -60,6 +63,7 @@ export class Volume extends pulumi.dynamic.Resource {
   public readonly restoredFrom!: pulumi.Output<string>;
 
   constructor(name: string, args: VolumeArgs, opts?: pulumi.CustomResourceOptions) {
+    refuseUnknownArgs(`Volume "${name}"`, args, VOLUME_ARGS);
     const settings = args.volumeProvider.settings;
     const s3 = settings.apply((s) => s.s3);
     const retention = settings.apply((s) => {

@@ -1,5 +1,5 @@
 import * as pulumi from "@pulumi/pulumi";
-import { shim } from "./shim";
+import { refuseUnknownArgs, shim } from "./shim";
 
 export interface S3Args {
   /** The S3 endpoint as the machine running pulumi reaches it, e.g. https://s3.eu-central-1.amazonaws.com. */
@@ -41,6 +41,7 @@ export class VolumeProvider extends pulumi.dynamic.Resource {
   public readonly settings: pulumi.Output<pulumi.Unwrap<VolumeProviderArgs>>;
 
   constructor(name: string, args: VolumeProviderArgs, opts?: pulumi.CustomResourceOptions) {
+    refuseUnknownArgs(`VolumeProvider "${name}"`, args, ["s3", "password", "retention", "rustic"]);
     super(shim("volumeProvider"), name, {
       s3: pulumi.secret(args.s3),
       password: pulumi.secret(args.password),

@@ -14,6 +14,8 @@ export interface S3Settings {
 }
 
 export function s3Client(s: S3Settings): S3Client {
+  // The SDK's notice that its 2027 releases need Node 22 would land in every `pulumi up`.
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
   const { S3Client } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   return new S3Client({
     endpoint: s.endpoint,

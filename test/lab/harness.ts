@@ -28,6 +28,20 @@ export async function onHost(h: LabHost, script: string, opts: { allowFailure?: 
   }
 }
 
+/**
+ * For suites whose tests are steps of one story: after a failed step the rest fail at once,
+ * naming it (mocha's own bail would also skip unrelated suites after any earlier failure).
+ */
+export function stepByStep(suite: Mocha.Suite): void {
+  let failed: string | undefined;
+  suite.afterEach(function () {
+    if (this.currentTest?.state === "failed") failed ??= this.currentTest.title;
+  });
+  suite.beforeEach(function () {
+    if (failed) throw new Error(`not run: the earlier step "${failed}" failed`);
+  });
+}
+
 export interface PulumiResult { code: number; stdout: string; stderr: string }
 
 /** A Pulumi project in a scratch directory, run with the real CLI. */

@@ -4,10 +4,10 @@
 import { expect } from "chai";
 import * as crypto from "crypto";
 import * as fs from "fs";
-import { lab, onHost, Stack } from "./harness";
+import { lab, onHost, Stack, stepByStep } from "./harness";
 
 describe("secrets (real pulumi, lab host)", function () {
-  this.bail(true);
+  stepByStep(this);
   const password = `pa$$ 'w"o\\rd;$(reboot)\`id\`|${crypto.randomBytes(4).toString("hex")}`;
   const volumeId = `sec-${crypto.randomBytes(3).toString("hex")}`;
   const prefix = `sec-${crypto.randomBytes(3).toString("hex")}`;

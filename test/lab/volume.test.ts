@@ -2,7 +2,7 @@
 // restore on create, grow, S3 outage, reboot, delete; data compared by manifest every time.
 import { expect } from "chai";
 import * as crypto from "crypto";
-import { lab, onHost, Stack } from "./harness";
+import { lab, onHost, Stack, stepByStep } from "./harness";
 import { manifest } from "./manifest";
 import { restartS3, stopS3 } from "../../lab/lab";
 import { parseSnapshots } from "../../provider/host/rustic";
@@ -47,7 +47,7 @@ sync`);
 }
 
 describe("Volume lifecycle (real pulumi, lab hosts)", function () {
-  this.bail(true); // each step builds on the one before
+  stepByStep(this);
   let stack: Stack;
   let h1: LabHost;
   const volumeId = `t-${crypto.randomBytes(3).toString("hex")}`;
