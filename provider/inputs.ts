@@ -145,8 +145,19 @@ export const volumeSchema = z.object({
   backupSchedule: scheduleSchema.default("*:0/5"),
   finalBackupOnDelete: z.boolean().default(true),
   forgetSnapshotsOnDelete: z.boolean().default(false),
+  /** Units that use the volume: stopped on the old host before a move, started on the new one. */
+  stopUnits: z.array(z.string().regex(/^[A-Za-z0-9@._:\\-]+\.(service|socket|target|timer|path)$/,
+    "must be systemd unit names such as postgresql.service")).default([]),
+  /** Restore the latest periodic snapshot on the new host before stopping the old one (default true). */
+  warmMove: z.boolean().default(true),
+  /** Take the volume although another host holds its lease (that host is gone for good). */
+  force: z.boolean().default(false),
   repository: z.object({
-    endpoint: z.string(), region: z.string(), bucket: z.string(), prefix: z.string(), forcePathStyle: z.boolean(),
+    /** As the hosts reach S3. */
+    endpoint: z.string(),
+    /** As the machine that runs pulumi reaches S3 (leases, move progress). */
+    localEndpoint: z.string(),
+    region: z.string(), bucket: z.string(), prefix: z.string(), forcePathStyle: z.boolean(),
   }).strict(),
   accessKeyId: z.string(),
   secretAccessKey: z.string(),

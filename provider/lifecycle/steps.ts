@@ -110,14 +110,24 @@ export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout)
   await r.run(ensureFilesystemScript(l));
 }
 
-/** Writes the units, then starts the device and the mount. */
-export async function installUnits(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+/** Writes the units (nothing started). */
+export async function writeUnits(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
   for (const [name, text] of Object.entries(unitFiles(l, v.backupSchedule))) {
     await r.writeFile(`${UNIT_DIR}/${name}`, text, "0644");
   }
   await r.runArgv(["systemctl", "daemon-reload"]);
+}
+
+/** Starts (and enables for boot) the device and the mount. */
+export async function startVolume(r: Remote, l: VolumeLayout): Promise<void> {
   await r.runArgv(["systemctl", "enable", "--now", "--quiet", l.units.device, l.units.mount],
     { hint: `see: journalctl -u ${l.units.device} -u ${l.units.mount}` });
+}
+
+/** Writes the units, then starts the device and the mount. */
+export async function installUnits(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  await writeUnits(r, v, l);
+  await startVolume(r, l);
 }
 
 export async function listSnapshots(r: Remote, l: VolumeLayout): Promise<Snapshot[]> {

@@ -11,6 +11,9 @@ import { Remote, withRemote } from "../remote/ssh";
 import { checkInputs } from "./check";
 import { progress } from "./progress";
 import * as steps from "./steps";
+import { claim, hostRef, leaseS3, release } from "./lease";
+import { move } from "./move";
+import { readLease, sameHost, hostName } from "../storage/lease";
 
 type Props = Record<string, any>;
 
@@ -27,6 +30,7 @@ export interface VolumeOutputs {
   latestSnapshotId: string;
   snapshotCount: number;
   restoredFrom: string;
+  lastMove: Record<string, unknown>;
 }
 
 /** Fields whose change means a new volume (its data carried over by final backup + restore). */
@@ -34,7 +38,17 @@ const REPLACE_FIELDS = ["volumeId", "filesystem", "volumeGroup"] as const;
 /** Fields of the volume's inputs that are compared by diff. */
 const INPUT_FIELDS = ["volumeId", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
   "finalBackupOnDelete", "forgetSnapshotsOnDelete", "repository", "accessKeyId", "secretAccessKey", "password",
-  "retention", "rustic"] as const;
+  "retention", "rustic", "stopUnits", "warmMove", "force"] as const;
+
+/** One operation at a time per volume and host, for as long as this connection lives. */
+async function exclusive<T>(r: Remote, l: VolumeLayout, log: (m: string) => void, fn: () => Promise<T>): Promise<T> {
+  const release = await r.holdLock(`/run/dboxed-volumes/${l.volumeId}.operation.lock`, `volume ${l.volumeId}`, 900, log);
+  try {
+    return await fn();
+  } finally {
+    release();
+  }
+}
 
 function logger(v: { volumeId: string }) {
   return (msg: string) => { void progress(`volume ${v.volumeId}`, msg); };
@@ -60,8 +74,7 @@ function same(a: unknown, b: unknown): boolean {
 export async function diff(_id: string, olds: Props, news: Props) {
   const changes = INPUT_FIELDS.filter((f) => !same(olds[f], news[f]));
   const replaces: string[] = REPLACE_FIELDS.filter((f) => !same(olds[f], news[f]));
-  // A new host is a move: final backup on the old host, restore on the new one.
-  if (!same(olds.host?.address, news.host?.address) || !same(olds.host?.port, news.host?.port)) replaces.push("host");
+  // A new host is a move (an update): final backup on the old host, verified restore on the new one.
   return { changes: changes.length > 0, replaces, deleteBeforeReplace: true, stables: [] as string[] };
 }
 
@@ -84,6 +97,7 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
     latestSnapshotId: snaps ? latest?.id ?? "" : prev.latestSnapshotId ?? "",
     snapshotCount: snaps ? snaps.length : prev.snapshotCount ?? 0,
     restoredFrom: restoredFrom ?? prev.restoredFrom ?? "",
+    lastMove: prev.lastMove ?? {},
   };
 }
 
@@ -104,14 +118,25 @@ export async function create(inputs: Props) {
   const v = inputs as VolumeInputs;
   const log = logger(v);
   const l = steps.layout(v);
-  return withRemote(v.host, async (r) => {
+  return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     log(`creating on ${r.name}: ${formatSize(v.size)} ${v.filesystem} at ${v.mountPath}`);
+    const { forcedFrom } = await claim(v);
     const init = await converge(r, v, log);
+    let lastMove: Record<string, unknown> = {};
+    if (forcedFrom) {
+      const snaps = await steps.listSnapshots(r, l);
+      const used = snaps.find((s) => s.id === init.restoredFrom);
+      const lostSeconds = used ? Math.round((Date.now() - Date.parse(used.time)) / 1000) : null;
+      lastMove = { forced: true, from: hostName(forcedFrom.holder), to: r.name, snapshotId: init.restoredFrom ?? "",
+        snapshotTime: used?.time ?? "", dataLossWindowSeconds: lostSeconds };
+      log(`FORCED takeover from ${hostName(forcedFrom.holder)}: restored snapshot ${init.restoredFrom?.slice(0, 8) ?? "(none)"} ` +
+        `of ${used?.time ?? "never"}; anything written on the old host after it (up to ${lostSeconds ?? "?"} s) is lost`);
+    }
     await steps.runBackup(r, l, log);
     const obs = await steps.observe(r, l);
     const snaps = await steps.listSnapshots(r, l);
-    return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, {}, init.restoredFrom ?? "") } };
-  }, { log });
+    return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove }, init.restoredFrom ?? "") } };
+  }), { log });
 }
 
 export async function read(id: string, props: Props) {
@@ -134,7 +159,18 @@ export async function update(id: string, olds: Props, news: Props) {
   const v = news as VolumeInputs;
   const log = logger(v);
   const l = steps.layout(v);
-  return withRemote(v.host, async (r) => {
+  if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) {
+    const report = await move(olds as VolumeInputs, v, log, (r, lay, fn) => exclusive(r, lay, log, fn));
+    log(`moved from ${report.from} to ${report.to}: downtime ${report.downtimeSeconds} s (${report.warm ? "warm" : "cold"}); ` +
+      Object.entries(report.phases).map(([k, t]) => `${k} ${t} s`).join(", "));
+    return withRemote(v.host, async (r) => {
+      const obs = await steps.observe(r, l);
+      let snaps: Snapshot[] | undefined;
+      try { snaps = await steps.listSnapshots(r, l); } catch { snaps = undefined; }
+      return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, lastMove: report as unknown as Record<string, unknown> }) } };
+    });
+  }
+  return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     await converge(r, v, log);
     if (v.size > (olds.size ?? 0)) {
       log(`growing to ${formatSize(v.size)}`);
@@ -145,14 +181,14 @@ export async function update(id: string, olds: Props, news: Props) {
     let snaps: Snapshot[] | undefined;
     try { snaps = await steps.listSnapshots(r, l); } catch { snaps = undefined; }
     return { outs: { ...news, ...outputs(l, obs, snaps, olds) } };
-  }, { log });
+  }), { log });
 }
 
 export async function remove(id: string, props: Props) {
   const v = props as VolumeInputs;
   const log = logger(v);
   const l = steps.layout(v);
-  await withRemote(v.host, async (r) => {
+  await withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     const obs = await steps.observe(r, l);
     const initialized = (await r.run(`test -e ${q(l.stateDir + "/initialized")}`, { allowFailure: true })).code === 0;
     if (!obs.present && !obs.configured) {
@@ -160,13 +196,18 @@ export async function remove(id: string, props: Props) {
       return;
     }
     await r.runArgv(["systemctl", "stop", l.units.timer], { allowFailure: true });
-    let mounted = obs.mounted;
-    if (!mounted && obs.present && initialized && v.finalBackupOnDelete && !v.forgetSnapshotsOnDelete) {
+    const lease = await readLease(leaseS3(v), v.volumeId);
+    const fenced = !!lease && !sameHost(lease.lease.holder, hostRef(v));
+    if (fenced) log(`${r.name} no longer holds volume ${v.volumeId} (${hostName(lease!.lease.holder)} does): no final backup from here`);
+    let mounted = obs.mounted && !fenced;
+    if (!fenced && !mounted && obs.present && initialized && v.finalBackupOnDelete && !v.forgetSnapshotsOnDelete) {
       // Not mounted (e.g. a failed boot): mount it so the final backup sees its latest data.
       await r.runArgv(["systemctl", "start", l.units.device, l.units.mount]);
       mounted = true;
     }
-    if (v.forgetSnapshotsOnDelete) {
+    if (v.forgetSnapshotsOnDelete && fenced) {
+      log("not forgetting the snapshots: another host holds the volume and needs them");
+    } else if (v.forgetSnapshotsOnDelete) {
       await steps.forgetSnapshots(r, l, log);
     } else if (v.finalBackupOnDelete && mounted && initialized) {
       await steps.quiesce(r, l);
@@ -184,5 +225,6 @@ export async function remove(id: string, props: Props) {
     }
     log(`removing from ${r.name}`);
     await steps.teardown(r, l);
-  }, { log });
+    await release(v);
+  }), { log });
 }

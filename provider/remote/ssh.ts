@@ -176,6 +176,35 @@ export class Remote {
     await this.run(`set -e; install -D -m ${quote(mode)} ${quote(tmp)} ${quote(remotePath)}; rm -f ${quote(tmp)}`);
   }
 
+  /**
+   * Takes an exclusive lock on the host that lasts as long as this connection (or until
+   * release): a second operation on the same volume waits, even when the first one's pulumi
+   * was killed and its provider process still runs.
+   */
+  async holdLock(path: string, what: string, waitSeconds: number, log?: (m: string) => void): Promise<() => void> {
+    const { PassThrough } = require("stream") as typeof import("stream");
+    const stdin = new PassThrough();
+    let locked!: () => void;
+    let failed!: (e: Error) => void;
+    const ready = new Promise<void>((res, rej) => { locked = res; failed = rej; });
+    const notice = setTimeout(() => log?.(`waiting for another operation on ${what} to finish`), 3000);
+    const script = `mkdir -p "$(dirname ${quote(path)})" && exec flock -w ${waitSeconds} ${quote(path)} sh -c 'echo locked; exec cat >/dev/null'`;
+    const wrapped = this.target.user === "root" ? `sh -c ${quote(script)}` : `sudo -n sh -c ${quote(script)}`;
+    const done = this.ssh.execCommand(wrapped, {
+      stdin,
+      onStdout: (chunk) => { if (chunk.toString().includes("locked")) locked(); },
+    }).then((res) => {
+      failed(new UserError(`another operation on ${what} has been running on ${this.name} for over ${waitSeconds} s; ` +
+        `wait for it (or stop it) and run again${res.stderr ? ` (${res.stderr.trim()})` : ""}`));
+    }, (e) => failed(e));
+    try {
+      await ready;
+    } finally {
+      clearTimeout(notice);
+    }
+    return () => { stdin.end(); void done; };
+  }
+
   dispose(): void {
     this.ssh.dispose();
   }

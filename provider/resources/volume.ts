@@ -34,10 +34,19 @@ export interface VolumeArgs {
   finalBackupOnDelete?: pulumi.Input<boolean>;
   /** Forget and prune the volume's snapshots when it is deleted (default false: they are kept). */
   forgetSnapshotsOnDelete?: pulumi.Input<boolean>;
+  /** systemd units that use the volume: stopped on the old host before a move, started on the new one. */
+  stopUnits?: pulumi.Input<pulumi.Input<string>[]>;
+  /** Restore the latest periodic snapshot on the new host before stopping the old one (default true). */
+  warmMove?: pulumi.Input<boolean>;
+  /**
+   * Take the volume although another host holds it, restoring its latest snapshot: for when that
+   * host is gone for good. Data written since that snapshot is lost; the output says how much time.
+   */
+  force?: pulumi.Input<boolean>;
 }
 
 const VOLUME_ARGS = ["volumeProvider", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
-  "volumeId", "finalBackupOnDelete", "forgetSnapshotsOnDelete"];
+  "volumeId", "finalBackupOnDelete", "forgetSnapshotsOnDelete", "stopUnits", "warmMove", "force"];
 
 /** The default volume id: "<stack>-<name>", reduced to the characters volume ids allow. */
 export function defaultVolumeId(stack: string, name: string): string {
@@ -61,6 +70,8 @@ export class Volume extends pulumi.dynamic.Resource {
   public readonly latestSnapshotId!: pulumi.Output<string>;
   public readonly snapshotCount!: pulumi.Output<number>;
   public readonly restoredFrom!: pulumi.Output<string>;
+  /** The last move or forced takeover: hosts, final snapshot, downtime, and any data-loss window. */
+  public readonly lastMove!: pulumi.Output<Record<string, unknown>>;
 
   constructor(name: string, args: VolumeArgs, opts?: pulumi.CustomResourceOptions) {
     refuseUnknownArgs(`Volume "${name}"`, args, VOLUME_ARGS);
@@ -87,8 +98,12 @@ export class Volume extends pulumi.dynamic.Resource {
       backupSchedule: args.backupSchedule ?? "*:0/5",
       finalBackupOnDelete: args.finalBackupOnDelete ?? true,
       forgetSnapshotsOnDelete: args.forgetSnapshotsOnDelete ?? false,
+      stopUnits: args.stopUnits ?? [],
+      warmMove: args.warmMove ?? true,
+      force: args.force ?? false,
       repository: pulumi.unsecret(s3.apply((x) => ({
         endpoint: x.hostEndpoint ?? x.endpoint,
+        localEndpoint: x.endpoint,
         region: x.region ?? S3_DEFAULTS.region,
         bucket: x.bucket,
         prefix: x.prefix ?? S3_DEFAULTS.prefix,
@@ -101,7 +116,7 @@ export class Volume extends pulumi.dynamic.Resource {
       rustic: pulumi.unsecret(settings.apply((s) => s.rustic)),
       device: undefined, sizeBytes: undefined, usedBytes: undefined, mounted: undefined, timerActive: undefined,
       lastBackupAt: undefined, lastBackupStatus: undefined, lastBackupMessage: undefined, lastSuccessfulBackupAt: undefined,
-      latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined,
+      latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined, lastMove: undefined,
     }, {
       ...opts,
       dependsOn,

@@ -52,9 +52,9 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
   let h1: LabHost;
   const volumeId = `t-${crypto.randomBytes(3).toString("hex")}`;
   const mountPath = "/srv/vol-a";
-  const vol = (args: Record<string, unknown> = {}) => ({
-    name: "a", host: 0, args: { volumeId, size: "128MiB", mountPath, backupSchedule: "hourly", ...args },
-  });
+  /** The volume's settings as the steps so far left them. */
+  let cur: Record<string, unknown> = { volumeId, size: "128MiB", mountPath, backupSchedule: "hourly" };
+  const vol = (args: Record<string, unknown> = {}) => ({ name: "a", host: 0, args: { ...cur, ...args } });
 
   before(async () => {
     h1 = lab().hosts[0];
@@ -124,7 +124,8 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
 
   it("growing the size extends the LV and the filesystem online and keeps the data", async () => {
     const before = await manifest(h1, mountPath);
-    const res = await stack.up(volumeInput([vol({ size: "256MiB" })]));
+    cur = { ...cur, size: "256MiB" };
+    const res = await stack.up(volumeInput([vol()]));
     expect(res.code, res.stdout + res.stderr).to.equal(0);
     const o = (await stack.outputs()).volumes.a;
     expect(o.sizeBytes).to.equal(256 * 1024 * 1024);
@@ -137,6 +138,20 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     const res = await stack.preview(volumeInput([vol({ size: "128MiB" })]));
     expect(res.code).to.not.equal(0);
     expect(res.stdout + res.stderr).to.match(/size: shrinking a volume is not supported/);
+  });
+
+  it("changing the filesystem replaces the volume; the data is carried through a final backup and a restore", async () => {
+    const before = await manifest(h1, mountPath);
+    cur = { ...cur, size: "320MiB", filesystem: "xfs" };
+    const res = await stack.up(volumeInput([vol()]));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(res.stdout).to.match(/final backup before removal/);
+    expect(res.stdout).to.match(/restoring snapshot/);
+    const m = await onHost(h1, `findmnt -n -o FSTYPE ${mountPath}`);
+    expect(m.stdout.trim()).to.equal("xfs");
+    const after = await manifest(h1, mountPath);
+    expect(after.entries).to.deep.equal(before.entries);
+    expect(after.xattrs).to.equal(before.xattrs);
   });
 
   it("a backup while S3 is down fails visibly and leaves no snapshot LV or mount; the next one succeeds", async () => {
@@ -203,6 +218,12 @@ vgs dbv-${volumeId} >/dev/null 2>&1 && echo VG || echo no-vg
 ls /var/lib/dboxed-volumes/${volumeId} /etc/dboxed-volumes/${volumeId} 2>/dev/null | wc -l
 losetup -a | grep -c ${volumeId} || true`);
     expect(left.stdout.trim().split("\n")).to.deep.equal(["0", "unmounted", "no-vg", "0", "0"]);
+    const afterDelete = await repositorySnapshots(volumeId);
+    const final = afterDelete[afterDelete.length - 1];
+    const previous = beforeDelete[beforeDelete.length - 1];
+    expect(final.id, "the delete took a final backup").to.not.equal(previous.id);
+    expect(Date.parse(final.time)).to.be.greaterThan(Date.parse(previous.time));
+    finalSnapshotId = final.id;
   });
 
   it("a new Volume with the id of a deleted one restores its latest snapshot, final writes included", async () => {

@@ -1,0 +1,211 @@
+// Moving a volume to another host (its `host` input changed). A persisted state machine, its
+// progress kept in the volume's lease in S3:
+//   warm          new host prepared, latest periodic snapshot restored (staging mount)
+//   final-backup  old host stopped, read-only, final snapshot taken: the lease names it
+//   restored      final snapshot restored on the new host, verified against the old tree
+//   switched      new host mounted, scheduled, its units started; the lease names it holder
+//   (done)        old host cleaned, move removed from the lease
+// A run cut off anywhere resumes from the phase in the lease. Only one host ever has the
+// volume mounted read-write: the new host mounts it only after the old one is read-only.
+import { UserError } from "../errors";
+import { formatSize, VolumeInputs } from "../inputs";
+import { diffManifests, manifestScript, parseManifest } from "../host/manifest";
+import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
+import { restoreArgs, rusticArgv } from "../host/rustic";
+import { quote as q } from "../host/shell";
+import { RUSTIC_PATH } from "../host/layout";
+import { Remote, withRemote } from "../remote/ssh";
+import { HostRef, hostName, Lease, MovePhase, MoveState, readLease, sameHost, updateLease } from "../storage/lease";
+import { hostRef, leaseS3 } from "./lease";
+import * as steps from "./steps";
+
+const ORDER: MovePhase[] = ["warm", "final-backup", "restored", "switched"];
+const reached = (m: MoveState | undefined, p: MovePhase) => !!m && ORDER.indexOf(m.phase) >= ORDER.indexOf(p);
+
+export interface MoveReport {
+  from: string; to: string; snapshotId: string; downtimeSeconds: number; warm: boolean;
+  phases: Record<string, number>;
+}
+
+function staging(l: VolumeLayout): string {
+  return `/run/dboxed-volumes/${l.volumeId}/staging`;
+}
+
+/** Checks the new host before anything on the old one stops: reachable, pinned key, room, free mount path, rustic. */
+async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  await steps.preflight(r, v, l);
+  const need = l.ownVg ? imageBytes(v.size) : v.size + snapshotBytes(v.size);
+  const res = await r.run(l.ownVg
+    ? `test -e ${q(l.image)} && echo have || { mkdir -p /var/lib/dboxed-volumes; df -B1 --output=avail /var/lib/dboxed-volumes | tail -n1; }`
+    : `lvs ${q(`${l.vg}/${l.lv}`)} >/dev/null 2>&1 && echo have || vgs --noheadings --units b --nosuffix -o vg_free ${q(l.vg)}`, { allowFailure: true });
+  const out = res.stdout.trim();
+  if (out !== "have") {
+    const free = Number(out);
+    if (!Number.isFinite(free) || res.code !== 0) throw new UserError(`host ${r.name}: cannot tell the free space (${res.stderr.trim()})`);
+    if (free < need) {
+      throw new UserError(`host ${r.name} has no room for volume ${v.volumeId}: it needs ${formatSize(Math.ceil(need / 1048576) * 1048576)} ` +
+        `${l.ownVg ? "in /var/lib/dboxed-volumes" : `in volume group ${l.vg}`}, and ${Math.floor(free / 1048576)}MiB are free. ` +
+        "The volume stays where it is.");
+    }
+  }
+}
+
+async function restoreInto(r: Remote, l: VolumeLayout, snapshotId: string, dir: string, log: (m: string) => void) {
+  const t0 = Date.now();
+  await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, restoreArgs(snapshotId, dir)), { timeoutMs: 6 * 3600_000 });
+  log(`restored snapshot ${snapshotId.slice(0, 8)} on ${r.name} in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+}
+
+/** Mounts the new host's filesystem where nobody uses it, for restores before the switch. */
+async function mountStaging(r: Remote, l: VolumeLayout) {
+  await r.run(`set -e; systemctl start ${q(l.units.device)}; mkdir -p ${q(staging(l))}
+mountpoint -q ${q(staging(l))} || mount -t ${q(l.filesystem)} ${q(l.device)} ${q(staging(l))}`);
+}
+
+async function unmountStaging(r: Remote, l: VolumeLayout) {
+  await r.run(`mountpoint -q ${q(staging(l))} && umount ${q(staging(l))}; true`);
+}
+
+/** Units to stop on the old host: the ones the user listed and the ones systemd says need the mount. */
+async function stopUsers(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void) {
+  const deps = await r.run(`systemctl show -p RequiredBy -p BoundBy --value ${q(l.units.mount)} 2>/dev/null | tr ' ' '\\n' | grep -v '^$' || true`);
+  const units = [...new Set([...v.stopUnits, ...deps.stdout.split("\n").map((x) => x.trim()).filter(Boolean)])]
+    .filter((u) => u !== l.units.backup && u !== l.units.timer);
+  if (units.length) {
+    log(`stopping ${units.join(", ")} on ${r.name}`);
+    await r.runArgv(["systemctl", "stop", ...units]);
+  }
+}
+
+async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState): Promise<Lease> {
+  return updateLease(leaseS3(v), v.volumeId, (cur) => {
+    if (cur && !sameHost(cur.holder, expectFrom)) {
+      throw new UserError(`volume ${v.volumeId}: the lease is held by ${hostName(cur.holder)}, not by ${hostName(expectFrom)}: refusing to move it`);
+    }
+    return { volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1, updatedAt: "", move };
+  });
+}
+
+export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: string) => void,
+  lock: <T>(r: Remote, l: VolumeLayout, fn: () => Promise<T>) => Promise<T>): Promise<MoveReport> {
+  const from = hostRef(olds), to = hostRef(news);
+  const lOld = steps.layout(olds), lNew = steps.layout(news);
+  const phases: Record<string, number> = {};
+  const timed = async <T>(name: string, fn: () => Promise<T>) => {
+    const t0 = Date.now();
+    try { return await fn(); } finally { phases[name] = (phases[name] ?? 0) + (Date.now() - t0) / 1000; }
+  };
+  const existing = await readLease(leaseS3(news), news.volumeId);
+  let m = existing?.lease.move;
+  if (m && !(sameHost(m.from, from) && sameHost(m.to, to))) {
+    throw new UserError(`volume ${news.volumeId} is in the middle of a move from ${hostName(m.from)} to ${hostName(m.to)}; ` +
+      `set host back to ${hostName(m.to)} to finish that move first`);
+  }
+  if (!m && existing && sameHost(existing.lease.holder, to)) {
+    // The lease already names the new host: a run that finished the switch and cleanup.
+    m = { from, to, phase: "switched", startedAt: existing.lease.updatedAt };
+  }
+  if (m) log(`resuming the move from ${hostName(from)} to ${hostName(to)} at phase ${m.phase}`);
+  let downtimeStart = 0;
+  let downtimeEnd = 0;
+
+  return withRemote(news.host, (newR) => lock(newR, lNew, async () => {
+    if (!reached(m, "switched")) {
+      await timed("preflight", async () => {
+        await preflightNew(newR, news, lNew);
+        await steps.installTools(newR, news, log);
+        await steps.writeConfig(newR, news, lNew);
+        await steps.ensureStorage(newR, news, lNew);
+        await steps.writeUnits(newR, news, lNew);
+      });
+    }
+    const run = async (oldR: Remote | undefined) => {
+      if (!m) {
+        m = { from, to, phase: "warm", startedAt: new Date().toISOString() };
+        await setPhase(news, from, m);
+      }
+      if (!reached(m, "final-backup")) {
+        await mountStaging(newR, lNew);
+        if (news.warmMove) {
+          const snaps = await timed("warm restore", () => steps.listSnapshots(newR, lNew));
+          const latest = snaps[snaps.length - 1];
+          if (latest) {
+            log(`warm move: restoring the latest periodic snapshot ${latest.id.slice(0, 8)} on ${newR.name} while ${oldR!.name} still runs`);
+            await timed("warm restore", () => restoreInto(newR, lNew, latest.id, staging(lNew), log));
+          }
+        }
+        downtimeStart = Date.now();
+        await timed("stop old", async () => {
+          await stopUsers(oldR!, olds, lOld, log);
+          await oldR!.runArgv(["systemctl", "stop", lOld.units.timer]);
+          await steps.quiesce(oldR!, lOld);
+        });
+        log(`final backup on ${oldR!.name}`);
+        const status = await timed("final backup", () => steps.runBackup(oldR!, lOld, log));
+        m = { ...m, phase: "final-backup", snapshotId: status.snapshotId };
+        await setPhase(news, from, m);
+      }
+      if (!reached(m, "restored")) {
+        if (!downtimeStart) downtimeStart = Date.now();
+        await mountStaging(newR, lNew);
+        await timed("final restore", () => restoreInto(newR, lNew, m!.snapshotId!, staging(lNew), log));
+        await timed("verify", async () => {
+          const [a, b] = await Promise.all([
+            oldR!.run(manifestScript(lOld.mountPath), { timeoutMs: 3600_000 }),
+            newR.run(manifestScript(staging(lNew)), { timeoutMs: 3600_000 }),
+          ]);
+          const diff = diffManifests(parseManifest(a.stdout), parseManifest(b.stdout));
+          if (diff.length) {
+            throw new UserError(`volume ${news.volumeId}: the tree restored on ${newR.name} differs from the final state on ${oldR!.name}; ` +
+              `the move stops here, the old host keeps the data (read-only):\n${diff.join("\n")}`);
+          }
+          log(`verified: the restored tree equals the old host's (${Object.keys(parseManifest(b.stdout).entries).length} entries)`);
+        });
+        m = { ...m!, phase: "restored" };
+        await setPhase(news, from, m);
+      }
+      if (!reached(m, "switched")) {
+        await timed("switch", async () => {
+          await unmountStaging(newR, lNew);
+          await steps.startVolume(newR, lNew);
+          await newR.run(`touch ${q(lNew.stateDir + "/initialized")}`);
+          await steps.startTimer(newR, lNew);
+          if (news.stopUnits.length) await newR.runArgv(["systemctl", "start", ...news.stopUnits], { allowFailure: true });
+        });
+        downtimeEnd = Date.now();
+        m = { ...m!, phase: "switched" };
+        await updateLease(leaseS3(news), news.volumeId, (cur) => ({
+          volumeId: news.volumeId, holder: to, generation: (cur?.generation ?? 1) + 1, updatedAt: "", move: m,
+        }));
+        log(`switched: ${news.volumeId} now lives on ${newR.name}`);
+      }
+      if (oldR) {
+        await timed("clean old", async () => {
+          log(`cleaning ${oldR.name}`);
+          await steps.teardown(oldR, lOld);
+        });
+      }
+      await updateLease(leaseS3(news), news.volumeId, (cur) => ({
+        volumeId: news.volumeId, holder: to, generation: cur?.generation ?? 1, updatedAt: "",
+      }));
+    };
+    let oldR: Remote | undefined;
+    try {
+      oldR = await Remote.connect(olds.host, { log, attempts: reached(m, "switched") ? 2 : 5 });
+    } catch (e) {
+      if (!reached(m, "switched")) throw e;
+      throw new UserError(`volume ${news.volumeId} now lives on ${newR.name}, but the old host ${hostName(from)} cannot be reached to clean it ` +
+        `(${(e as Error).message}); run pulumi up again when it is back`);
+    }
+    try {
+      await lock(oldR, lOld, () => run(oldR));
+    } finally {
+      oldR.dispose();
+    }
+    return {
+      from: hostName(from), to: hostName(to), snapshotId: m!.snapshotId ?? "", warm: news.warmMove,
+      downtimeSeconds: downtimeStart && downtimeEnd ? Math.round((downtimeEnd - downtimeStart) / 100) / 10 : 0,
+      phases: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10])),
+    };
+  }), { log });
+}

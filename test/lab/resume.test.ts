@@ -1,0 +1,68 @@
+// Resumability: SSH connections cut during `pulumi up`, and the CLI itself killed; the next
+// `pulumi up` converges to one healthy volume with nothing left over.
+import { expect } from "chai";
+import * as crypto from "crypto";
+import { lab, onHost, Stack, stepByStep } from "./harness";
+import { manifest } from "./manifest";
+
+describe("resuming after interruptions (real pulumi, lab host)", function () {
+  stepByStep(this);
+  const volumeId = `res-${crypto.randomBytes(3).toString("hex")}`;
+  const prefix = `res-${crypto.randomBytes(3).toString("hex")}`;
+  const mountPath = "/srv/resume";
+  const input = (host = 2) => ({ provider: { s3: { prefix } }, volumes: [{ name: "r", host, args: { volumeId, size: "64MiB", mountPath, backupSchedule: "hourly" } }] });
+  let stack: Stack;
+
+  /** Kills every SSH session on the host (not sshd itself) after each of the given delays. */
+  async function cutSshAfter(hostIndex: number, seconds: number[]) {
+    const h = lab().hosts[hostIndex];
+    for (const s of seconds) {
+      await onHost(h, `systemd-run --quiet --on-active=${s} --unit=cut-ssh-${s}-${Date.now()} pkill -KILL -f '^sshd: root@'`);
+    }
+  }
+
+  async function healthy(hostIndex: number) {
+    const h = lab().hosts[hostIndex];
+    const r = await onHost(h, `vgs --noheadings -o vg_name | grep -c dbv-${volumeId}; findmnt -n -o FSTYPE ${mountPath}
+systemctl is-active dboxed-volume-${volumeId}-backup.timer; ls /usr/local/lib/dboxed-volumes /etc/dboxed-volumes/${volumeId} | grep -c tmp || true
+losetup -a | grep -c ${volumeId}`);
+    expect(r.stdout.trim().split("\n")).to.deep.equal(["1", "ext4", "active", "0", "1"]);
+  }
+
+  it("create cut off twice by lost SSH connections converges on the next pulumi up", async () => {
+    stack = new Stack("resume", "volumes");
+    await stack.init();
+    await cutSshAfter(2, [7, 20]);
+    const first = await stack.up(input());
+    expect(first.code, "the first up should have lost its connection").to.not.equal(0);
+    await new Promise((r) => setTimeout(r, 20000));
+    let last = first;
+    for (let i = 0; i < 3 && last.code !== 0; i++) last = await stack.up(input());
+    expect(last.code, last.stdout + last.stderr).to.equal(0);
+    await healthy(2);
+    const o = (await stack.outputs()).volumes.r;
+    expect(o.lastBackupStatus).to.equal("ok");
+  });
+
+  it("a pulumi CLI killed during a delete-and-recreate converges, data intact", async () => {
+    const h = lab().hosts[2];
+    await onHost(h, `mkdir -p ${mountPath}/d && head -c 2000000 /dev/urandom > ${mountPath}/d/blob && echo hi > ${mountPath}/d/t`);
+    const before = await manifest(h, mountPath);
+    // A new volumeGroup-less filesystem change forces a replace: final backup, teardown, create, restore.
+    const child = stack.run(["up", "--yes", "--skip-preview"], { input: { ...input(), volumes: [{ ...input().volumes[0], args: { ...input().volumes[0].args, filesystem: "xfs", size: "320MiB" } }] }, timeoutMs: 25_000, killSignal: "SIGKILL" });
+    const killed = await child;
+    expect(killed.code, "pulumi should have been killed by the timeout").to.not.equal(0);
+    let last = killed;
+    for (let i = 0; i < 3 && last.code !== 0; i++) {
+      last = await stack.run(["up", "--yes", "--skip-preview"], { input: { ...input(), volumes: [{ ...input().volumes[0], args: { ...input().volumes[0].args, filesystem: "xfs", size: "320MiB" } }] } });
+    }
+    expect(last.code, last.stdout + last.stderr).to.equal(0);
+    const fs = await onHost(h, `findmnt -n -o FSTYPE ${mountPath}`);
+    expect(fs.stdout.trim()).to.equal("xfs");
+    expect((await manifest(h, mountPath)).entries).to.deep.equal(before.entries);
+  });
+
+  after(async () => {
+    if (stack) await stack.run(["destroy", "--yes", "--skip-preview"]);
+  });
+});
