@@ -11,9 +11,7 @@ import { UserError } from "../errors";
 import { formatSize, VolumeInputs } from "../inputs";
 import { diffManifests, manifestScript, parseManifest } from "../host/manifest";
 import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
-import { restoreArgs, rusticArgv } from "../host/rustic";
 import { quote as q } from "../host/shell";
-import { RUSTIC_PATH } from "../host/layout";
 import { Remote, withRemote } from "../remote/ssh";
 import { HostRef, hostName, Lease, MovePhase, MoveState, readLease, sameHost, updateLease } from "../storage/lease";
 import { hostRef, leaseS3 } from "./lease";
@@ -48,12 +46,6 @@ async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout): Promis
         "The volume stays where it is.");
     }
   }
-}
-
-async function restoreInto(r: Remote, l: VolumeLayout, snapshotId: string, dir: string, log: (m: string) => void) {
-  const t0 = Date.now();
-  await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, restoreArgs(snapshotId, dir)), { timeoutMs: 6 * 3600_000 });
-  log(`restored snapshot ${snapshotId.slice(0, 8)} on ${r.name} in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
 }
 
 /** Mounts the new host's filesystem where nobody uses it, for restores before the switch. */
@@ -131,7 +123,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
           const latest = snaps[snaps.length - 1];
           if (latest) {
             log(`warm move: restoring the latest periodic snapshot ${latest.id.slice(0, 8)} on ${newR.name} while ${oldR!.name} still runs`);
-            await timed("warm restore", () => restoreInto(newR, lNew, latest.id, staging(lNew), log));
+            await timed("warm restore", () => steps.restoreInto(newR, lNew, latest.id, staging(lNew), log));
           }
         }
         downtimeStart = Date.now();
@@ -148,7 +140,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       if (!reached(m, "restored")) {
         if (!downtimeStart) downtimeStart = Date.now();
         await mountStaging(newR, lNew);
-        await timed("final restore", () => restoreInto(newR, lNew, m!.snapshotId!, staging(lNew), log));
+        await timed("final restore", () => steps.restoreInto(newR, lNew, m!.snapshotId!, staging(lNew), log));
         await timed("verify", async () => {
           const [a, b] = await Promise.all([
             oldR!.run(manifestScript(lOld.mountPath), { timeoutMs: 3600_000 }),

@@ -137,6 +137,25 @@ export async function listSnapshots(r: Remote, l: VolumeLayout): Promise<Snapsho
 }
 
 /**
+ * Restores a snapshot into a directory that may hold an older or partial copy (only what differs
+ * is fetched). rustic 0.11 fails with "File exists" when it recreates a hardlink over an existing
+ * name, so hardlinked files are removed first; should the restore still fail, the directory
+ * (never a volume in use) is emptied and restored whole.
+ */
+export async function restoreInto(r: Remote, l: VolumeLayout, snapshotId: string, dir: string, log: Log): Promise<void> {
+  const t0 = Date.now();
+  const argv = rusticArgv(RUSTIC_PATH, l.profile, restoreArgs(snapshotId, dir));
+  await r.run(`find ${q(dir)} -xdev -type f -links +1 -delete`);
+  const first = await r.runArgv(argv, { timeoutMs: 6 * 3600_000, allowFailure: true });
+  if (first.code !== 0) {
+    log(`restore into the existing tree failed (${first.stderr.trim().split("\n").filter((x) => /rror|ailed/.test(x)).slice(0, 2).join(" ")}); restoring whole`);
+    await r.run(`find ${q(dir)} -xdev -mindepth 1 -delete`);
+    await r.runArgv(argv, { timeoutMs: 6 * 3600_000 });
+  }
+  log(`restored snapshot ${snapshotId.slice(0, 8)} on ${r.name} in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+}
+
+/**
  * Makes a new volume hold its data: restores the latest snapshot of this volume id when the
  * repository has one, else starts empty. Backups are refused until this has finished.
  */
@@ -147,9 +166,7 @@ export async function initialize(r: Remote, l: VolumeLayout, log: Log): Promise<
   const latest = snaps[snaps.length - 1];
   if (latest) {
     log(`restoring snapshot ${latest.id.slice(0, 8)} of ${latest.time} into ${l.mountPath}`);
-    const t0 = Date.now();
-    await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, restoreArgs(latest.id, l.mountPath)), { timeoutMs: 6 * 3600_000 });
-    log(`restore done in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+    await restoreInto(r, l, latest.id, l.mountPath, log);
   }
   await r.run(`touch ${q(marker)}`);
   return { restoredFrom: latest?.id };
