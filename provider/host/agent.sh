@@ -3,11 +3,13 @@
 #   dboxed-volume attach ID   make the volume's block device available (loop + VG activation)
 #   dboxed-volume detach ID   release it again (after the mount unit is stopped)
 #   dboxed-volume backup ID   crash-consistent backup: lvm2 snapshot -> rustic -> S3, retention
+#   dboxed-volume check-lease ID   exit 0 only if this host still holds the volume's lease
 # Per-volume settings come from /etc/dboxed-volumes/ID/volume.env (written by the provider,
 # every value quoted); the repository secrets sit in the root-only rustic profile next to it.
 set -euo pipefail
 umask 077
-AGENT_VERSION=1
+AGENT_VERSION=2
+EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 
 die() {
   echo "dboxed-volume: $*" >&2
@@ -99,6 +101,22 @@ write_status() { # write_status STATUS SNAPSHOT_ID MESSAGE
   mv -f "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom.tmp" "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom"
 }
 
+# Fencing: a host backs up only while the volume's lease in S3 carries the token it was given.
+# A move hands the lease to the new host with a new token, so a stale old host is refused.
+check_lease() {
+  [ -n "${LEASE_URL:-}" ] || die "volume $VOLUME_ID has no lease settings: run pulumi up to update the host"
+  local out code
+  out=$(mktemp)
+  code=$(curl -sS -m 60 --retry 2 -o "$out" -w '%{http_code}' -H "x-amz-content-sha256: $EMPTY_SHA256" \
+    --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$LEASE_URL" 2>&1) || { rm -f "$out"; die "cannot read the lease of $VOLUME_ID: $code"; }
+  if [ "$code" != 200 ]; then rm -f "$out"; die "the lease of $VOLUME_ID cannot be read (HTTP $code): refusing to back up"; fi
+  if ! grep -q "\"token\": *\"$LEASE_TOKEN\"" "$out"; then
+    rm -f "$out"
+    die "this host no longer holds volume $VOLUME_ID (its lease was handed to another host): refusing to back up"
+  fi
+  rm -f "$out"
+}
+
 rustic_() { NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@"; }
 
 finish_backup() {
@@ -125,6 +143,7 @@ backup() {
   flock -w "${LOCK_WAIT_SECONDS:-900}" 9 || die "another backup of $VOLUME_ID holds the lock"
   rm -f "$STATE_DIR/last-error"
   trap 'finish_backup $?' EXIT
+  check_lease
   [ -e "$STATE_DIR/initialized" ] || die "volume $VOLUME_ID is not initialised yet (restore pending): refusing to back up"
   mountpoint -q "$MOUNT_PATH" || die "volume $VOLUME_ID is not mounted at $MOUNT_PATH"
   remove_snapshot # leftovers of an interrupted run
@@ -164,6 +183,7 @@ case "${1:-}" in
   attach) attach "${2:?volume id}" ;;
   detach) detach "${2:?volume id}" ;;
   backup) backup "${2:?volume id}" ;;
+  check-lease) load "${2:?volume id}"; check_lease; echo "volume $VOLUME_ID: this host holds the lease" ;;
   version) echo "$AGENT_VERSION" ;;
   *) die "usage: dboxed-volume attach|detach|backup ID" ;;
 esac

@@ -63,6 +63,8 @@ export function mountUnitName(mountPath: string): string {
 
 export interface EnvSettings {
   sizeBytes: number;
+  /** The lease token this host holds, and where the lease is: backups check both first. */
+  lease: { token: string; url: string; region: string };
   retention: { keepLast: number; keepHourly: number; keepDaily: number; keepWeekly: number; keepMonthly: number; keepYearly: number };
 }
 
@@ -75,6 +77,7 @@ export function volumeEnv(l: VolumeLayout, s: EnvSettings): string {
     SIZE_BYTES: s.sizeBytes, SNAPSHOT_BYTES: snapshotBytes(s.sizeBytes),
     KEEP_LAST: s.retention.keepLast, KEEP_HOURLY: s.retention.keepHourly, KEEP_DAILY: s.retention.keepDaily,
     KEEP_WEEKLY: s.retention.keepWeekly, KEEP_MONTHLY: s.retention.keepMonthly, KEEP_YEARLY: s.retention.keepYearly,
+    LEASE_TOKEN: s.lease.token, LEASE_URL: s.lease.url, S3_REGION: s.lease.region, CURL_CONFIG: `${l.configDir}/s3.curl`,
   };
   return "# Written by pulumi-dboxed-volumes; changes are overwritten.\n" +
     Object.entries(vars).map(([k, v]) => `${k}=${quote(v)}`).join("\n") + "\n";

@@ -1,7 +1,7 @@
 // Claiming and releasing a volume's lease around create and delete.
 import { UserError } from "../errors";
 import { VolumeInputs } from "../inputs";
-import { HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, sameHost, updateLease } from "../storage/lease";
+import { HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, newToken, sameHost, updateLease } from "../storage/lease";
 import { S3Settings } from "../storage/s3";
 
 export function leaseS3(v: VolumeInputs): S3Settings {
@@ -22,8 +22,8 @@ export async function claim(v: VolumeInputs): Promise<{ lease: Lease; forcedFrom
   const me = hostRef(v);
   let forcedFrom: Lease | undefined;
   const lease = await updateLease(leaseS3(v), v.volumeId, (cur) => {
-    if (!cur) return { volumeId: v.volumeId, holder: me, generation: 1, updatedAt: "" };
-    if (sameHost(cur.holder, me) && !cur.move) return cur;
+    if (!cur) return { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "" };
+    if (sameHost(cur.holder, me) && !cur.move) return { ...cur, token: cur.token || newToken() };
     if (cur.move && sameHost(cur.move.to, me)) {
       throw new UserError(`volume ${v.volumeId} is being moved from ${hostName(cur.move.from)} to ${hostName(cur.move.to)} ` +
         `by another stack or run (phase ${cur.move.phase}); finish that move with the stack that started it`);
@@ -34,7 +34,7 @@ export async function claim(v: VolumeInputs): Promise<{ lease: Lease; forcedFrom
         "if that host is gone for good, set force: true to restore the latest snapshot here");
     }
     forcedFrom = cur;
-    return { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, updatedAt: "" };
+    return { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "" };
   });
   return { lease, forcedFrom };
 }

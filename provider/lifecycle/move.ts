@@ -13,7 +13,7 @@ import { diffManifests, manifestScript, parseManifest } from "../host/manifest";
 import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { Remote, withRemote } from "../remote/ssh";
-import { HostRef, hostName, Lease, MovePhase, MoveState, readLease, sameHost, updateLease } from "../storage/lease";
+import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, readLease, sameHost, updateLease } from "../storage/lease";
 import { hostRef, leaseS3 } from "./lease";
 import * as steps from "./steps";
 
@@ -74,7 +74,8 @@ async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState): 
     if (cur && !sameHost(cur.holder, expectFrom)) {
       throw new UserError(`volume ${v.volumeId}: the lease is held by ${hostName(cur.holder)}, not by ${hostName(expectFrom)}: refusing to move it`);
     }
-    return { volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1, updatedAt: "", move };
+    return { volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1,
+      token: cur?.token ?? newToken(), updatedAt: "", move };
   });
 }
 
@@ -95,8 +96,9 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
   }
   if (!m && existing && sameHost(existing.lease.holder, to)) {
     // The lease already names the new host: a run that finished the switch and cleanup.
-    m = { from, to, phase: "switched", startedAt: existing.lease.updatedAt };
+    m = { from, to, phase: "switched", startedAt: existing.lease.updatedAt, newToken: existing.lease.token };
   }
+  const token = m?.newToken ?? newToken();
   if (m) log(`resuming the move from ${hostName(from)} to ${hostName(to)} at phase ${m.phase}`);
   let downtimeStart = 0;
   let downtimeEnd = 0;
@@ -106,14 +108,14 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       await timed("preflight", async () => {
         await preflightNew(newR, news, lNew);
         await steps.installTools(newR, news, log);
-        await steps.writeConfig(newR, news, lNew);
+        await steps.writeConfig(newR, news, lNew, token);
         await steps.ensureStorage(newR, news, lNew);
         await steps.writeUnits(newR, news, lNew);
       });
     }
     const run = async (oldR: Remote | undefined) => {
       if (!m) {
-        m = { from, to, phase: "warm", startedAt: new Date().toISOString() };
+        m = { from, to, phase: "warm", startedAt: new Date().toISOString(), newToken: token };
         await setPhase(news, from, m);
       }
       if (!reached(m, "final-backup")) {
@@ -167,7 +169,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         downtimeEnd = Date.now();
         m = { ...m!, phase: "switched" };
         await updateLease(leaseS3(news), news.volumeId, (cur) => ({
-          volumeId: news.volumeId, holder: to, generation: (cur?.generation ?? 1) + 1, updatedAt: "", move: m,
+          volumeId: news.volumeId, holder: to, generation: (cur?.generation ?? 1) + 1, token: m!.newToken, updatedAt: "", move: m,
         }));
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);
       }
@@ -178,7 +180,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         });
       }
       await updateLease(leaseS3(news), news.volumeId, (cur) => ({
-        volumeId: news.volumeId, holder: to, generation: cur?.generation ?? 1, updatedAt: "",
+        volumeId: news.volumeId, holder: to, generation: cur?.generation ?? 1, token: m!.newToken, updatedAt: "",
       }));
     };
     let oldR: Remote | undefined;

@@ -12,6 +12,7 @@ import { parseSnapshots, profileToml, restoreArgs, rusticArgv, Snapshot, snapsho
 import { command, quote as q } from "../host/shell";
 import { UNIT_DIR, unitFiles } from "../host/systemd";
 import { Remote } from "../remote/ssh";
+import { leaseUrl } from "../storage/lease";
 
 export type Log = (msg: string) => void;
 
@@ -93,10 +94,19 @@ chmod 0755 ${q(tmp)}; mv -f ${q(tmp)} ${q(RUSTIC_PATH)}`, { hint: "check rustic.
   await r.run(`${q(RUSTIC_PATH)} --version >/dev/null`, { hint: "the rustic binary does not run on this host (wrong architecture or libc?)" });
 }
 
-/** Writes volume.env and the root-only rustic profile (secrets travel on stdin). */
-export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+/** A curl config line: the S3 keys for the lease check, never on a command line. */
+function curlConfig(v: VolumeInputs): string {
+  const esc = (x: string) => x.replace(/\\/g, "\\\\").replace(/"/g, '\\"');
+  return `user = "${esc(v.accessKeyId)}:${esc(v.secretAccessKey)}"\n`;
+}
+
+/** Writes volume.env and the root-only rustic profile and curl config (secrets travel on stdin). */
+export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout, leaseToken: string): Promise<void> {
   await r.run(`install -d -m 0700 ${q(l.configDir)} && install -d -m 0700 ${q(l.stateDir)} /var/cache/dboxed-volumes`);
-  await r.writeFile(l.envFile, volumeEnv(l, { sizeBytes: v.size, retention: v.retention }), "0600");
+  const lease = { token: leaseToken, region: v.repository.region,
+    url: leaseUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.volumeId, v.repository.forcePathStyle) };
+  await r.writeFile(l.envFile, volumeEnv(l, { sizeBytes: v.size, retention: v.retention, lease }), "0600");
+  await r.writeFile(`${l.configDir}/s3.curl`, curlConfig(v), "0600");
   await r.writeFile(`${l.profile}.toml`, profileToml({
     ...v.repository, accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey, password: v.password,
   }), "0600");

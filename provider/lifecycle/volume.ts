@@ -102,11 +102,11 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
 }
 
 /** Everything that makes a volume run on a host; each step skips what is already done. */
-async function converge(r: Remote, v: VolumeInputs, log: (m: string) => void): Promise<{ restoredFrom?: string }> {
+async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m: string) => void): Promise<{ restoredFrom?: string }> {
   const l = steps.layout(v);
   await steps.preflight(r, v, l);
   await steps.installTools(r, v, log);
-  await steps.writeConfig(r, v, l);
+  await steps.writeConfig(r, v, l, leaseToken);
   await steps.ensureStorage(r, v, l);
   await steps.installUnits(r, v, l);
   const init = await steps.initialize(r, l, log);
@@ -120,8 +120,8 @@ export async function create(inputs: Props) {
   const l = steps.layout(v);
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     log(`creating on ${r.name}: ${formatSize(v.size)} ${v.filesystem} at ${v.mountPath}`);
-    const { forcedFrom } = await claim(v);
-    const init = await converge(r, v, log);
+    const { lease, forcedFrom } = await claim(v);
+    const init = await converge(r, v, lease.token, log);
     let lastMove: Record<string, unknown> = {};
     if (forcedFrom) {
       const snaps = await steps.listSnapshots(r, l);
@@ -171,7 +171,8 @@ export async function update(id: string, olds: Props, news: Props) {
     });
   }
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
-    await converge(r, v, log);
+    const { lease } = await claim({ ...v, force: false });
+    await converge(r, v, lease.token, log);
     if (v.size > (olds.size ?? 0)) {
       log(`growing to ${formatSize(v.size)}`);
       await steps.grow(r, v, l);

@@ -14,6 +14,8 @@ export interface MoveState {
   phase: MovePhase;
   /** The final snapshot of the old host, once taken. */
   snapshotId?: string;
+  /** The lease token the new host will hold after the switch (its backups check it). */
+  newToken: string;
   startedAt: string;
 }
 
@@ -22,6 +24,8 @@ export interface Lease {
   holder: HostRef;
   /** Increases with every change of holder. */
   generation: number;
+  /** A random token only the holder's host has (in its volume.env): its backups refuse to run without it. */
+  token: string;
   updatedAt: string;
   move?: MoveState;
 }
@@ -131,4 +135,15 @@ export async function probeConditionalWrites(s: S3Settings): Promise<void> {
   } finally {
     client.destroy();
   }
+}
+
+export function newToken(): string {
+  return require("crypto").randomBytes(16).toString("hex");
+}
+
+/** The lease object's URL as the hosts reach S3 (path or virtual-host style). */
+export function leaseUrl(endpoint: string, bucket: string, prefix: string, volumeId: string, pathStyle: boolean): string {
+  const u = new URL(endpoint);
+  const key = leaseKey(prefix, volumeId).split("/").map(encodeURIComponent).join("/");
+  return pathStyle ? `${u.protocol}//${u.host}/${bucket}/${key}` : `${u.protocol}//${bucket}.${u.host}/${key}`;
 }

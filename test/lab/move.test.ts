@@ -88,6 +88,8 @@ describe("moving a volume by editing host (real pulumi, lab hosts)", function ()
 
   for (const [from, to] of [[0, 1], [1, 2], [2, 0]]) {
     it(`moves host-${from + 1} -> host-${to + 1}: identical manifest, old host clean`, async () => {
+      // Keep the old host's settings, to play a stale host that missed the handover afterwards.
+      await onHost(lab().hosts[from], `rm -rf /root/stale && cp -a /etc/dboxed-volumes/${volumeId} /root/stale`);
       const res = await stack.up(input(to));
       expect(res.code, res.stdout + res.stderr).to.equal(0);
       expect(res.stdout).to.match(/verified: the restored tree equals/);
@@ -104,6 +106,18 @@ describe("moving a volume by editing host (real pulumi, lab hosts)", function ()
       expect(o.lastMove.downtimeSeconds).to.be.greaterThan(0);
       const state = await onHost(h, `findmnt -n -o OPTIONS ${mountPath} | cut -d, -f1`);
       expect(state.stdout.trim()).to.equal("rw");
+      const holds = await onHost(h, `/usr/local/lib/dboxed-volumes/dboxed-volume check-lease ${volumeId}`);
+      expect(holds.stdout).to.contain("this host holds the lease");
+    });
+
+    it(`after that move, host-${from + 1} (the lease handed over) cannot upload a backup`, async () => {
+      const stale = lab().hosts[from];
+      const r = await onHost(stale, `cp -a /root/stale /etc/dboxed-volumes/${volumeId}
+/usr/local/lib/dboxed-volumes/dboxed-volume backup ${volumeId} 2>&1; echo "exit=$?"
+rm -rf /etc/dboxed-volumes/${volumeId} /var/lib/dboxed-volumes/${volumeId} /root/stale /var/lib/prometheus/node-exporter/dboxed_volume_${volumeId}.prom`);
+      expect(r.stdout).to.match(/no longer holds volume .* refusing to back up/);
+      expect(r.stdout).to.match(/exit=1/);
+      await clean(stale);
     });
   }
 
