@@ -344,6 +344,14 @@ export function status(labDir: string): string {
   return lines.join("\n");
 }
 
+/** Freezes (or thaws) a host: to the world it is gone, as a crashed or cut-off machine would be. */
+export async function freezeHost(labDir: string, name: string, frozen: boolean): Promise<void> {
+  const state = JSON.parse(fs.readFileSync(path.join(labDir, "state.json"), "utf8")) as LabState;
+  const h = state.hosts.find((x) => x.name === name);
+  if (!h) throw new Error(`no host ${name} in ${labDir}`);
+  await hmp(h.dir, frozen ? "stop" : "cont");
+}
+
 /** Stops the lab's S3 server: for outage tests. */
 export async function stopS3(labDir: string): Promise<void> {
   const state = JSON.parse(fs.readFileSync(path.join(labDir, "state.json"), "utf8")) as LabState;

@@ -16,6 +16,7 @@ import { Remote, withRemote } from "../remote/ssh";
 import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, readLease, sameHost, updateLease } from "../storage/lease";
 import { hostRef, leaseS3 } from "./lease";
 import * as steps from "./steps";
+import { faultPoint } from "./faults";
 
 const ORDER: MovePhase[] = ["warm", "final-backup", "restored", "switched"];
 const reached = (m: MoveState | undefined, p: MovePhase) => !!m && ORDER.indexOf(m.phase) >= ORDER.indexOf(p);
@@ -138,11 +139,14 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         const status = await timed("final backup", () => steps.runBackup(oldR!, lOld, log));
         m = { ...m, phase: "final-backup", snapshotId: status.snapshotId };
         await setPhase(news, from, m);
+        faultPoint("after-final-backup");
       }
       if (!reached(m, "restored")) {
         if (!downtimeStart) downtimeStart = Date.now();
         await mountStaging(newR, lNew);
+        faultPoint("during-final-restore", 1500);
         await timed("final restore", () => steps.restoreInto(newR, lNew, m!.snapshotId!, staging(lNew), log));
+        faultPoint("after-final-restore");
         await timed("verify", async () => {
           const [a, b] = await Promise.all([
             oldR!.run(manifestScript(lOld.mountPath), { timeoutMs: 3600_000 }),
@@ -173,6 +177,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         }));
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);
       }
+      faultPoint("before-old-cleanup");
       if (oldR) {
         await timed("clean old", async () => {
           log(`cleaning ${oldR.name}`);

@@ -154,14 +154,17 @@ export async function listSnapshots(r: Remote, l: VolumeLayout): Promise<Snapsho
  */
 export async function restoreInto(r: Remote, l: VolumeLayout, snapshotId: string, dir: string, log: Log): Promise<void> {
   const t0 = Date.now();
-  const argv = rusticArgv(RUSTIC_PATH, l.profile, restoreArgs(snapshotId, dir));
-  await r.run(`find ${q(dir)} -xdev -type f -links +1 -delete`);
-  const first = await r.runArgv(argv, { timeoutMs: 6 * 3600_000, allowFailure: true });
-  if (first.code !== 0) {
-    log(`restore into the existing tree failed (${first.stderr.trim().split("\n").filter((x) => /rror|ailed/.test(x)).slice(0, 2).join(" ")}); restoring whole`);
-    await r.run(`find ${q(dir)} -xdev -mindepth 1 -delete`);
-    await r.runArgv(argv, { timeoutMs: 6 * 3600_000 });
-  }
+  const restore = command(rusticArgv(RUSTIC_PATH, l.profile, restoreArgs(snapshotId, dir)));
+  // The lock outlives a lost connection for as long as a restore started by it still runs.
+  const res = await r.run(`mkdir -p /run/dboxed-volumes; exec 9>${q(`/run/dboxed-volumes/${l.volumeId}.restore.lock`)}
+flock -w 3600 9 || { echo "another restore of ${l.volumeId} is still running" >&2; exit 75; }
+find ${q(dir)} -xdev -type f -links +1 -delete
+if ! ${restore}; then
+  echo "restore into the existing tree failed: restoring whole" >&2
+  find ${q(dir)} -xdev -mindepth 1 -delete
+  ${restore}
+fi`, { timeoutMs: 6 * 3600_000 });
+  if (/restoring whole/.test(res.stderr)) log("the restore into the existing tree failed; restored whole instead");
   log(`restored snapshot ${snapshotId.slice(0, 8)} on ${r.name} in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
 }
 

@@ -62,11 +62,11 @@ export class Stack {
   }
 
   /** Runs `pulumi <args>`; resolves with the exit code (does not throw). */
-  run(args: string[], opts: { input?: Record<string, unknown>; timeoutMs?: number; killSignal?: NodeJS.Signals } = {}): Promise<PulumiResult> {
+  run(args: string[], opts: { input?: Record<string, unknown>; timeoutMs?: number; killSignal?: NodeJS.Signals; env?: Record<string, string> } = {}): Promise<PulumiResult> {
     if (opts.input) fs.writeFileSync(path.join(this.dir, "input.json"), JSON.stringify(opts.input, null, 2));
     return new Promise((resolve) => {
       execFile(lab().tools.pulumi, [...args, "--non-interactive", "--cwd", this.dir, "--stack", this.name],
-        { env: this.env(), maxBuffer: 64 * 1024 * 1024, timeout: opts.timeoutMs ?? 1_800_000, killSignal: opts.killSignal ?? "SIGTERM" },
+        { env: { ...this.env(), ...(opts.env ?? {}) }, maxBuffer: 64 * 1024 * 1024, timeout: opts.timeoutMs ?? 1_800_000, killSignal: opts.killSignal ?? "SIGTERM" },
         (err, stdout, stderr) => {
           const code = err ? (typeof (err as any).code === "number" ? (err as any).code : 1) : 0;
           if (process.env.DBOXED_TEST_VERBOSE === "1") process.stderr.write(stdout + stderr);

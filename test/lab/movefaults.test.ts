@@ -1,0 +1,85 @@
+// A move killed at each of its steps (the provider process dies, as with a killed pulumi or a
+// lost connection), then `pulumi up` again: the move completes with an identical manifest, the
+// old host is clean, and at no moment were both hosts mounted read-write.
+import { expect } from "chai";
+import * as crypto from "crypto";
+import { lab, onHost, Stack, stepByStep } from "./harness";
+import { manifest, Manifest } from "./manifest";
+import type { LabHost } from "../../lab/lab";
+
+const prefix = `mvf-${crypto.randomBytes(3).toString("hex")}`;
+const volumeId = `mvf-${crypto.randomBytes(3).toString("hex")}`;
+const mountPath = "/srv/faulty";
+
+/** Polls both hosts while fn runs; returns how often both had the volume mounted read-write. */
+async function watchDoubleMount<T>(a: LabHost, b: LabHost, fn: () => Promise<T>): Promise<{ result: T; both: number; samples: number }> {
+  let stop = false;
+  let both = 0, samples = 0;
+  const rw = async (h: LabHost) => (await onHost(h, `findmnt -n -o OPTIONS ${mountPath} 2>/dev/null | cut -d, -f1 || true`, { allowFailure: true })).stdout.trim() === "rw";
+  const poller = (async () => {
+    while (!stop) {
+      try {
+        const [x, y] = await Promise.all([rw(a), rw(b)]);
+        samples++;
+        if (x && y) both++;
+      } catch { /* a host busy or a connection cut: skip the sample */ }
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  })();
+  try {
+    const result = await fn();
+    return { result, both, samples };
+  } finally {
+    stop = true;
+    await poller;
+  }
+}
+
+describe("a move killed at each step resumes (real pulumi, lab hosts)", function () {
+  stepByStep(this);
+  let stack: Stack;
+  let reference: Manifest;
+  const input = (host: number) => ({
+    provider: { s3: { prefix } },
+    volumes: [{ name: "f", host, args: { volumeId, size: "128MiB", mountPath, backupSchedule: "hourly" } }],
+  });
+
+  it("creates the volume with data on host-1", async () => {
+    stack = new Stack("move-faults", "volumes");
+    await stack.init();
+    const res = await stack.up(input(0));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    const h = lab().hosts[0];
+    await onHost(h, `set -e; cd ${mountPath}; mkdir -p a/b; for i in $(seq 1 300); do head -c $((i * 100)) /dev/urandom > a/f-$i; done
+head -c 15000000 /dev/urandom > a/b/big; echo x > hl && ln hl a/hl2; ln -s a/b/big sym; setfattr -n user.t -v 1 a/f-1; sync`);
+    reference = await manifest(h, mountPath);
+  });
+
+  const plan: [string, number, number][] = [
+    ["after-final-backup", 0, 1], ["during-final-restore", 1, 2], ["after-final-restore", 2, 0], ["before-old-cleanup", 0, 1],
+  ];
+  for (const [fault, from, to] of plan) {
+    it(`killed ${fault} (host-${from + 1} -> host-${to + 1}), then pulumi up again: the move completes`, async () => {
+      const [a, b] = [lab().hosts[from], lab().hosts[to]];
+      const watched = await watchDoubleMount(a, b, async () => {
+        const killed = await stack.run(["up", "--yes", "--skip-preview"], { input: input(to), env: { DBOXED_VOLUMES_FAULT: fault } });
+        expect(killed.code, "the faulty run should fail").to.not.equal(0);
+        const again = await stack.up(input(to));
+        expect(again.code, again.stdout + again.stderr).to.equal(0);
+        expect(again.stdout).to.match(/resuming the move/);
+        return again;
+      });
+      expect(watched.samples).to.be.greaterThan(5);
+      expect(watched.both, "both hosts had the volume mounted read-write").to.equal(0);
+      const after = await manifest(b, mountPath);
+      expect(after.entries).to.deep.equal(reference.entries);
+      expect(after.xattrs).to.equal(reference.xattrs);
+      const left = await onHost(a, `vgs dbv-${volumeId} >/dev/null 2>&1 && echo VG || echo no-vg; mountpoint -q ${mountPath} && echo MOUNTED || echo unmounted`);
+      expect(left.stdout.trim().split("\n")).to.deep.equal(["no-vg", "unmounted"]);
+    });
+  }
+
+  after(async () => {
+    if (stack) await stack.run(["destroy", "--yes", "--skip-preview"]);
+  });
+});
