@@ -5,8 +5,7 @@
 import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
-import { down, LabJson, REPO, up } from "./lab";
-import { Remote } from "../provider/remote/ssh";
+import { down, LabJson, REPO, runOnHost, up } from "./lab";
 
 const labDir = path.join(REPO, ".lab-bench");
 const FILES = 3000;
@@ -20,16 +19,7 @@ function pulumi(lab: LabJson, dir: string, args: string[]): string {
   return r.stdout;
 }
 
-async function onHost(lab: LabJson, i: number, script: string): Promise<string> {
-  const h = lab.hosts[i];
-  const r = await Remote.connect({ address: h.address, port: h.port, user: h.user, hostKey: h.hostKey,
-    privateKey: fs.readFileSync(h.privateKeyPath, "utf8") });
-  try {
-    return (await r.run(script, { timeoutMs: 3600_000 })).stdout;
-  } finally {
-    r.dispose();
-  }
-}
+const onHost = (lab: LabJson, i: number, script: string) => runOnHost(lab.hosts[i], script);
 
 async function main() {
   await down(labDir);

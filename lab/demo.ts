@@ -3,8 +3,7 @@
 import { execFileSync, spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
-import { down, LabJson, REPO, up } from "./lab";
-import { Remote } from "../provider/remote/ssh";
+import { down, LabJson, REPO, runOnHost, up } from "./lab";
 
 const labDir = path.join(REPO, ".lab-demo");
 const say = (msg: string) => console.log(`\n\x1b[1m== ${msg}\x1b[0m`);
@@ -18,16 +17,7 @@ function pulumi(lab: LabJson, dir: string, args: string[], input?: string): stri
   return r.stdout;
 }
 
-async function onHost(lab: LabJson, i: number, script: string): Promise<string> {
-  const h = lab.hosts[i];
-  const r = await Remote.connect({ address: h.address, port: h.port, user: h.user, hostKey: h.hostKey,
-    privateKey: fs.readFileSync(h.privateKeyPath, "utf8") });
-  try {
-    return (await r.run(script)).stdout;
-  } finally {
-    r.dispose();
-  }
-}
+const onHost = (lab: LabJson, i: number, script: string) => runOnHost(lab.hosts[i], script);
 
 async function main() {
   say("starting the lab: an S3 server and two Debian hosts (qemu)");

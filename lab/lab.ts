@@ -344,6 +344,21 @@ export function status(labDir: string): string {
   return lines.join("\n");
 }
 
+/** The SSH target of a lab host (its key read from the lab's key file). */
+export function hostTarget(h: LabHost) {
+  return { address: h.address, port: h.port, user: h.user, privateKey: fs.readFileSync(h.privateKeyPath, "utf8"), hostKey: h.hostKey };
+}
+
+/** Runs a script as root on a lab host; returns stdout, throws on a non-zero exit. */
+export async function runOnHost(h: LabHost, script: string, timeoutMs = 3600_000): Promise<string> {
+  const r = await Remote.connect(hostTarget(h), { attempts: 3 });
+  try {
+    return (await r.run(script, { timeoutMs })).stdout;
+  } finally {
+    r.dispose();
+  }
+}
+
 /** Freezes (or thaws) a host: to the world it is gone, as a crashed or cut-off machine would be. */
 export async function freezeHost(labDir: string, name: string, frozen: boolean): Promise<void> {
   const state = JSON.parse(fs.readFileSync(path.join(labDir, "state.json"), "utf8")) as LabState;

@@ -1,16 +1,10 @@
 // rustic: the repository profile (TOML, secrets inside, root-only on hosts and locally),
 // argument vectors, and parsing of its JSON output.
 
-export interface RepositoryConfig {
-  endpoint: string;
-  region: string;
-  bucket: string;
-  prefix: string;
-  forcePathStyle: boolean;
-  accessKeyId: string;
-  secretAccessKey: string;
-  password: string;
-}
+import type { S3Settings } from "../storage/s3";
+
+/** Where the repository is and how to open it. */
+export type RepositoryConfig = S3Settings & { password: string };
 
 /** A TOML basic string. */
 export function tomlString(s: string): string {

@@ -4,7 +4,7 @@ import { execFile } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
 import type { LabHost, LabJson } from "../../lab/lab";
-import { REPO } from "../../lab/lab";
+import { hostTarget, REPO } from "../../lab/lab";
 import { Remote } from "../../provider/remote/ssh";
 
 let current: LabJson | undefined;
@@ -14,9 +14,7 @@ export function lab(): LabJson {
   return current;
 }
 
-export function hostTarget(h: LabHost) {
-  return { address: h.address, port: h.port, user: h.user, privateKey: fs.readFileSync(h.privateKeyPath, "utf8"), hostKey: h.hostKey };
-}
+export { hostTarget };
 
 /** Runs a script as root on a lab host and returns stdout; throws on a non-zero exit. */
 export async function onHost(h: LabHost, script: string, opts: { allowFailure?: boolean; timeoutMs?: number } = {}) {
@@ -99,6 +97,20 @@ export class Stack {
     const res = JSON.parse(r.stdout).deployment.resources.find((x: any) => x.urn.endsWith(`::${name}`));
     if (!res) throw new Error(`no resource named ${name} in stack ${this.name}`);
     return res.outputs;
+  }
+
+  /** Deletes this stack's lock files, as pulumi's own message tells a user to after a killed run. */
+  clearLocks(): void {
+    const root = lab().env.PULUMI_BACKEND_URL.replace(/^file:\/\//, "");
+    const walk = (d: string) => {
+      if (!fs.existsSync(d)) return;
+      for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+        const p = path.join(d, e.name);
+        if (e.isDirectory()) walk(p);
+        else if (p.includes(`${path.sep}locks${path.sep}`) && path.basename(path.dirname(p)) === this.name) fs.rmSync(p);
+      }
+    };
+    walk(root);
   }
 
   /** The raw state file of this stack, as stored by the file backend. */

@@ -52,6 +52,10 @@ losetup -a | grep -c ${volumeId}`);
     const child = stack.run(["up", "--yes", "--skip-preview"], { input: { ...input(), volumes: [{ ...input().volumes[0], args: { ...input().volumes[0].args, filesystem: "xfs", size: "320MiB" } }] }, timeoutMs: 25_000, killSignal: "SIGKILL" });
     const killed = await child;
     expect(killed.code, "pulumi should have been killed by the timeout").to.not.equal(0);
+    // What a user does after a killed pulumi: release its lock, drop the creates it left pending.
+    stack.clearLocks();
+    const refresh = await stack.run(["refresh", "--yes", "--skip-preview", "--clear-pending-creates"]);
+    expect(refresh.code, refresh.stdout + refresh.stderr).to.equal(0);
     let last = killed;
     for (let i = 0; i < 3 && last.code !== 0; i++) {
       last = await stack.run(["up", "--yes", "--skip-preview"], { input: { ...input(), volumes: [{ ...input().volumes[0], args: { ...input().volumes[0].args, filesystem: "xfs", size: "320MiB" } }] } });
