@@ -199,7 +199,7 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     expect(up, "the host did not come back").to.equal(true);
     await onHost(h1, `date -s @${Math.floor(Date.now() / 1000)} >/dev/null`);
     const state = await onHost(h1, `findmnt -n -o FSTYPE ${mountPath}; systemctl is-active dboxed-volume-${volumeId}-backup.timer`);
-    expect(state.stdout.trim().split("\n")).to.deep.equal(["ext4", "active"]);
+    expect(state.stdout.trim().split("\n")).to.deep.equal([cur.filesystem ?? "ext4", "active"]);
     expect((await manifest(h1, mountPath)).entries).to.deep.equal(before.entries);
   });
 
