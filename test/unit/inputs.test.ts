@@ -19,7 +19,7 @@ const goodVolume = () => ({
   host: { address: "10.1.2.3", port: 22, user: "root", privateKey, hostKey },
   size: "1GiB", filesystem: "ext4", mountPath: "/srv/pgdata", backupSchedule: "*:0/5",
   finalBackupOnDelete: true, forgetSnapshotsOnDelete: false,
-  repository: { endpoint: "http://10.0.2.100:9000", region: "us-east-1", bucket: "b", prefix: "p", forcePathStyle: true },
+  repository: { endpoint: "http://10.0.2.100:9000", localEndpoint: "http://127.0.0.1:9000", region: "us-east-1", bucket: "b", prefix: "p", forcePathStyle: true },
   accessKeyId: "AKIA", secretAccessKey: "secret", password: "password1",
   retention: { keepLast: 2, keepHourly: 6, keepDaily: 7, keepWeekly: 4, keepMonthly: 6, keepYearly: 1 },
   rustic: { localPath: "/usr/local/bin/rustic" },

@@ -1,0 +1,89 @@
+// Pure builders and parsers of the host side: unit names, env files, TOML, JSON output parsing,
+// manifests, lease URLs.
+import { expect } from "chai";
+import { execFileSync } from "child_process";
+import { layoutFor, mountUnitName, volumeEnv } from "../../provider/host/layout";
+import { parseLvs } from "../../provider/host/lvm";
+import { diffManifests, parseManifest } from "../../provider/host/manifest";
+import { parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
+import { leaseUrl, sameHost } from "../../provider/storage/lease";
+import { diff } from "../../provider/lifecycle/volume";
+
+describe("host layout and units", () => {
+  it("escapes mount paths as systemd-escape --path does", () => {
+    expect(mountUnitName("/srv/pgdata")).to.equal("srv-pgdata.mount");
+    expect(mountUnitName("/srv/my-data/x")).to.equal("srv-my\\x2ddata-x.mount");
+    expect(mountUnitName("/srv/.hidden")).to.equal("srv-\\x2ehidden.mount");
+  });
+
+  it("writes a volume.env that sh reads back value for value", () => {
+    const l = layoutFor({ volumeId: "v1", mountPath: "/srv/a", filesystem: "ext4" });
+    const env = volumeEnv(l, {
+      sizeBytes: 1 << 30,
+      retention: { keepLast: 2, keepHourly: 6, keepDaily: 7, keepWeekly: 4, keepMonthly: 6, keepYearly: 1 },
+      lease: { token: "tok'en$(id)", url: "http://h:9000/b/p-meta/volumes/v1/lease.json", region: "us-east-1" },
+    });
+    const out = execFileSync("sh", ["-c", `${env}\nprintf '%s|%s|%s' "$VG" "$LEASE_TOKEN" "$MOUNT_PATH"`]).toString();
+    expect(out).to.equal("dbv-v1|tok'en$(id)|/srv/a");
+  });
+});
+
+describe("rustic", () => {
+  it("TOML strings escape quotes, backslashes and control characters", () => {
+    expect(tomlString(`a"b\\c\nd`)).to.equal(`"a\\"b\\\\c\\u000ad"`);
+    const toml = profileToml({ endpoint: "http://x:1/", region: "r", bucket: "b", prefix: "p", forcePathStyle: true,
+      accessKeyId: "k", secretAccessKey: "s", password: `pa"ss` });
+    expect(toml).to.contain(`password = "pa\\"ss"`).and.to.contain(`endpoint = "http://x:1"`).and.to.contain(`root = "/p"`);
+  });
+
+  it("parses flat and grouped snapshot lists, oldest first", () => {
+    const a = { id: "a", time: "2026-01-02T00:00:00Z", tree: "t", hostname: "h" };
+    const b = { id: "b", time: "2026-01-01T00:00:00Z", tree: "t", hostname: "h" };
+    expect(parseSnapshots(JSON.stringify([a, b])).map((s) => s.id)).to.deep.equal(["b", "a"]);
+    expect(parseSnapshots(JSON.stringify([[{ hostname: "h" }, [a, b]]])).map((s) => s.id)).to.deep.equal(["b", "a"]);
+    expect(parseSnapshots("")).to.deep.equal([]);
+  });
+});
+
+describe("lvm", () => {
+  it("parses lvs JSON reports, also after warnings", () => {
+    const json = `  WARNING: something\n{"report":[{"lv":[{"lv_name":"data","vg_name":"dbv-x","lv_size":"134217728","lv_active":"active","origin":""}]}]}`;
+    expect(parseLvs(json)).to.deep.equal([{ name: "data", vg: "dbv-x", sizeBytes: 134217728, active: true, origin: "" }]);
+    expect(parseLvs("")).to.deep.equal([]);
+  });
+});
+
+describe("manifests", () => {
+  const out = (meta: string, sums: string) =>
+    `==meta\n${Buffer.from(meta).toString("base64")}\n==sums\n${Buffer.from(sums).toString("base64")}\n==xattrs\n\n==acls\n\n`;
+  const h = "0".repeat(64);
+  it("groups hardlinks and finds differences by field", () => {
+    const meta = "f\t644\t0\t0\t3\t1.5\t2\t11\t\t./a\0f\t644\t0\t0\t3\t1.5\t2\t11\t\t./b\0l\t777\t0\t0\t1\t2.0\t1\t12\ta\t./c\0";
+    const m = parseManifest(out(meta, `${h}  ./a\0${h}  ./b\0`));
+    expect(m.entries["./b"].hardlinkGroup).to.equal("./a");
+    expect(m.entries["./c"].target).to.equal("a");
+    expect(diffManifests(m, m)).to.deep.equal([]);
+    const other = parseManifest(out(meta.replace("\t644\t0\t0\t3\t1.5\t2\t11\t\t./b", "\t600\t0\t0\t3\t1.5\t2\t11\t\t./b"), `${h}  ./a\0${h}  ./b\0`));
+    expect(diffManifests(m, other)[0]).to.match(/^\.\/b: mode 644 != 600/);
+  });
+});
+
+describe("leases and diff", () => {
+  it("compares hosts by address and port, builds lease URLs in both styles", () => {
+    expect(sameHost({ address: "a", port: 22 }, { address: "a", port: 22 })).to.equal(true);
+    expect(sameHost({ address: "a", port: 22 }, { address: "a", port: 2222 })).to.equal(false);
+    expect(leaseUrl("http://10.0.2.100:9000", "bkt", "p/q", "v1", true)).to.equal("http://10.0.2.100:9000/bkt/p/q-meta/volumes/v1/lease.json");
+    expect(leaseUrl("https://s3.example.org", "bkt", "p", "v1", false)).to.equal("https://bkt.s3.example.org/p-meta/volumes/v1/lease.json");
+  });
+
+  it("a new host is an update (a move); a new filesystem a replacement that deletes first", async () => {
+    const base = { volumeId: "v", host: { address: "a", port: 22 }, filesystem: "ext4", size: 1 };
+    const move = await diff("v", base, { ...base, host: { address: "b", port: 22 } });
+    expect(move.changes).to.equal(true);
+    expect(move.replaces).to.deep.equal([]);
+    const fs = await diff("v", base, { ...base, filesystem: "xfs" });
+    expect(fs.replaces).to.deep.equal(["filesystem"]);
+    expect(fs.deleteBeforeReplace).to.equal(true);
+    expect((await diff("v", base, { ...base })).changes).to.equal(false);
+  });
+});
