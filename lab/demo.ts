@@ -1,6 +1,6 @@
 // The demo (npm run demo): boots the lab, runs `pulumi up` of examples/basic on it, writes data
 // into a volume, backs it up, shows the snapshots and the outputs, and destroys it again.
-import { execFileSync, spawnSync } from "child_process";
+import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
 import { down, LabJson, REPO, runOnHost, up } from "./lab";

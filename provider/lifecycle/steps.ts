@@ -319,4 +319,3 @@ export async function forgetSnapshots(r: Remote, l: VolumeLayout, log: Log): Pro
   await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, ["prune"]), { timeoutMs: 3600_000 });
 }
 
-export { layoutFor };
