@@ -32,18 +32,17 @@ async function main() {
     fs.symlinkSync(path.join(REPO, "node_modules", "@pulumi"), path.join(dir, "node_modules", "@pulumi"));
     const volumeId = "bench";
     const mountPath = "/srv/bench";
-    const write = (host: number, warm: boolean) => fs.writeFileSync(path.join(dir, "input.json"), JSON.stringify({
-      provider: { s3: { prefix: `bench-${Date.now()}` } },
-      volumes: [{ name: "b", host, args: { volumeId, size: "640MiB", mountPath, backupSchedule: "hourly", warmMove: warm } }],
-    }));
     pulumi(lab, dir, ["stack", "init", "bench"]);
-    write(0, true);
-    const input = JSON.parse(fs.readFileSync(path.join(dir, "input.json"), "utf8"));
+    const input = {
+      provider: { s3: { prefix: `bench-${Date.now()}` } },
+      volumes: [{ name: "b", host: 0, args: { volumeId, size: "640MiB", mountPath, backupSchedule: "hourly", warmMove: true } }],
+    };
     const save = (host: number, warm: boolean) => {
       input.volumes[0].host = host;
       input.volumes[0].args.warmMove = warm;
       fs.writeFileSync(path.join(dir, "input.json"), JSON.stringify(input));
     };
+    save(0, true);
     console.log(`creating the volume and writing ${TOTAL_MIB} MiB in ${FILES} files`);
     pulumi(lab, dir, ["up", "--yes", "--skip-preview"]);
     const per = Math.floor((TOTAL_MIB * 1024 * 1024) / FILES);
