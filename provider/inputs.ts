@@ -152,6 +152,12 @@ export const volumeSchema = z.object({
   warmMove: z.boolean().default(true),
   /** Take the volume although another host holds its lease (that host is gone for good). */
   force: z.boolean().default(false),
+  /** Copy-on-write space of a backup's lvm2 snapshot in a shared volumeGroup (default: a quarter of size, at least 64MiB). */
+  snapshotSpace: z.union([z.string(), z.number()]).optional(),
+  /** The resource that declares the volume (set by the Volume class): one owner per volume id. */
+  owner: z.object({ project: z.string(), stack: z.string(), name: z.string() }).strict().optional(),
+  /** Set by the Volume class when volumeId was not given: the stack and name it was derived from. */
+  volumeIdFrom: z.object({ stack: z.string(), name: z.string() }).strict().optional(),
   repository: z.object({
     /** As the hosts reach S3. */
     endpoint: z.string(),
@@ -178,8 +184,22 @@ export const volumeSchema = z.object({
   }
   const min = MIN_SIZE[v.filesystem];
   if (bytes < min) ctx.addIssue({ code: "custom", path: ["size"], message: `${v.filesystem} needs at least ${formatSize(min)}` });
+  if (v.snapshotSpace !== undefined) {
+    let space: number;
+    try {
+      space = parseSize(v.snapshotSpace);
+    } catch (e) {
+      ctx.addIssue({ code: "custom", path: ["snapshotSpace"], message: (e as Error).message });
+      return;
+    }
+    if (!v.volumeGroup) {
+      ctx.addIssue({ code: "custom", path: ["snapshotSpace"], message: "applies only to volumes in a shared volumeGroup (a volume of its own gets as much snapshot space as its size): remove it" });
+    } else if (space % EXTENT !== 0 || space < 16 * EXTENT) {
+      ctx.addIssue({ code: "custom", path: ["snapshotSpace"], message: `must be a multiple of 4 MiB and at least 64MiB, e.g. "${formatSize(Math.max(16 * EXTENT, Math.ceil(space / EXTENT) * EXTENT))}"` });
+    }
+  }
 });
-export type VolumeInputs = Omit<z.infer<typeof volumeSchema>, "size"> & { size: number };
+export type VolumeInputs = Omit<z.infer<typeof volumeSchema>, "size" | "snapshotSpace"> & { size: number; snapshotSpace?: number };
 
 export interface Failure { property: string; reason: string }
 

@@ -8,7 +8,7 @@
 # every value quoted); the repository secrets sit in the root-only rustic profile next to it.
 set -euo pipefail
 umask 077
-AGENT_VERSION=2
+AGENT_VERSION=3
 EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 
 die() {
@@ -74,14 +74,17 @@ remove_snapshot() {
 
 write_status() { # write_status STATUS SNAPSHOT_ID MESSAGE
   local now; now=$(date +%s)
+  local final_req=""; [ "${FINAL:-0}" = 1 ] && final_req=$REQUEST
   local msg; msg=$(printf '%s' "$3" | tr -c 'A-Za-z0-9 .,:;_/()=+@-' ' ' | cut -c1-500)
   local last_ok=${LAST_OK:-0}
   [ "$1" = ok ] && last_ok=$now
-  printf '{"volumeId":"%s","status":"%s","startedAt":%s,"finishedAt":%s,"snapshotId":"%s","lastSuccessAt":%s,"message":"%s","agentVersion":%s}\n' \
-    "$VOLUME_ID" "$1" "$STARTED" "$now" "$2" "$last_ok" "$msg" "$AGENT_VERSION" > "$STATE_DIR/status.json.tmp"
+  # finalRequest: the provider's nonce, set only when this run read the volume after it became
+  # read-only for a final backup; snapshotAt: when the data backed up was frozen.
+  printf '{"volumeId":"%s","status":"%s","startedAt":%s,"finishedAt":%s,"snapshotId":"%s","lastSuccessAt":%s,"message":"%s","agentVersion":%s,"finalRequest":"%s","snapshotAt":%s,"steps":"%s"}\n' \
+    "$VOLUME_ID" "$1" "$STARTED" "$now" "$2" "$last_ok" "$msg" "$AGENT_VERSION" "$final_req" "${SNAPSHOT_AT:-0}" "${STEPS:-}" > "$STATE_DIR/status.json.tmp"
   mv -f "$STATE_DIR/status.json.tmp" "$STATE_DIR/status.json"
   chmod 0644 "$STATE_DIR/status.json"
-  mkdir -p "$METRICS_DIR"
+  install -d -m 0755 "$METRICS_DIR"
   local ok=0; [ "$1" = ok ] && ok=1
   {
     echo "# HELP dboxed_volume_backup_success 1 if the last backup of the volume succeeded."
@@ -117,6 +120,25 @@ check_lease() {
   rm -f "$out"
 }
 
+# An lvm2 snapshot whose copy-on-write space ran out is invalid: lv_attr's 5th character is I
+# (or snap_percent reached 100).
+snapshot_invalid() {
+  local out; out=$(lvs --noheadings --reportformat json -o lv_attr,snap_percent "$VG/$SNAP_LV" 2>/dev/null) || return 1
+  local attr pct
+  attr=$(printf '%s' "$out" | grep -o '"lv_attr":"[^"]*"' | cut -d'"' -f4)
+  pct=$(printf '%s' "$out" | grep -o '"snap_percent":"[^"]*"' | cut -d'"' -f4)
+  [ "${attr:4:1}" = I ] && return 0
+  [ "${pct%%.*}" = 100 ] && return 0
+  return 1
+}
+
+# timing NAME: appends "NAME=seconds" since the last mark to STEPS (status.json, journal).
+timing() {
+  local now; now=$(date +%s.%N)
+  STEPS="${STEPS:+$STEPS }$1=$(awk -v a="$MARK" -v b="$now" 'BEGIN{printf "%.1f", b-a}')"
+  MARK=$now
+}
+
 rustic_() { NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@"; }
 
 finish_backup() {
@@ -125,6 +147,7 @@ finish_backup() {
   set +e
   remove_snapshot
   if [ "$rc" -eq 0 ]; then
+    echo "steps: $STEPS"
     write_status ok "$SNAPSHOT_ID" "backup ok"
   else
     write_status failed "" "$(cat "$STATE_DIR/last-error" 2>/dev/null || echo "exit code $rc")"
@@ -137,44 +160,86 @@ backup() {
   mkdir -p "$STATE_DIR" "/run/dboxed-volumes/$VOLUME_ID"
   SNAP_MNT="/run/dboxed-volumes/$VOLUME_ID/snapshot"
   STARTED=$(date +%s)
-  SNAPSHOT_ID=""
+  MARK=$(date +%s.%N); STEPS=""
+  SNAPSHOT_ID=""; SNAPSHOT_AT=0; FINAL=0; REQUEST=""
   LAST_OK=$(sed -n 's/.*"lastSuccessAt":\([0-9]*\).*/\1/p' "$STATE_DIR/status.json" 2>/dev/null || true)
   exec 9>"$STATE_DIR/backup.lock"
   flock -w "${LOCK_WAIT_SECONDS:-900}" 9 || die "another backup of $VOLUME_ID holds the lock"
   rm -f "$STATE_DIR/last-error"
+  timing lock
   trap 'finish_backup $?' EXIT
   check_lease
   [ -e "$STATE_DIR/initialized" ] || die "volume $VOLUME_ID is not initialised yet (restore pending): refusing to back up"
   mountpoint -q "$MOUNT_PATH" || die "volume $VOLUME_ID is not mounted at $MOUNT_PATH"
   remove_snapshot # leftovers of an interrupted run
-  sync -f "$MOUNT_PATH"
-  echo "creating snapshot $VG/$SNAP_LV"
-  # lvcreate suspends the origin and freezes the filesystem: the snapshot is crash-consistent.
-  if [ "$OWN_VG" = 1 ]; then
-    step "lvm snapshot" /dev/null lvcreate -q -s -kn -l 100%FREE -n "$SNAP_LV" "$VG/$LV"
+  # A final backup (move, delete, rebuild): the provider made the filesystem read-only, then
+  # wrote a nonce to final-request. Read here, under the lock and before anything is frozen,
+  # it proves that this run's data is from after the read-only remount.
+  REQUEST=$(tr -dc 'a-f0-9' < "$STATE_DIR/final-request" 2>/dev/null || true)
+  FINAL=0
+  if [ -n "$REQUEST" ] && findmnt -n -o OPTIONS --mountpoint "$MOUNT_PATH" | tr ',' '\n' | grep -qx ro; then FINAL=1; fi
+  local src
+  if [ "$FINAL" = 1 ]; then
+    # Nothing can change a read-only filesystem: back it up directly, no lvm2 snapshot needed.
+    SNAPSHOT_AT=$(date +%s)
+    src=$MOUNT_PATH
+    echo "final backup of the read-only volume (request $REQUEST)"
   else
-    step "lvm snapshot" /dev/null lvcreate -q -s -kn -L "${SNAPSHOT_BYTES}b" -n "$SNAP_LV" "$VG/$LV"
+    sync -f "$MOUNT_PATH"
+    echo "creating snapshot $VG/$SNAP_LV"
+    SNAPSHOT_AT=$(date +%s)
+    # lvcreate suspends the origin and freezes the filesystem: the snapshot is crash-consistent.
+    if [ "$OWN_VG" = 1 ]; then
+      step "lvm snapshot" /dev/null lvcreate -q -s -kn -l 100%FREE -n "$SNAP_LV" "$VG/$LV"
+    else
+      step "lvm snapshot" /dev/null lvcreate -q -s -kn -L "${SNAPSHOT_BYTES}b" -n "$SNAP_LV" "$VG/$LV"
+    fi
+    timing snapshot
+    mkdir -p "$SNAP_MNT"
+    local opts=ro
+    [ "$FILESYSTEM" = xfs ] && opts=ro,nouuid
+    step "mounting the snapshot" /dev/null mount -t "$FILESYSTEM" -o "$opts" "/dev/$VG/$SNAP_LV" "$SNAP_MNT"
+    src=$SNAP_MNT
   fi
-  mkdir -p "$SNAP_MNT"
-  local opts=ro
-  [ "$FILESYSTEM" = xfs ] && opts=ro,nouuid
-  step "mounting the snapshot" /dev/null mount -t "$FILESYSTEM" -o "$opts" "/dev/$VG/$SNAP_LV" "$SNAP_MNT"
-  echo "backing up $MOUNT_PATH (snapshot) as host $RUSTIC_HOST"
-  step "rustic backup" "$STATE_DIR/last-backup.json" rustic_ backup --json --host "$RUSTIC_HOST" --label "$VOLUME_ID" \
-    --tag dboxed-volume --tag "volume-$VOLUME_ID" --as-path / --no-scan --group-by host,label,paths "$SNAP_MNT"
+  echo "backing up $MOUNT_PATH as host $RUSTIC_HOST"
+  local rc=0 err; err=$(mktemp)
+  rustic_ backup --json --host "$RUSTIC_HOST" --label "$VOLUME_ID" \
+    --tag dboxed-volume --tag "volume-$VOLUME_ID" --as-path / --no-scan --group-by host,label,paths "$src" \
+    > "$STATE_DIR/last-backup.json" 2> "$err" || rc=$?
+  cat "$err" >&2
   SNAPSHOT_ID=$(grep -o '"id": *"[0-9a-f]\{64\}"' "$STATE_DIR/last-backup.json" | head -n1 | grep -o '[0-9a-f]\{64\}' || true)
+  timing rustic
+  if [ "$FINAL" = 0 ] && snapshot_invalid; then
+    # The copy-on-write space ran out while rustic read the snapshot: what it read is not the
+    # volume's state. Whatever it saved must not become anybody's "latest".
+    [ -n "$SNAPSHOT_ID" ] && rustic_ forget "$SNAPSHOT_ID" >&2 || true
+    rm -f "$err"; SNAPSHOT_ID=""
+    die "the lvm2 snapshot overflowed: the volume changed by more than its snapshot space ($((SNAPSHOT_BYTES / 1048576)) MiB) while the backup read it; the incomplete snapshot was discarded. Raise snapshotSpace (volumes in a shared volumeGroup) or back up when the volume is quieter"
+  fi
+  if [ "$rc" != 0 ]; then
+    local tail_; tail_=$(tail -n 3 "$err" | tr '\n' ' '); rm -f "$err"
+    die "rustic backup failed: $tail_"
+  fi
+  rm -f "$err"
   [ -n "$SNAPSHOT_ID" ] || die "rustic reported no snapshot id"
   echo "snapshot $SNAPSHOT_ID saved"
   remove_snapshot
+  if [ "$FINAL" = 1 ]; then
+    # A final backup is on the critical path of a move or delete: retention waits for the next run.
+    echo "backup of $VOLUME_ID done (final)"
+    return 0
+  fi
   echo "applying retention"
   step "rustic forget" /dev/null rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
     --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
     --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY"
+  timing forget
   # Lock-less prune (packs are only marked; removed a day later), at most once a day per volume.
   if [ -z "$(find "$STATE_DIR/last-prune" -mmin -1440 2>/dev/null)" ]; then
     echo "pruning unused data"
     step "rustic prune" /dev/null rustic_ prune
     touch "$STATE_DIR/last-prune"
+    timing prune
   fi
   echo "backup of $VOLUME_ID done"
 }

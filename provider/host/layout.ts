@@ -63,6 +63,8 @@ export function mountUnitName(mountPath: string): string {
 
 export interface EnvSettings {
   sizeBytes: number;
+  /** Copy-on-write space of a backup snapshot in a shared VG (default snapshotBytes(sizeBytes)). */
+  snapshotSpaceBytes?: number;
   /** The lease token this host holds, and where the lease is: backups check both first. */
   lease: { token: string; url: string; region: string };
   retention: { keepLast: number; keepHourly: number; keepDaily: number; keepWeekly: number; keepMonthly: number; keepYearly: number };
@@ -74,7 +76,7 @@ export function volumeEnv(l: VolumeLayout, s: EnvSettings): string {
     VOLUME_ID: l.volumeId, OWN_VG: l.ownVg ? 1 : 0, VG: l.vg, LV: l.lv, SNAP_LV: l.snapshotLv, DEVICE: l.device,
     IMAGE: l.image, FILESYSTEM: l.filesystem, MOUNT_PATH: l.mountPath, STATE_DIR: l.stateDir,
     PROFILE: l.profile, RUSTIC: RUSTIC_PATH, RUSTIC_HOST: l.rusticHost, METRICS_DIR,
-    SIZE_BYTES: s.sizeBytes, SNAPSHOT_BYTES: snapshotBytes(s.sizeBytes),
+    SIZE_BYTES: s.sizeBytes, SNAPSHOT_BYTES: s.snapshotSpaceBytes ?? snapshotBytes(s.sizeBytes),
     KEEP_LAST: s.retention.keepLast, KEEP_HOURLY: s.retention.keepHourly, KEEP_DAILY: s.retention.keepDaily,
     KEEP_WEEKLY: s.retention.keepWeekly, KEEP_MONTHLY: s.retention.keepMonthly, KEEP_YEARLY: s.retention.keepYearly,
     LEASE_TOKEN: s.lease.token, LEASE_URL: s.lease.url, S3_REGION: s.lease.region, CURL_CONFIG: `${l.configDir}/s3.curl`,

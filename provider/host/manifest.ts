@@ -7,13 +7,17 @@ export interface ManifestEntry {
   type: string; mode: string; uid: number; gid: number; size: number; mtime: string;
   target: string; links: number; hardlinkGroup: string; sha256: string;
 }
-export interface Manifest { entries: Record<string, ManifestEntry>; xattrs: string; acls: string }
+export interface Manifest { entries: Record<string, ManifestEntry>; xattrs: string; acls: string; root: string }
 
 /** The host script: one section per kind of data, base64 so that any file name survives. */
 export function manifestScript(dir: string, exclude: string[] = []): string {
   const d = quote(dir);
   const prune = exclude.map((e) => `-path ${quote("./" + e)} -prune -o`).join(" ");
+  // Without getfattr/getfacl the xattr and ACL sections would be empty on both sides and
+  // compare equal: a manifest that cannot see them fails instead.
   return `set -e; cd ${d}
+for t in getfattr getfacl sha256sum; do command -v $t >/dev/null 2>&1 || { echo "manifest: $t is missing (install the attr and acl packages)" >&2; exit 44; }; done
+echo '==root'; stat -c '%f\t%u\t%g' .
 echo '==meta'; find . -mindepth 1 ${prune} -printf '%y\\t%m\\t%U\\t%G\\t%s\\t%T@\\t%n\\t%i\\t%l\\t%p\\0' | base64 -w0; echo
 echo '==sums'; find . -mindepth 1 ${prune} -type f -print0 | xargs -0 -r sha256sum -z | base64 -w0; echo
 echo '==xattrs'; find . -mindepth 1 ${prune} -print0 | sort -z | xargs -0 -r getfattr -h -d -m - --absolute-names 2>/dev/null | base64 -w0; echo
@@ -45,7 +49,9 @@ export function parseManifest(stdout: string): Manifest {
       hardlinkGroup: group ? [...group].sort()[0] : "", sha256: sums.get(p) ?? "",
     };
   }
-  return { entries, xattrs: sec("xattrs"), acls: sec("acls") };
+  const root = /==root\n([^\n]*)\n/.exec(stdout)?.[1];
+  if (root === undefined) throw new Error("manifest output lacks its root section");
+  return { entries, xattrs: sec("xattrs"), acls: sec("acls"), root };
 }
 
 /** The differences between two manifests, as readable lines (empty when they are equal). */
@@ -62,6 +68,7 @@ export function diffManifests(a: Manifest, b: Manifest, limit = 20): string[] {
     }
     if (out.length >= limit) break;
   }
+  if (a.root !== b.root) out.push(`the volume root's mode and owner differ: ${a.root} != ${b.root}`);
   if (a.xattrs !== b.xattrs) out.push("extended attributes differ");
   if (a.acls !== b.acls) out.push("ACLs differ");
   return out;

@@ -76,3 +76,16 @@ export function snapshotsArgs(rusticHost: string): string[] {
 export function restoreArgs(snapshotId: string, dest: string): string[] {
   return ["restore", "--numeric-id", "--delete", snapshotId, dest];
 }
+
+/** Compares a snapshot with a local tree: content (every chunk re-hashed) and metadata. */
+export function diffArgs(snapshotId: string, dir: string): string[] {
+  return ["diff", "--metadata", snapshotId, dir];
+}
+
+/**
+ * The differences `rustic diff` printed: one line per path, a change mark first
+ * (+ added, - removed, M content, U metadata, T type, ? bitrot). Other lines are not changes.
+ */
+export function parseDiff(stdout: string): string[] {
+  return stdout.split("\n").map((l) => l.trimEnd()).filter((l) => /^[-+MUT?]\s+\S/.test(l) && !/^[-+]\s+\d/.test(l));
+}

@@ -1,7 +1,11 @@
-// Claiming and releasing a volume's lease around create and delete.
+// Claiming and releasing a volume's lease around create, update and delete. A volume id has one
+// owner (a resource of one stack) and one holder (the host it lives on) at a time.
 import { UserError } from "../errors";
 import { VolumeInputs } from "../inputs";
-import { HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, newToken, sameHost, updateLease } from "../storage/lease";
+import {
+  HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, newToken, normalizeHostKey, Owner, ownerName,
+  sameHost, sameOwner, updateLease,
+} from "../storage/lease";
 import { S3Settings } from "../storage/s3";
 
 export function leaseS3(v: VolumeInputs): S3Settings {
@@ -11,40 +15,69 @@ export function leaseS3(v: VolumeInputs): S3Settings {
 }
 
 export function hostRef(v: VolumeInputs): HostRef {
-  return { address: v.host.address, port: v.host.port };
+  return { address: v.host.address, port: v.host.port, hostKey: normalizeHostKey(v.host.hostKey) };
+}
+
+export function ownerOf(v: VolumeInputs): Owner | undefined {
+  return v.owner;
 }
 
 /**
- * Claims the volume for v's host. Refused when another host holds it, unless `force`;
- * returns the lease it replaced when it took the volume by force.
+ * Whether v's resource may act on a volume whose lease is `cur`: the lease names its owner, or
+ * (a lease written before owners were recorded) v's host holds it.
  */
-export async function claim(v: VolumeInputs): Promise<{ lease: Lease; forcedFrom?: Lease }> {
-  const me = hostRef(v);
-  let forcedFrom: Lease | undefined;
-  const lease = await updateLease(leaseS3(v), v.volumeId, (cur) => {
-    if (!cur) return { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "" };
-    if (sameHost(cur.holder, me) && !cur.move) return { ...cur, token: cur.token || newToken() };
-    if (cur.move && sameHost(cur.move.to, me)) {
-      throw new UserError(`volume ${v.volumeId} is being moved from ${hostName(cur.move.from)} to ${hostName(cur.move.to)} ` +
-        `by another stack or run (phase ${cur.move.phase}); finish that move with the stack that started it`);
-    }
-    if (!v.force) {
-      throw new UserError(`volume ${v.volumeId} is held by host ${hostName(cur.holder)} (since ${cur.updatedAt}, generation ${cur.generation}); ` +
-        "a volume lives on one host at a time. To move it, change host in the stack that holds it; " +
-        "if that host is gone for good, set force: true to restore the latest snapshot here");
-    }
-    forcedFrom = cur;
-    return { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "" };
-  });
-  return { lease, forcedFrom };
+export function ownsLease(cur: Lease, v: VolumeInputs): boolean {
+  if (cur.owner && v.owner) return sameOwner(cur.owner, v.owner);
+  return sameHost(cur.holder, hostRef(v));
 }
 
-/** Releases the lease if v's host holds it. */
+/** Pure: the lease after v's resource claims the volume, or an error that says who has it. */
+export function claimedLease(cur: Lease | undefined, v: VolumeInputs): { next: Lease; forcedFrom?: Lease } {
+  const me = hostRef(v);
+  const owner = ownerOf(v);
+  if (!cur) return { next: { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "", owner } };
+  if (ownsLease(cur, v) && sameHost(cur.holder, me) && !cur.move) {
+    // Same resource, same machine (perhaps at a new address): keep the token, record where it is now.
+    return { next: { ...cur, holder: me, token: cur.token || newToken(), owner: owner ?? cur.owner } };
+  }
+  if (cur.move && sameHost(cur.move.to, me) && ownsLease(cur, v)) {
+    throw new UserError(`volume ${v.volumeId} is in the middle of a move from ${hostName(cur.move.from)} to ${hostName(cur.move.to)} ` +
+      `(phase ${cur.move.phase}); set host to ${hostName(cur.move.to)} or back to ${hostName(cur.move.from)} in the stack that started it`);
+  }
+  if (!v.force) {
+    const whose = cur.owner ? ` for ${ownerName(cur.owner)}` : "";
+    const sameMachine = sameHost(cur.holder, me) ? " (this very host)" : "";
+    throw new UserError(`volume ${v.volumeId} is held by host ${hostName(cur.holder)}${sameMachine}${whose} (since ${cur.updatedAt}, ` +
+      `generation ${cur.generation}); a volume id has one owner and lives on one host at a time. Give this Volume another volumeId, ` +
+      "or, to move the volume, change host in the stack that holds it; if that host is gone for good, set force: true to restore " +
+      "the latest snapshot here");
+  }
+  return { next: { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "", owner }, forcedFrom: cur };
+}
+
+/**
+ * Claims the volume for v's resource and host. Refused when another resource or host has it,
+ * unless `force`; returns the lease it replaced when it took the volume by force, and whether
+ * the lease is new (so a failed create can give it back).
+ */
+export async function claim(v: VolumeInputs): Promise<{ lease: Lease; forcedFrom?: Lease; fresh: boolean }> {
+  let forcedFrom: Lease | undefined;
+  let fresh = false;
+  const lease = await updateLease(leaseS3(v), v.volumeId, (cur) => {
+    const r = claimedLease(cur, v);
+    forcedFrom = r.forcedFrom;
+    fresh = !cur || !!r.forcedFrom;
+    return r.next;
+  });
+  return { lease, forcedFrom, fresh };
+}
+
+/** Releases the lease if v's resource and host hold it (and no move is in progress). */
 export async function release(v: VolumeInputs): Promise<void> {
   const s = leaseS3(v);
   for (let i = 0; i < 5; i++) {
     const cur = await readLease(s, v.volumeId);
-    if (!cur || !sameHost(cur.lease.holder, hostRef(v)) || cur.lease.move) return;
+    if (!cur || !sameHost(cur.lease.holder, hostRef(v)) || !ownsLease(cur.lease, v) || cur.lease.move) return;
     try {
       await deleteLease(s, v.volumeId, cur.etag);
       return;
@@ -52,4 +85,16 @@ export async function release(v: VolumeInputs): Promise<void> {
       if (!(e instanceof LeaseConflict)) throw e;
     }
   }
+}
+
+/** Records (or clears) a rebuild's verified final snapshot in the lease, if v's resource holds it. */
+export async function setRebuild(v: VolumeInputs, rebuild: Lease["rebuild"]): Promise<Lease> {
+  return updateLease(leaseS3(v), v.volumeId, (cur) => {
+    if (!cur || !ownsLease(cur, v) || !sameHost(cur.holder, hostRef(v))) {
+      throw new UserError(`volume ${v.volumeId}: this resource does not hold the lease${cur ? ` (${hostName(cur.holder)} does)` : ""}: refusing to rebuild it`);
+    }
+    const next: Lease = { ...cur, rebuild };
+    if (!rebuild) delete next.rebuild;
+    return next;
+  });
 }

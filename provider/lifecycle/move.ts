@@ -13,8 +13,8 @@ import { diffManifests, manifestScript, parseManifest } from "../host/manifest";
 import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { Remote, withRemote } from "../remote/ssh";
-import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, readLease, sameHost, updateLease } from "../storage/lease";
-import { hostRef, leaseS3 } from "./lease";
+import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, ownerName, readLease, sameHost, updateLease } from "../storage/lease";
+import { hostRef, leaseS3, ownsLease } from "./lease";
 import * as steps from "./steps";
 import { faultPoint } from "./faults";
 
@@ -33,7 +33,7 @@ function staging(l: VolumeLayout): string {
 /** Checks the new host before anything on the old one stops: reachable, pinned key, room, free mount path, rustic. */
 async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
   await steps.preflight(r, v, l);
-  const need = l.ownVg ? imageBytes(v.size) : v.size + snapshotBytes(v.size);
+  const need = l.ownVg ? imageBytes(v.size) : v.size + (v.snapshotSpace ?? snapshotBytes(v.size));
   const res = await r.run(l.ownVg
     ? `test -e ${q(l.image)} && echo have || { mkdir -p /var/lib/dboxed-volumes; df -B1 --output=avail /var/lib/dboxed-volumes | tail -n1; }`
     : `lvs ${q(`${l.vg}/${l.lv}`)} >/dev/null 2>&1 && echo have || vgs --noheadings --units b --nosuffix -o vg_free ${q(l.vg)}`, { allowFailure: true });
@@ -72,11 +72,12 @@ async function stopUsers(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: s
 
 async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState): Promise<Lease> {
   return updateLease(leaseS3(v), v.volumeId, (cur) => {
-    if (cur && !sameHost(cur.holder, expectFrom)) {
-      throw new UserError(`volume ${v.volumeId}: the lease is held by ${hostName(cur.holder)}, not by ${hostName(expectFrom)}: refusing to move it`);
+    if (cur && (!sameHost(cur.holder, expectFrom) || !ownsLease(cur, v))) {
+      throw new UserError(`volume ${v.volumeId}: the lease is held by ${hostName(cur.holder)}${cur.owner ? ` for ${ownerName(cur.owner)}` : ""}, ` +
+        `not by ${hostName(expectFrom)} for this resource: refusing to move it`);
     }
-    return { volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1,
-      token: cur?.token ?? newToken(), updatedAt: "", move };
+    return { ...(cur ?? {}), volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1,
+      token: cur?.token ?? newToken(), updatedAt: "", move, owner: cur?.owner ?? v.owner };
   });
 }
 
@@ -136,7 +137,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
           await steps.quiesce(oldR!, lOld);
         });
         log(`final backup on ${oldR!.name}`);
-        const status = await timed("final backup", () => steps.runBackup(oldR!, lOld, log));
+        const status = await timed("final backup", () => steps.finalBackup(oldR!, lOld, log));
         m = { ...m, phase: "final-backup", snapshotId: status.snapshotId };
         await setPhase(news, from, m);
         faultPoint("after-final-backup");
@@ -173,7 +174,8 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         downtimeEnd = Date.now();
         m = { ...m!, phase: "switched" };
         await updateLease(leaseS3(news), news.volumeId, (cur) => ({
-          volumeId: news.volumeId, holder: to, generation: (cur?.generation ?? 1) + 1, token: m!.newToken, updatedAt: "", move: m,
+          ...(cur ?? {}), volumeId: news.volumeId, holder: to, generation: (cur?.generation ?? 1) + 1, token: m!.newToken, updatedAt: "", move: m,
+          owner: cur?.owner ?? news.owner,
         }));
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);
       }
@@ -184,9 +186,12 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
           await steps.teardown(oldR, lOld);
         });
       }
-      await updateLease(leaseS3(news), news.volumeId, (cur) => ({
-        volumeId: news.volumeId, holder: to, generation: cur?.generation ?? 1, token: m!.newToken, updatedAt: "",
-      }));
+      await updateLease(leaseS3(news), news.volumeId, (cur) => {
+        const next: Lease = { ...(cur ?? {}), volumeId: news.volumeId, holder: to, generation: cur?.generation ?? 1, token: m!.newToken,
+          updatedAt: "", owner: cur?.owner ?? news.owner };
+        delete next.move;
+        return next;
+      });
     };
     let oldR: Remote | undefined;
     try {

@@ -8,7 +8,7 @@ import { formatSize, VolumeInputs } from "../inputs";
 import { AGENT_PATH, layoutFor, METRICS_DIR, RUSTIC_PATH, VolumeLayout, volumeEnv } from "../host/layout";
 import { ensureFilesystemScript } from "../host/fs";
 import { ensureStorageScript, growScript, lvsArgv, parseLvs, removeStorageScript } from "../host/lvm";
-import { parseSnapshots, profileToml, restoreArgs, rusticArgv, Snapshot, snapshotsArgs } from "../host/rustic";
+import { diffArgs, parseDiff, parseSnapshots, profileToml, restoreArgs, rusticArgv, Snapshot, snapshotsArgs } from "../host/rustic";
 import { command, quote as q } from "../host/shell";
 import { UNIT_DIR, unitFiles } from "../host/systemd";
 import { Remote } from "../remote/ssh";
@@ -33,14 +33,15 @@ const sha256 = (data: string | Buffer) => crypto.createHash("sha256").update(dat
 /** Checks the host can carry the volume before anything is changed on it. */
 export async function preflight(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
   const mkfs = v.filesystem === "xfs" ? "mkfs.xfs" : "mkfs.ext4";
-  const pkgs = v.filesystem === "xfs" ? "lvm2 xfsprogs" : "lvm2 e2fsprogs";
+  // attr and acl: the manifests that verify moves read xattrs and ACLs with them.
+  const pkgs = v.filesystem === "xfs" ? "lvm2 xfsprogs attr acl" : "lvm2 e2fsprogs attr acl";
   const res = await r.run(`
 missing=""
-for c in lvcreate losetup blkid systemctl mount flock ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
+for c in lvcreate losetup blkid systemctl mount flock findmnt getfattr getfacl ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${pkgs} >/dev/null 2>&1 || true
   missing=""
-  for c in lvcreate losetup blkid systemctl mount flock ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
+  for c in lvcreate losetup blkid systemctl mount flock findmnt getfattr getfacl ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
 fi
 [ -z "$missing" ] || { echo "missing commands:$missing (install ${pkgs})"; exit 31; }
 modprobe dm_snapshot >/dev/null 2>&1 || true
@@ -105,7 +106,7 @@ export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout, l
   await r.run(`install -d -m 0700 ${q(l.configDir)} && install -d -m 0700 ${q(l.stateDir)} /var/cache/dboxed-volumes`);
   const lease = { token: leaseToken, region: v.repository.region,
     url: leaseUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.volumeId, v.repository.forcePathStyle) };
-  await r.writeFile(l.envFile, volumeEnv(l, { sizeBytes: v.size, retention: v.retention, lease }), "0600");
+  await r.writeFile(l.envFile, volumeEnv(l, { sizeBytes: v.size, snapshotSpaceBytes: v.snapshotSpace, retention: v.retention, lease }), "0600");
   await r.writeFile(`${l.configDir}/s3.curl`, curlConfig(v), "0600");
   await r.writeFile(`${l.profile}.toml`, profileToml({
     ...v.repository, accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey, password: v.password,
@@ -172,17 +173,43 @@ fi`, { timeoutMs: 6 * 3600_000 });
  * Makes a new volume hold its data: restores the latest snapshot of this volume id when the
  * repository has one, else starts empty. Backups are refused until this has finished.
  */
-export async function initialize(r: Remote, l: VolumeLayout, log: Log): Promise<{ restoredFrom?: string }> {
+export async function initialize(r: Remote, l: VolumeLayout, log: Log, snapshotId?: string): Promise<{ restoredFrom?: string }> {
   const marker = `${l.stateDir}/initialized`;
   if ((await r.run(`test -e ${q(marker)}`, { allowFailure: true })).code === 0) return {};
   const snaps = await listSnapshots(r, l);
-  const latest = snaps[snaps.length - 1];
-  if (latest) {
-    log(`restoring snapshot ${latest.id.slice(0, 8)} of ${latest.time} into ${l.mountPath}`);
-    await restoreInto(r, l, latest.id, l.mountPath, log);
+  const chosen = snapshotId ? snaps.find((s) => s.id === snapshotId) : snaps[snaps.length - 1];
+  if (snapshotId && !chosen) {
+    throw new UserError(`volume ${l.volumeId}: snapshot ${snapshotId.slice(0, 8)} (its final backup) is not in the repository any more; ` +
+      "nothing was formatted over data: check the repository");
+  }
+  if (chosen) {
+    log(`restoring snapshot ${chosen.id.slice(0, 8)} of ${chosen.time} into ${l.mountPath}`);
+    await restoreInto(r, l, chosen.id, l.mountPath, log);
   }
   await r.run(`touch ${q(marker)}`);
-  return { restoredFrom: latest?.id };
+  return { restoredFrom: chosen?.id };
+}
+
+/** Whether the host has this layout's storage holding the volume's data (formatted as l says, initialised). */
+export async function holdsData(r: Remote, l: VolumeLayout): Promise<boolean> {
+  const res = await r.run(`lvs ${q(`${l.vg}/${l.lv}`)} >/dev/null 2>&1 || exit 1
+test -e ${q(`${l.stateDir}/initialized`)} || exit 1
+[ "$(blkid -p -o value -s TYPE ${q(l.device)} 2>/dev/null)" = ${q(l.filesystem)} ]`, { allowFailure: true });
+  return res.code === 0;
+}
+
+/** Checks a restored tree's content against its snapshot (every chunk re-hashed). */
+export async function verifyRestored(r: Remote, l: VolumeLayout, snapshotId: string, log: Log): Promise<void> {
+  const t0 = Date.now();
+  const res = await r.run(command(rusticArgv(RUSTIC_PATH, l.profile, ["diff", snapshotId, l.mountPath])),
+    { allowFailure: true, timeoutMs: 6 * 3600_000 });
+  // A new ext4 filesystem brings lost+found, which the snapshot of an xfs volume lacks.
+  const changes = parseDiff(res.stdout).filter((c) => !/^\+\s+"?\/?lost\+found"?$/.test(c));
+  if (res.code !== 0 || changes.length) {
+    throw new UserError(`volume ${l.volumeId} on ${r.name}: the restored tree differs from snapshot ${snapshotId.slice(0, 8)}; ` +
+      `the snapshot is kept, run pulumi up again:\n${(changes.length ? changes.slice(0, 20).join("\n") : res.stderr.trim().split("\n").slice(-5).join("\n"))}`);
+  }
+  log(`verified the restored tree against snapshot ${snapshotId.slice(0, 8)} in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
 }
 
 export async function startTimer(r: Remote, l: VolumeLayout): Promise<void> {
@@ -196,6 +223,12 @@ export interface BackupStatus {
   snapshotId?: string;
   lastSuccessAt?: number;
   message?: string;
+  /** Set by a final backup: the provider's nonce, proving the run read the read-only volume. */
+  finalRequest?: string;
+  /** When the data backed up was frozen (lvm2 snapshot, or the read-only volume itself). */
+  snapshotAt?: number;
+  /** Per-step timings of the run ("lock=0.0 rustic=3.1 ..."). */
+  steps?: string;
 }
 
 /** Runs the backup service now and waits for it; returns the status it wrote. */
@@ -204,12 +237,67 @@ export async function runBackup(r: Remote, l: VolumeLayout, log: Log): Promise<B
   const t0 = Date.now();
   const res = await r.runArgv(["systemctl", "start", l.units.backup], { allowFailure: true, timeoutMs: 6 * 3600_000 });
   const status = await readStatus(r, l);
-  if (res.code !== 0 || status.status !== "ok") {
-    const journal = await r.run(`journalctl -u ${q(l.units.backup)} -n 15 --no-pager -o cat 2>/dev/null; true`);
-    throw new UserError(`backup of volume ${l.volumeId} on ${r.name} failed: ${status.message ?? "see below"}\n${journal.stdout.trim()}`);
-  }
+  if (res.code !== 0 || status.status !== "ok") await backupFailed(r, l, status);
   log(`backup done in ${((Date.now() - t0) / 1000).toFixed(0)} s: snapshot ${status.snapshotId?.slice(0, 8)}`);
   return status;
+}
+
+async function backupFailed(r: Remote, l: VolumeLayout, status: BackupStatus): Promise<never> {
+  const journal = await r.run(`journalctl -u ${q(l.units.backup)} -n 15 --no-pager -o cat 2>/dev/null; true`);
+  throw new UserError(`backup of volume ${l.volumeId} on ${r.name} failed: ${status.message ?? "see below"}\n${journal.stdout.trim()}`);
+}
+
+/**
+ * The last backup before a move, delete or rebuild, of a filesystem already read-only.
+ * `systemctl start` while a timer-started run is active joins that run (whose data predates
+ * the remount), so: wait for any run in progress, then start a new one, and accept its result
+ * only if it carries the nonce written after the remount (the agent reads it under its lock
+ * and only while the filesystem is read-only).
+ */
+export async function finalBackup(r: Remote, l: VolumeLayout, log: Log): Promise<BackupStatus> {
+  const nonce = crypto.randomBytes(12).toString("hex");
+  const t0 = Date.now();
+  const unit = q(l.units.backup);
+  const res = await r.run(`findmnt -n -o OPTIONS --mountpoint ${q(l.mountPath)} | tr ',' '\\n' | grep -qx ro || exit 41
+printf '%s\\n' ${nonce} > ${q(`${l.stateDir}/final-request`)}
+waited=0
+while :; do
+  st=$(systemctl show -p ActiveState --value ${unit})
+  case "$st" in activating|active|deactivating|reloading) ;; *) break ;; esac
+  if [ "$waited" = 0 ]; then echo "waiting for a periodic backup in progress (started $(systemctl show -p ExecMainStartTimestamp --value ${unit}))"; fi
+  waited=$((waited + 1)); sleep 1
+done
+[ "$waited" = 0 ] || echo "the periodic backup ended after $waited s"
+systemctl start ${unit}`, { allowFailure: true, timeoutMs: 6 * 3600_000, onLine: (line) => log(`${r.name}: ${line}`) });
+  if (res.code === 41) throw new UserError(`volume ${l.volumeId} on ${r.name} is not read-only: refusing to take a final backup of a volume that can still change`);
+  const status = await readStatus(r, l);
+  if (res.code !== 0 || status.status !== "ok") await backupFailed(r, l, status);
+  if (status.finalRequest !== nonce) {
+    throw new UserError(`volume ${l.volumeId} on ${r.name}: the backup that ran is not the final one (it did not read the volume after it became ` +
+      `read-only; snapshot ${status.snapshotId?.slice(0, 8)} of ${iso(status.snapshotAt)}); nothing was removed, run pulumi up again`);
+  }
+  log(`final backup done in ${((Date.now() - t0) / 1000).toFixed(0)} s: snapshot ${status.snapshotId?.slice(0, 8)}`);
+  return status;
+}
+
+function iso(sec?: number): string {
+  return sec ? new Date(sec * 1000).toISOString() : "unknown time";
+}
+
+/**
+ * Checks a snapshot against the read-only tree it was taken from, without restoring it: rustic
+ * reads every file, chunks it, and compares contents and metadata with the snapshot's tree.
+ */
+export async function verifySnapshot(r: Remote, l: VolumeLayout, snapshotId: string, log: Log): Promise<void> {
+  const t0 = Date.now();
+  const res = await r.run(command(rusticArgv(RUSTIC_PATH, l.profile, diffArgs(snapshotId, l.mountPath))),
+    { allowFailure: true, timeoutMs: 6 * 3600_000 });
+  const changes = parseDiff(res.stdout);
+  if (res.code !== 0 || changes.length) {
+    throw new UserError(`volume ${l.volumeId} on ${r.name}: the final snapshot ${snapshotId.slice(0, 8)} does not match the read-only volume; ` +
+      `nothing was removed:\n${(changes.length ? changes.slice(0, 20).join("\n") : res.stderr.trim().split("\n").slice(-5).join("\n"))}`);
+  }
+  log(`verified snapshot ${snapshotId.slice(0, 8)} against the read-only volume in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
 }
 
 export async function readStatus(r: Remote, l: VolumeLayout): Promise<BackupStatus> {
@@ -281,9 +369,10 @@ echo; fuser -vm ${q(l.mountPath)} 2>&1 | tail -n 10; exit 40`, { allowFailure: t
   if (res.code !== 0) throw new CommandError(r.name, "remount read-only", res.code, res.signal, res.stdout, res.stderr);
 }
 
-/** Lets writers back in after a failed final backup. */
+/** Lets writers back in after a failed final backup, and restarts the schedule. */
 export async function unquiesce(r: Remote, l: VolumeLayout): Promise<void> {
-  await r.run(`mountpoint -q ${q(l.mountPath)} && mount -o remount,rw ${q(l.mountPath)}; true`);
+  await r.run(`rm -f ${q(`${l.stateDir}/final-request`)}
+mountpoint -q ${q(l.mountPath)} && mount -o remount,rw ${q(l.mountPath)}; true`);
 }
 
 /** Stops and removes units, unmounts, removes the LV/image and the volume's files on the host. */

@@ -4,6 +4,7 @@
 // volume is still there, with its data.
 import { UserError } from "../errors";
 import { parseSize, volumeSchema, VolumeInputs, formatSize } from "../inputs";
+import { legacyDefaultVolumeId } from "../volumeId";
 import { VolumeLayout } from "../host/layout";
 import { Snapshot } from "../host/rustic";
 import { quote as q } from "../host/shell";
@@ -11,7 +12,7 @@ import { Remote, withRemote } from "../remote/ssh";
 import { checkInputs } from "./check";
 import { progress } from "./progress";
 import * as steps from "./steps";
-import { claim, hostRef, leaseS3, release } from "./lease";
+import { claim, hostRef, leaseS3, ownsLease, release, setRebuild } from "./lease";
 import { move } from "./move";
 import { readLease, sameHost, hostName } from "../storage/lease";
 
@@ -33,12 +34,14 @@ export interface VolumeOutputs {
   lastMove: Record<string, unknown>;
 }
 
-/** Fields whose change means a new volume (its data carried over by final backup + restore). */
-const REPLACE_FIELDS = ["volumeId", "filesystem", "volumeGroup"] as const;
-/** Fields of the volume's inputs that are compared by diff. */
+/**
+ * Fields of the volume's inputs that are compared by diff. No change replaces the resource: a new
+ * filesystem or volumeGroup is rebuilt in place (the data carried by a verified final backup and
+ * a restore), a new host is a move, and volumeId cannot change (refused by check).
+ */
 const INPUT_FIELDS = ["volumeId", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
   "finalBackupOnDelete", "forgetSnapshotsOnDelete", "repository", "accessKeyId", "secretAccessKey", "password",
-  "retention", "rustic", "stopUnits", "warmMove", "force"] as const;
+  "retention", "rustic", "stopUnits", "warmMove", "force", "snapshotSpace"] as const;
 
 /** One operation at a time per volume and host, for as long as this connection lives. */
 async function exclusive<T>(r: Remote, l: VolumeLayout, log: (m: string) => void, fn: () => Promise<T>): Promise<T> {
@@ -56,6 +59,18 @@ function logger(v: { volumeId: string }) {
 
 export async function check(olds: Props, news: Props) {
   const res = checkInputs(volumeSchema, news);
+  if (res.value && olds && typeof olds.volumeId === "string" && olds.volumeId !== res.value.volumeId) {
+    const from = res.value.volumeIdFrom;
+    if (from && olds.volumeId === legacyDefaultVolumeId(from.stack, from.name)) {
+      // Created before default ids were made collision-free: the volume keeps the id it has.
+      res.inputs.volumeId = olds.volumeId;
+      res.value.volumeId = olds.volumeId;
+    } else {
+      res.failures.push({ property: "volumeId", reason: `volumeId: the id of an existing volume cannot change (${olds.volumeId} -> ${res.value.volumeId}): ` +
+        `its data and snapshots live under ${olds.volumeId}. Keep volumeId "${olds.volumeId}"; for a volume under another id, ` +
+        "declare a new Volume (it starts from that id's own snapshots, or empty) and copy the data into it" });
+    }
+  }
   if (res.value && olds && olds.volumeId === res.value.volumeId && typeof olds.size === "number") {
     const bytes = parseSize(res.value.size);
     if (bytes < olds.size) {
@@ -63,7 +78,10 @@ export async function check(olds: Props, news: Props) {
         "keep the size, or create a new volume and copy the data" });
     }
   }
-  if (res.value && res.failures.length === 0) res.inputs.size = parseSize(res.value.size);
+  if (res.value && res.failures.length === 0) {
+    res.inputs.size = parseSize(res.value.size);
+    if (res.value.snapshotSpace !== undefined) res.inputs.snapshotSpace = parseSize(res.value.snapshotSpace);
+  }
   return { inputs: res.inputs, failures: res.failures };
 }
 
@@ -73,9 +91,9 @@ function same(a: unknown, b: unknown): boolean {
 
 export async function diff(_id: string, olds: Props, news: Props) {
   const changes = INPUT_FIELDS.filter((f) => !same(olds[f], news[f]));
-  const replaces: string[] = REPLACE_FIELDS.filter((f) => !same(olds[f], news[f]));
-  // A new host is a move (an update): final backup on the old host, verified restore on the new one.
-  return { changes: changes.length > 0, replaces, deleteBeforeReplace: true, stables: [] as string[] };
+  // A new host is a move, a new filesystem or volumeGroup a rebuild: both are updates that carry
+  // the data over under the volume's lease, never a delete and create that could lose it.
+  return { changes: changes.length > 0, replaces: [] as string[], deleteBeforeReplace: false, stables: [] as string[] };
 }
 
 function iso(sec?: number): string {
@@ -102,16 +120,21 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
 }
 
 /** Everything that makes a volume run on a host; each step skips what is already done. */
-async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m: string) => void): Promise<{ restoredFrom?: string }> {
+async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m: string) => void,
+  restore?: string): Promise<{ restoredFrom?: string }> {
   const l = steps.layout(v);
   await steps.preflight(r, v, l);
   await steps.installTools(r, v, log);
   await steps.writeConfig(r, v, l, leaseToken);
   await steps.ensureStorage(r, v, l);
   await steps.installUnits(r, v, l);
-  const init = await steps.initialize(r, l, log);
+  const init = await steps.initialize(r, l, log, restore);
   await steps.startTimer(r, l);
   return init;
+}
+
+async function snapshotsOrUndefined(r: Remote, l: VolumeLayout): Promise<Snapshot[] | undefined> {
+  try { return await steps.listSnapshots(r, l); } catch { return undefined; }
 }
 
 export async function create(inputs: Props) {
@@ -120,22 +143,28 @@ export async function create(inputs: Props) {
   const l = steps.layout(v);
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     log(`creating on ${r.name}: ${formatSize(v.size)} ${v.filesystem} at ${v.mountPath}`);
-    const { lease, forcedFrom } = await claim(v);
-    const init = await converge(r, v, lease.token, log);
-    let lastMove: Record<string, unknown> = {};
-    if (forcedFrom) {
+    const { lease, forcedFrom, fresh } = await claim(v);
+    try {
+      const init = await converge(r, v, lease.token, log);
+      let lastMove: Record<string, unknown> = {};
+      if (forcedFrom) {
+        const snaps = await steps.listSnapshots(r, l);
+        const used = snaps.find((s) => s.id === init.restoredFrom);
+        const lostSeconds = used ? Math.round((Date.now() - Date.parse(used.time)) / 1000) : null;
+        lastMove = { forced: true, from: hostName(forcedFrom.holder), to: r.name, snapshotId: init.restoredFrom ?? "",
+          snapshotTime: used?.time ?? "", dataLossWindowSeconds: lostSeconds };
+        log(`FORCED takeover from ${hostName(forcedFrom.holder)}: restored snapshot ${init.restoredFrom?.slice(0, 8) ?? "(none)"} ` +
+          `of ${used?.time ?? "never"}; anything written on the old host after it (up to ${lostSeconds ?? "?"} s) is lost`);
+      }
+      await steps.runBackup(r, l, log);
+      const obs = await steps.observe(r, l);
       const snaps = await steps.listSnapshots(r, l);
-      const used = snaps.find((s) => s.id === init.restoredFrom);
-      const lostSeconds = used ? Math.round((Date.now() - Date.parse(used.time)) / 1000) : null;
-      lastMove = { forced: true, from: hostName(forcedFrom.holder), to: r.name, snapshotId: init.restoredFrom ?? "",
-        snapshotTime: used?.time ?? "", dataLossWindowSeconds: lostSeconds };
-      log(`FORCED takeover from ${hostName(forcedFrom.holder)}: restored snapshot ${init.restoredFrom?.slice(0, 8) ?? "(none)"} ` +
-        `of ${used?.time ?? "never"}; anything written on the old host after it (up to ${lostSeconds ?? "?"} s) is lost`);
+      return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove }, init.restoredFrom ?? "") } };
+    } catch (e) {
+      // Not created: a lease this create took must not keep the volume id from being created elsewhere.
+      if (fresh && !forcedFrom) await release(v).catch(() => undefined);
+      throw e;
     }
-    await steps.runBackup(r, l, log);
-    const obs = await steps.observe(r, l);
-    const snaps = await steps.listSnapshots(r, l);
-    return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove }, init.restoredFrom ?? "") } };
   }), { log });
 }
 
@@ -155,32 +184,112 @@ export async function read(id: string, props: Props) {
   });
 }
 
+/** Units that use the volume: the ones the user listed and the ones systemd says need the mount. */
+export async function usersOf(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<string[]> {
+  const deps = await r.run(`systemctl show -p RequiredBy -p BoundBy --value ${q(l.units.mount)} 2>/dev/null | tr ' ' '\\n' | grep -v '^$' || true`);
+  return [...new Set([...v.stopUnits, ...deps.stdout.split("\n").map((x) => x.trim()).filter(Boolean)])]
+    .filter((u) => u !== l.units.backup && u !== l.units.timer);
+}
+
+/**
+ * Stops the volume's users and schedule, makes it read-only, takes the final backup and verifies
+ * it against the read-only tree. On failure the volume is given back: read-write, scheduled, its
+ * users started again.
+ */
+async function finalBackupVerified(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void,
+  opts: { stopUsers: boolean }): Promise<string> {
+  const users = opts.stopUsers ? await usersOf(r, v, l) : [];
+  try {
+    if (users.length) {
+      log(`stopping ${users.join(", ")} on ${r.name}`);
+      await r.runArgv(["systemctl", "stop", "--", ...users]);
+    }
+    await r.runArgv(["systemctl", "stop", l.units.timer]);
+    await steps.quiesce(r, l);
+    log(`final backup on ${r.name}`);
+    const status = await steps.finalBackup(r, l, log);
+    await steps.verifySnapshot(r, l, status.snapshotId!, log);
+    return status.snapshotId!;
+  } catch (e) {
+    await giveBack(r, l, users);
+    throw new UserError(`${(e as Error).message}\nThe volume was left in place on ${r.name}: mounted read-write and scheduled as before` +
+      `${users.length ? `, ${users.join(", ")} started again` : ""}.`);
+  }
+}
+
+/** Puts a volume back in service after a failed final step: mount, read-write, timer, users. */
+async function giveBack(r: Remote, l: VolumeLayout, users: string[]): Promise<void> {
+  await r.run(`systemctl enable --now --quiet ${q(l.units.device)} ${q(l.units.mount)} 2>/dev/null || true`, { allowFailure: true });
+  await steps.unquiesce(r, l).catch(() => undefined);
+  await r.run(`systemctl enable --now --quiet ${q(l.units.timer)} 2>/dev/null || true`, { allowFailure: true });
+  if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
+}
+
+/**
+ * A new filesystem or volumeGroup on the same host: final backup of the read-only volume
+ * (verified), the old storage removed, the new one created and the final snapshot restored.
+ * The snapshot is recorded in the lease first, so a run cut off anywhere resumes without loss.
+ */
+async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, log: (m: string) => void) {
+  const lOld = steps.layout(olds), l = steps.layout(v);
+  const { lease } = await claim({ ...v, force: false });
+  let snapshotId = lease.rebuild?.snapshotId;
+  const users = await usersOf(r, olds, lOld);
+  if (await steps.holdsData(r, lOld)) {
+    log(`rebuilding on ${r.name}: ${olds.filesystem}${olds.volumeGroup ? ` in ${olds.volumeGroup}` : ""} -> ` +
+      `${v.filesystem}${v.volumeGroup ? ` in ${v.volumeGroup}` : ""}`);
+    await r.run(`systemctl start ${q(lOld.units.device)} ${q(lOld.units.mount)}`);
+    snapshotId = await finalBackupVerified(r, olds, lOld, log, { stopUsers: true });
+    await setRebuild(v, { snapshotId, startedAt: new Date().toISOString() });
+    log(`removing the old ${olds.filesystem} storage from ${r.name}`);
+    await steps.teardown(r, lOld);
+  } else if (snapshotId) {
+    log(`resuming the rebuild: restoring final snapshot ${snapshotId.slice(0, 8)}`);
+  }
+  const init = await converge(r, v, lease.token, log, snapshotId);
+  if (init.restoredFrom) await steps.verifyRestored(r, l, init.restoredFrom, log);
+  await setRebuild(v, undefined);
+  if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
+}
+
 export async function update(id: string, olds: Props, news: Props) {
   const v = news as VolumeInputs;
+  const o = olds as VolumeInputs;
   const log = logger(v);
   const l = steps.layout(v);
-  if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) {
-    const report = await move(olds as VolumeInputs, v, log, (r, lay, fn) => exclusive(r, lay, log, fn));
+  if (!sameHost(hostRef(o), hostRef(v))) {
+    const report = await move(o, v, log, (r, lay, fn) => exclusive(r, lay, log, fn));
     log(`moved from ${report.from} to ${report.to}: downtime ${report.downtimeSeconds} s (${report.warm ? "warm" : "cold"}); ` +
       Object.entries(report.phases).map(([k, t]) => `${k} ${t} s`).join(", "));
     return withRemote(v.host, async (r) => {
       const obs = await steps.observe(r, l);
-      let snaps: Snapshot[] | undefined;
-      try { snaps = await steps.listSnapshots(r, l); } catch { snaps = undefined; }
+      const snaps = await snapshotsOrUndefined(r, l);
       return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, lastMove: report as unknown as Record<string, unknown> }) } };
     });
   }
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
-    const { lease } = await claim({ ...v, force: false });
-    await converge(r, v, lease.token, log);
-    if (v.size > (olds.size ?? 0)) {
-      log(`growing to ${formatSize(v.size)}`);
-      await steps.grow(r, v, l);
+    if (o.host.address !== v.host.address || Number(o.host.port) !== Number(v.host.port)) {
+      // Same pinned key at another address: the same machine, unless hosts were cloned with their keys.
+      const obs = await steps.observe(r, steps.layout(o));
+      if (!obs.present && !obs.configured) {
+        throw new UserError(`host: ${r.name} presents the same host key as ${o.host.address}:${o.host.port}, but volume ${v.volumeId} is not there. ` +
+          "If it is another machine, it shares its SSH host keys with the old one (a cloned image?): give it keys of its own (ssh-keygen -A) and pin them");
+      }
+      log(`${o.host.address}:${o.host.port} is now reached as ${r.name} (same host key): not a move`);
     }
-    if (olds.backupSchedule !== v.backupSchedule) await r.runArgv(["systemctl", "restart", l.units.timer]);
+    if (o.filesystem !== v.filesystem || (o.volumeGroup ?? "") !== (v.volumeGroup ?? "")) {
+      await rebuild(r, o, v, log);
+    } else {
+      const { lease } = await claim({ ...v, force: false });
+      await converge(r, v, lease.token, log);
+      if (v.size > (o.size ?? 0)) {
+        log(`growing to ${formatSize(v.size)}`);
+        await steps.grow(r, v, l);
+      }
+      if (o.backupSchedule !== v.backupSchedule) await r.runArgv(["systemctl", "restart", l.units.timer]);
+    }
     const obs = await steps.observe(r, l);
-    let snaps: Snapshot[] | undefined;
-    try { snaps = await steps.listSnapshots(r, l); } catch { snaps = undefined; }
+    const snaps = await snapshotsOrUndefined(r, l);
     return { outs: { ...news, ...outputs(l, obs, snaps, olds) } };
   }), { log });
 }
@@ -194,38 +303,31 @@ export async function remove(id: string, props: Props) {
     const initialized = (await r.run(`test -e ${q(l.stateDir + "/initialized")}`, { allowFailure: true })).code === 0;
     if (!obs.present && !obs.configured) {
       log(`nothing left on ${r.name}`);
+      await release(v);
       return;
     }
-    await r.runArgv(["systemctl", "stop", l.units.timer], { allowFailure: true });
     const lease = await readLease(leaseS3(v), v.volumeId);
-    const fenced = !!lease && !sameHost(lease.lease.holder, hostRef(v));
-    if (fenced) log(`${r.name} no longer holds volume ${v.volumeId} (${hostName(lease!.lease.holder)} does): no final backup from here`);
-    let mounted = obs.mounted && !fenced;
-    if (!fenced && !mounted && obs.present && initialized && v.finalBackupOnDelete && !v.forgetSnapshotsOnDelete) {
-      // Not mounted (e.g. a failed boot): mount it so the final backup sees its latest data.
-      await r.runArgv(["systemctl", "start", l.units.device, l.units.mount]);
-      mounted = true;
-    }
-    if (v.forgetSnapshotsOnDelete && fenced) {
-      log("not forgetting the snapshots: another host holds the volume and needs them");
+    const fenced = !!lease && (!sameHost(lease.lease.holder, hostRef(v)) || !ownsLease(lease.lease, v));
+    if (fenced) {
+      log(`${r.name} no longer holds volume ${v.volumeId} (${hostName(lease!.lease.holder)} does): no final backup from here`);
     } else if (v.forgetSnapshotsOnDelete) {
+      await r.runArgv(["systemctl", "stop", l.units.timer], { allowFailure: true });
       await steps.forgetSnapshots(r, l, log);
-    } else if (v.finalBackupOnDelete && mounted && initialized) {
-      await steps.quiesce(r, l);
-      try {
-        log("final backup before removal");
-        await steps.runBackup(r, l, log);
-      } catch (e) {
-        await steps.unquiesce(r, l);
-        await r.runArgv(["systemctl", "start", l.units.timer], { allowFailure: true });
-        throw new UserError(`${(e as Error).message}\nThe volume was left in place, mounted and scheduled as before. ` +
-          "Fix the cause and run again, or set finalBackupOnDelete: false to delete without a final backup.");
-      }
+    } else if (v.finalBackupOnDelete && initialized && obs.present) {
+      // Not mounted (e.g. a failed boot): mount it so the final backup sees its latest data.
+      if (!obs.mounted) await r.runArgv(["systemctl", "start", l.units.device, l.units.mount]);
+      await finalBackupVerified(r, v, l, log, { stopUsers: false });
     } else if (v.finalBackupOnDelete && !initialized && obs.configured) {
       log("the volume never finished its first restore: no final backup (the repository holds its data)");
     }
     log(`removing from ${r.name}`);
-    await steps.teardown(r, l);
+    try {
+      await steps.teardown(r, l);
+    } catch (e) {
+      if (!fenced) await giveBack(r, l, []);
+      throw new UserError(`${(e as Error).message}\nThe volume was left in place on ${r.name}` +
+        `${fenced ? "" : ": mounted read-write and scheduled as before"}; fix the cause and run again.`);
+    }
     await release(v);
   }), { log });
 }

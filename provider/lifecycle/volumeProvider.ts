@@ -1,6 +1,7 @@
 // The VolumeProvider resource: an S3 bucket + prefix holding one rustic repository that the
 // provider's volumes back up into. Create checks S3 and initialises the repository once.
 import { volumeProviderSchema, VolumeProviderInputs } from "../inputs";
+import { probeConditionalWrites } from "../storage/lease";
 import { ensureBucket, repositoryExists, S3Settings } from "../storage/s3";
 import { checkInputs } from "./check";
 import { runLocalRustic } from "./localRustic";
@@ -31,9 +32,15 @@ function s3Settings(v: VolumeProviderInputs): S3Settings {
   return { ...v.s3 };
 }
 
-async function ensureRepository(v: VolumeProviderInputs): Promise<boolean> {
+/**
+ * `probe`: check that the server honours conditional writes (it writes a probe object, so
+ * only create and update call for it, never check or diff: previews must not write to S3).
+ */
+async function ensureRepository(v: VolumeProviderInputs, probe: boolean): Promise<boolean> {
   const s3 = s3Settings(v);
   await ensureBucket(s3, v.s3.createBucket);
+  // After the bucket check (the probe needs the bucket), before any repository is made.
+  if (probe) await probeConditionalWrites(s3);
   if (await repositoryExists(s3)) {
     // The repository is there: prove the password opens it, so volumes do not fail later.
     await runLocalRustic(v.rustic, { ...s3, password: v.password }, ["cat", "config"]).catch((e) => {
@@ -48,16 +55,17 @@ async function ensureRepository(v: VolumeProviderInputs): Promise<boolean> {
 
 export async function create(inputs: Props) {
   const v = inputs as VolumeProviderInputs;
-  const initialised = await ensureRepository(v);
+  const initialised = await ensureRepository(v, true);
   return {
     id: `s3://${v.s3.bucket}/${v.s3.prefix}`,
     outs: { ...inputs, repository: `s3://${v.s3.bucket}/${v.s3.prefix}`, initialisedRepository: initialised },
   };
 }
 
-export async function update(_id: string, _olds: Props, news: Props) {
+export async function update(_id: string, olds: Props, news: Props) {
   const v = news as VolumeProviderInputs;
-  await ensureRepository(v);
+  // Probed once per S3 server: again only when the s3 settings change.
+  await ensureRepository(v, JSON.stringify(olds.s3 ?? null) !== JSON.stringify(news.s3 ?? null));
   return { outs: { ...news, repository: `s3://${v.s3.bucket}/${v.s3.prefix}` } };
 }
 

@@ -1,6 +1,7 @@
 import * as pulumi from "@pulumi/pulumi";
 import { retentionSchema, S3_DEFAULTS } from "../inputs";
 import { refuseUnknownArgs, shim } from "./shim";
+import { defaultVolumeId } from "../volumeId";
 import { VolumeProvider } from "./volumeProvider";
 
 export interface HostArgs {
@@ -39,6 +40,11 @@ export interface VolumeArgs {
   /** Restore the latest periodic snapshot on the new host before stopping the old one (default true). */
   warmMove?: pulumi.Input<boolean>;
   /**
+   * Copy-on-write space for a backup's lvm2 snapshot of a volume in a shared volumeGroup (default a
+   * quarter of size, at least 64MiB). A backup during which the volume changes by more fails.
+   */
+  snapshotSpace?: pulumi.Input<string | number>;
+  /**
    * Take the volume although another host holds it, restoring its latest snapshot: for when that
    * host is gone for good. Data written since that snapshot is lost; the output says how much time.
    */
@@ -46,12 +52,9 @@ export interface VolumeArgs {
 }
 
 const VOLUME_ARGS = ["volumeProvider", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
-  "volumeId", "finalBackupOnDelete", "forgetSnapshotsOnDelete", "stopUnits", "warmMove", "force"];
+  "volumeId", "finalBackupOnDelete", "forgetSnapshotsOnDelete", "stopUnits", "warmMove", "force", "snapshotSpace"];
 
-/** The default volume id: "<stack>-<name>", reduced to the characters volume ids allow. */
-export function defaultVolumeId(stack: string, name: string): string {
-  return `${stack}-${name}`.toLowerCase().replace(/[^a-z0-9-]+/g, "-").replace(/^-+/, "").slice(0, 40).replace(/-+$/, "");
-}
+export { defaultVolumeId } from "../volumeId";
 
 /** A persistent volume on an SSH host: lvm2 + scheduled crash-consistent rustic backups to S3. */
 export class Volume extends pulumi.dynamic.Resource {
@@ -89,6 +92,9 @@ export class Volume extends pulumi.dynamic.Resource {
       : Promise.resolve(extra).then((d: any) => [...(Array.isArray(d) ? d : [d]), args.volumeProvider]);
     super(shim("volume"), name, {
       volumeId: args.volumeId ?? defaultVolumeId(pulumi.getStack(), name),
+      volumeIdFrom: args.volumeId === undefined ? { stack: pulumi.getStack(), name } : undefined,
+      owner: { project: pulumi.getProject(), stack: pulumi.getStack(), name },
+      snapshotSpace: args.snapshotSpace,
       host: pulumi.secret(args.host),
       hostAddress: pulumi.output(args.host).apply((h) => h.address),
       size: args.size,

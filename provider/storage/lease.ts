@@ -4,7 +4,14 @@
 import { UserError } from "../errors";
 import { explainS3Error, s3Client, S3Settings } from "./s3";
 
-export interface HostRef { address: string; port: number }
+/**
+ * A host as the lease knows it. A host is who its pinned key says: the same key at another
+ * address or port is the same machine (no move); hosts without a recorded key compare by address.
+ */
+export interface HostRef { address: string; port: number; hostKey?: string }
+
+/** The Pulumi resource that owns a volume: one per volume id, whatever host it lives on. */
+export interface Owner { project: string; stack: string; name: string }
 
 export type MovePhase = "warm" | "final-backup" | "restored" | "switched";
 
@@ -28,12 +35,34 @@ export interface Lease {
   token: string;
   updatedAt: string;
   move?: MoveState;
+  /** The resource that owns the volume (absent in leases written before owners were recorded). */
+  owner?: Owner;
+  /** A rebuild (filesystem or volumeGroup change) in progress: the verified final snapshot to restore. */
+  rebuild?: { snapshotId: string; startedAt: string };
 }
 
 export class LeaseConflict extends Error {}
 
+/** "type base64" of a host key line, without comment or surrounding space. */
+export function normalizeHostKey(k: string | undefined): string | undefined {
+  if (!k) return undefined;
+  const parts = k.trim().split(/\s+/);
+  return parts.length >= 2 ? `${parts[0]} ${parts[1]}` : undefined;
+}
+
 export function sameHost(a: HostRef | undefined, b: HostRef | undefined): boolean {
-  return !!a && !!b && a.address === b.address && Number(a.port) === Number(b.port);
+  if (!a || !b) return false;
+  const ka = normalizeHostKey(a.hostKey), kb = normalizeHostKey(b.hostKey);
+  if (ka && kb) return ka === kb;
+  return a.address === b.address && Number(a.port) === Number(b.port);
+}
+
+export function sameOwner(a: Owner | undefined, b: Owner | undefined): boolean {
+  return !!a && !!b && a.project === b.project && a.stack === b.stack && a.name === b.name;
+}
+
+export function ownerName(o: Owner | undefined): string {
+  return o ? `resource "${o.name}" of stack ${o.project}/${o.stack}` : "an unknown resource";
 }
 
 export function hostName(h: HostRef): string {
@@ -112,27 +141,53 @@ export async function updateLease(s: S3Settings, volumeId: string, change: (cur:
   throw new UserError(`the lease of volume ${volumeId} keeps changing: another stack or pulumi run is working on this volume`);
 }
 
-/** Checks once that the server honours conditional writes; leases are only safe where it does. */
+/**
+ * Checks that the server honours both conditional writes the leases rely on: If-None-Match: *
+ * (create only if absent) and If-Match: <etag> (compare-and-swap). Some S3-compatible servers
+ * silently ignore them (a 200 where 412 was due), and a lease there would not be exclusive.
+ */
 export async function probeConditionalWrites(s: S3Settings): Promise<void> {
   const { PutObjectCommand, DeleteObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   const client = s3Client(s);
-  const Key = `${s.prefix}-meta/probe-${process.pid}-${Date.now()}`;
-  try {
-    await client.send(new PutObjectCommand({ Bucket: s.bucket, Key, Body: "1", IfNoneMatch: "*" }));
-    let honoured = false;
+  const Key = `${s.prefix}-meta/probe-${process.pid}-${Date.now()}-${newToken().slice(0, 8)}`;
+  const ignored = (header: string) => new UserError(
+    `s3.endpoint: the S3 server at ${s.endpoint} ignores ${header} on PutObject, so volume leases ` +
+    "(which keep a volume on one host at a time) would not be safe there; use a server that supports " +
+    "conditional writes (AWS S3, MinIO, R2, versitygw ...)");
+  const put = (Body: string, cond: { IfNoneMatch?: string; IfMatch?: string }) =>
+    client.send(new PutObjectCommand({ Bucket: s.bucket, Key, Body, ...cond }));
+  /** True when the server refused the write as a failed precondition; other errors are explained. */
+  const refused = async (write: Promise<unknown>): Promise<boolean> => {
     try {
-      await client.send(new PutObjectCommand({ Bucket: s.bucket, Key, Body: "2", IfNoneMatch: "*" }));
+      await write;
+      return false;
     } catch (err) {
       const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
-      honoured = status === 412 || status === 409;
-      if (!honoured) throw explainS3Error(err, s, "probe conditional writes");
+      if (status === 412 || status === 409) return true;
+      throw explainS3Error(err, s, "probe conditional writes");
     }
-    await client.send(new DeleteObjectCommand({ Bucket: s.bucket, Key }));
-    if (!honoured) {
-      throw new UserError(`s3.endpoint: the S3 server at ${s.endpoint} ignores If-None-Match on PutObject, so volume leases ` +
-        "(which keep a volume on one host at a time) would not be safe there; use a server that supports conditional writes");
+  };
+  try {
+    let etag: string | undefined;
+    try {
+      etag = (await put("1", { IfNoneMatch: "*" })).ETag;
+    } catch (err) {
+      // A fresh key: a precondition failure here is as wrong as ignoring the header.
+      throw explainS3Error(err, s, "probe conditional writes");
+    }
+    if (!etag) throw new UserError(`s3.endpoint: the S3 server at ${s.endpoint} returned no ETag on PutObject; volume leases need it`);
+    if (!(await refused(put("2", { IfNoneMatch: "*" })))) throw ignored("If-None-Match");
+    if (!(await refused(put("3", { IfMatch: '"0000000000000000000000000000000"' })))) throw ignored("If-Match");
+    // The real etag must pass, or no lease could ever be changed. After an ignored If-None-Match
+    // we threw above, so the object still holds "1" and its etag.
+    try {
+      await put("4", { IfMatch: etag });
+    } catch (err) {
+      throw explainS3Error(err, s, "probe conditional writes (If-Match with the current etag)");
     }
   } finally {
+    // The probe object is not needed afterwards, whatever happened; a leftover is harmless.
+    await client.send(new DeleteObjectCommand({ Bucket: s.bucket, Key })).catch(() => undefined);
     client.destroy();
   }
 }

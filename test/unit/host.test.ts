@@ -1,10 +1,10 @@
 // Pure builders and parsers of the host side: unit names, env files, TOML, JSON output parsing,
 // manifests, lease URLs.
 import { expect } from "chai";
-import { execFileSync } from "child_process";
+import { execFileSync, spawnSync } from "child_process";
 import { layoutFor, mountUnitName, volumeEnv } from "../../provider/host/layout";
 import { parseLvs } from "../../provider/host/lvm";
-import { diffManifests, parseManifest } from "../../provider/host/manifest";
+import { diffManifests, manifestScript, parseManifest } from "../../provider/host/manifest";
 import { parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
 import { leaseUrl, sameHost } from "../../provider/storage/lease";
 import { diff } from "../../provider/lifecycle/volume";
@@ -54,8 +54,8 @@ describe("lvm", () => {
 });
 
 describe("manifests", () => {
-  const out = (meta: string, sums: string) =>
-    `==meta\n${Buffer.from(meta).toString("base64")}\n==sums\n${Buffer.from(sums).toString("base64")}\n==xattrs\n\n==acls\n\n`;
+  const out = (meta: string, sums: string, root = "41ed\t0\t0") =>
+    `==root\n${root}\n==meta\n${Buffer.from(meta).toString("base64")}\n==sums\n${Buffer.from(sums).toString("base64")}\n==xattrs\n\n==acls\n\n`;
   const h = "0".repeat(64);
   it("groups hardlinks and finds differences by field", () => {
     const meta = "f\t644\t0\t0\t3\t1.5\t2\t11\t\t./a\0f\t644\t0\t0\t3\t1.5\t2\t11\t\t./b\0l\t777\t0\t0\t1\t2.0\t1\t12\ta\t./c\0";
@@ -65,6 +65,19 @@ describe("manifests", () => {
     expect(diffManifests(m, m)).to.deep.equal([]);
     const other = parseManifest(out(meta.replace("\t644\t0\t0\t3\t1.5\t2\t11\t\t./b", "\t600\t0\t0\t3\t1.5\t2\t11\t\t./b"), `${h}  ./a\0${h}  ./b\0`));
     expect(diffManifests(m, other)[0]).to.match(/^\.\/b: mode 644 != 600/);
+  });
+
+  it("compares the volume root's own mode and owner", () => {
+    const a = parseManifest(out("", "", "41ed\t0\t0"));
+    const b = parseManifest(out("", "", "41c0\t999\t999"));
+    expect(diffManifests(a, b)).to.deep.equal(["the volume root's mode and owner differ: 41ed\t0\t0 != 41c0\t999\t999"]);
+  });
+
+  it("fails when getfattr or getfacl is missing instead of comparing empty sections", () => {
+    const script = manifestScript("/tmp");
+    const res = spawnSync("/bin/sh", ["-c", script], { env: { PATH: "/nonexistent" } });
+    expect(res.status).to.equal(44);
+    expect(res.stderr.toString()).to.match(/manifest: \S+ is missing/);
   });
 });
 
@@ -76,14 +89,18 @@ describe("leases and diff", () => {
     expect(leaseUrl("https://s3.example.org", "bkt", "p", "v1", false)).to.equal("https://bkt.s3.example.org/p-meta/volumes/v1/lease.json");
   });
 
-  it("a new host is an update (a move); a new filesystem a replacement that deletes first", async () => {
+  it("a new host is an update (a move); a new filesystem or volumeGroup an update (a rebuild), never a replacement", async () => {
     const base = { volumeId: "v", host: { address: "a", port: 22 }, filesystem: "ext4", size: 1 };
     const move = await diff("v", base, { ...base, host: { address: "b", port: 22 } });
     expect(move.changes).to.equal(true);
     expect(move.replaces).to.deep.equal([]);
     const fs = await diff("v", base, { ...base, filesystem: "xfs" });
-    expect(fs.replaces).to.deep.equal(["filesystem"]);
-    expect(fs.deleteBeforeReplace).to.equal(true);
+    expect(fs.changes).to.equal(true);
+    expect(fs.replaces).to.deep.equal([]);
+    const vg = await diff("v", base, { ...base, volumeGroup: "vg0" });
+    expect(vg.replaces).to.deep.equal([]);
     expect((await diff("v", base, { ...base })).changes).to.equal(false);
+    // Bookkeeping inputs set by the Volume class are not changes.
+    expect((await diff("v", base, { ...base, owner: { project: "p", stack: "s", name: "n" }, volumeIdFrom: { stack: "s", name: "n" } })).changes).to.equal(false);
   });
 });

@@ -1,0 +1,116 @@
+// Who a volume belongs to and which machine it is on: default ids, host identity by pinned key,
+// lease ownership, and the check that keeps volume ids stable.
+import { expect } from "chai";
+import { defaultVolumeId, legacyDefaultVolumeId } from "../../provider/volumeId";
+import { normalizeHostKey, sameHost, sameOwner, Lease } from "../../provider/storage/lease";
+import { claimedLease, ownsLease } from "../../provider/lifecycle/lease";
+import { check } from "../../provider/lifecycle/volume";
+import type { VolumeInputs } from "../../provider/inputs";
+
+const KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA1111111111111111111111111111111111111111111";
+const KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB2222222222222222222222222222222222222222222";
+
+function vol(over: Partial<VolumeInputs> & { address?: string; port?: number; hostKey?: string } = {}): VolumeInputs {
+  const { address = "10.0.0.1", port = 22, hostKey = KEY_A, ...rest } = over;
+  return {
+    volumeId: "v1", host: { address, port, user: "root", privateKey: "k", hostKey }, force: false,
+    owner: { project: "p", stack: "prod", name: "pg" }, ...rest,
+  } as unknown as VolumeInputs;
+}
+
+describe("default volume ids", () => {
+  it("keep <stack>-<name> when it is a valid id already", () => {
+    expect(defaultVolumeId("prod", "pgdata")).to.equal("prod-pgdata");
+    expect(defaultVolumeId("prod", "pg-data")).to.equal("prod-pg-data");
+  });
+
+  it("never map two names to one id: rewritten or shortened ids get a hash of the original", () => {
+    const names = ["pg_data", "pg.data", "pg-data", "PG_DATA", "pg__data", "pg data"];
+    const ids = names.map((n) => defaultVolumeId("prod", n));
+    expect(new Set(ids).size).to.equal(names.length);
+    const long1 = "a-very-long-volume-name-for-the-primary-database-0001";
+    const long2 = "a-very-long-volume-name-for-the-primary-database-0002";
+    expect(legacyDefaultVolumeId("prod", long1)).to.equal(legacyDefaultVolumeId("prod", long2)); // the old collision
+    expect(defaultVolumeId("prod", long1)).to.not.equal(defaultVolumeId("prod", long2));
+    for (const id of [...ids, defaultVolumeId("prod", long1), defaultVolumeId("---", "___")]) {
+      expect(id).to.match(/^[a-z0-9][a-z0-9-]{0,39}$/);
+      expect(id.endsWith("-")).to.equal(false);
+    }
+  });
+
+  it("a volume created with the old default id keeps it (no diff for existing stacks)", async () => {
+    const olds = { volumeId: legacyDefaultVolumeId("prod", "pg_data"), size: 64 * 1024 * 1024 };
+    const news = { ...baseInputs(), volumeId: defaultVolumeId("prod", "pg_data"), volumeIdFrom: { stack: "prod", name: "pg_data" } };
+    const res = await check(olds, news);
+    expect(res.failures).to.deep.equal([]);
+    expect(res.inputs.volumeId).to.equal("prod-pg-data");
+  });
+
+  it("an explicit volumeId change is refused at preview, naming volumeId and the way to do it", async () => {
+    const res = await check({ volumeId: "old-id", size: 64 * 1024 * 1024 }, { ...baseInputs(), volumeId: "new-id" });
+    expect(res.failures.map((f) => f.property)).to.deep.equal(["volumeId"]);
+    expect(res.failures[0].reason).to.match(/^volumeId: the id of an existing volume cannot change \(old-id -> new-id\).*Keep volumeId "old-id"/);
+  });
+});
+
+function baseInputs() {
+  return {
+    volumeId: "v1", host: { address: "10.0.0.1", port: 22, user: "root", hostKey: KEY_A,
+      privateKey: require("ssh2").utils.generateKeyPairSync("ed25519").private },
+    size: "64MiB", mountPath: "/srv/a",
+    repository: { endpoint: "http://s3:9000", localEndpoint: "http://127.0.0.1:9000", region: "us-east-1", bucket: "bkt", prefix: "p", forcePathStyle: true },
+    accessKeyId: "a", secretAccessKey: "s", password: "password1",
+    retention: { keepLast: 2, keepHourly: 6, keepDaily: 7, keepWeekly: 4, keepMonthly: 6, keepYearly: 1 },
+    rustic: { localPath: "/usr/bin/rustic" },
+  };
+}
+
+describe("host identity", () => {
+  it("a host is who its pinned key says: same key at another address is the same host", () => {
+    expect(sameHost({ address: "127.0.0.1", port: 2201, hostKey: KEY_A }, { address: "localhost", port: 2201, hostKey: `${KEY_A} root@h` })).to.equal(true);
+    expect(sameHost({ address: "127.0.0.1", port: 2201, hostKey: KEY_A }, { address: "127.0.0.1", port: 2201, hostKey: KEY_B })).to.equal(false);
+    // Leases written before keys were recorded compare by address and port.
+    expect(sameHost({ address: "a", port: 22 }, { address: "a", port: 22, hostKey: KEY_A })).to.equal(true);
+    expect(normalizeHostKey(`  ${KEY_A}   comment `)).to.equal(KEY_A);
+  });
+});
+
+describe("lease ownership", () => {
+  const lease = (over: Partial<Lease> = {}): Lease => ({
+    volumeId: "v1", holder: { address: "10.0.0.1", port: 22, hostKey: KEY_A }, generation: 3, token: "tok", updatedAt: "t",
+    owner: { project: "p", stack: "prod", name: "pg" }, ...over,
+  });
+
+  it("a first claim records owner and host; a re-claim by the owner keeps the token", () => {
+    const first = claimedLease(undefined, vol()).next;
+    expect(first.owner).to.deep.equal({ project: "p", stack: "prod", name: "pg" });
+    expect(first.holder.hostKey).to.equal(KEY_A);
+    const again = claimedLease(lease(), vol({ address: "localhost" })).next;
+    expect(again.token).to.equal("tok");
+    expect(again.holder.address).to.equal("localhost");
+    expect(again.generation).to.equal(3);
+  });
+
+  it("another resource with the same volume id is refused, on the same host too, naming the owner", () => {
+    const other = vol({ owner: { project: "p", stack: "staging", name: "pg" } });
+    expect(() => claimedLease(lease(), other)).to.throw(/held by host 10\.0\.0\.1:22 \(this very host\) for resource "pg" of stack p\/prod/);
+    expect(() => claimedLease(lease(), vol({ owner: { project: "p", stack: "prod", name: "pg2" }, address: "10.0.0.2", hostKey: KEY_B })))
+      .to.throw(/held by host 10\.0\.0\.1:22 for resource "pg"/);
+    expect(ownsLease(lease(), other)).to.equal(false);
+  });
+
+  it("force takes the volume with a new token and generation, and reports whom from", () => {
+    const r = claimedLease(lease(), vol({ force: true, owner: { project: "p", stack: "rescue", name: "pg" }, address: "10.0.0.3", hostKey: KEY_B }));
+    expect(r.forcedFrom?.token).to.equal("tok");
+    expect(r.next.token).to.not.equal("tok");
+    expect(r.next.generation).to.equal(4);
+    expect(sameOwner(r.next.owner, { project: "p", stack: "rescue", name: "pg" })).to.equal(true);
+  });
+
+  it("a lease from before owners were recorded belongs to whoever is on its host", () => {
+    const legacy = lease({ owner: undefined });
+    expect(ownsLease(legacy, vol())).to.equal(true);
+    expect(claimedLease(legacy, vol()).next.owner).to.deep.equal({ project: "p", stack: "prod", name: "pg" });
+    expect(() => claimedLease(legacy, vol({ address: "10.0.0.2", hostKey: KEY_B }))).to.throw(/held by host/);
+  });
+});
