@@ -234,8 +234,11 @@ backup() {
     --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
     --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY"
   timing forget
-  # Lock-less prune (packs are only marked; removed a day later), at most once a day per volume.
-  if [ -z "$(find "$STATE_DIR/last-prune" -mmin -1440 2>/dev/null)" ]; then
+  # Lock-less prune (packs are only marked; removed a day later), at most once a day per volume,
+  # the first a day after the volume came to this host (a new volume has nothing to prune yet).
+  if [ ! -e "$STATE_DIR/last-prune" ]; then
+    touch "$STATE_DIR/last-prune"
+  elif [ -z "$(find "$STATE_DIR/last-prune" -mmin -1440 2>/dev/null)" ]; then
     echo "pruning unused data"
     step "rustic prune" /dev/null rustic_ prune
     touch "$STATE_DIR/last-prune"

@@ -312,7 +312,12 @@ export async function remove(id: string, props: Props) {
       log(`${r.name} no longer holds volume ${v.volumeId} (${hostName(lease!.lease.holder)} does): no final backup from here`);
     } else if (v.forgetSnapshotsOnDelete) {
       await r.runArgv(["systemctl", "stop", l.units.timer], { allowFailure: true });
-      await steps.forgetSnapshots(r, l, log);
+      try {
+        await steps.forgetSnapshots(r, l, log);
+      } catch (e) {
+        await giveBack(r, l, []);
+        throw new UserError(`${(e as Error).message}\nThe volume was left in place on ${r.name}, mounted and scheduled as before.`);
+      }
     } else if (v.finalBackupOnDelete && initialized && obs.present) {
       // Not mounted (e.g. a failed boot): mount it so the final backup sees its latest data.
       if (!obs.mounted) await r.runArgv(["systemctl", "start", l.units.device, l.units.mount]);

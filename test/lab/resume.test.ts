@@ -48,7 +48,7 @@ losetup -a | grep -c ${volumeId}`);
     const h = lab().hosts[2];
     await onHost(h, `mkdir -p ${mountPath}/d && head -c 2000000 /dev/urandom > ${mountPath}/d/blob && echo hi > ${mountPath}/d/t`);
     const before = await manifest(h, mountPath);
-    // A new volumeGroup-less filesystem change forces a replace: final backup, teardown, create, restore.
+    // A filesystem change is a rebuild in place: final backup, teardown, new storage, restore (resumable through the lease).
     const child = stack.run(["up", "--yes", "--skip-preview"], { input: { ...input(), volumes: [{ ...input().volumes[0], args: { ...input().volumes[0].args, filesystem: "xfs", size: "320MiB" } }] }, timeoutMs: 25_000, killSignal: "SIGKILL" });
     const killed = await child;
     expect(killed.code, "pulumi should have been killed by the timeout").to.not.equal(0);

@@ -1,0 +1,257 @@
+// Final means final: a volume whose writer service appends an fsynced, ordered log, backed up
+// every 20 seconds, with a periodic backup caught in progress (frozen by the test after it took
+// its lvm2 snapshot) at the moment a move, a rebuild (ext4 -> xfs, forgetSnapshotsOnDelete set)
+// and a delete begin. After each, the volume holds exactly what the writer wrote, byte for byte.
+// Also: one owner per volume id, and a host reached at another address is not a move.
+import { expect } from "chai";
+import * as crypto from "crypto";
+import { lab, onHost, Stack, stepByStep } from "./harness";
+import { manifest } from "./manifest";
+import type { LabHost } from "../../lab/lab";
+import { parseSnapshots } from "../../provider/host/rustic";
+import { runLocalRustic } from "../../provider/lifecycle/localRustic";
+
+const prefix = `fin-${crypto.randomBytes(3).toString("hex")}`;
+const volumeId = `fin-${crypto.randomBytes(3).toString("hex")}`;
+const mountPath = "/srv/final";
+const writer = `writer-${volumeId}.service`;
+const backupUnit = `dboxed-volume-${volumeId}-backup.service`;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** The writer: appends numbered lines (fsynced) and now and then a data file; prints each after it is durable. */
+async function installWriter(h: LabHost) {
+  await onHost(h, `cat > /usr/local/bin/lab-writer <<'SH'
+#!/bin/bash
+# Stops between iterations only: every line it printed is complete and fsynced on the volume.
+set -euo pipefail
+stop=""; trap 'stop=1' TERM INT
+dir=$1; tag=$2
+n=$(cat "$dir/log.txt" 2>/dev/null | wc -l)
+while [ -z "$stop" ]; do
+  n=$((n + 1))
+  line="line $n $tag"
+  printf '%s\\n' "$line" | dd of="$dir/log.txt" oflag=append conv=notrunc,fsync status=none
+  if [ $((n % 10)) = 0 ]; then head -c 8192 /dev/urandom > "$dir/data-$n.tmp"; sync "$dir/data-$n.tmp"; mv "$dir/data-$n.tmp" "$dir/data-$n.bin"; sync "$dir"; echo "data $n $(sha256sum < "$dir/data-$n.bin" | cut -c1-64)"; fi
+  echo "$line"
+  sleep 0.2
+done
+SH
+chmod 0755 /usr/local/bin/lab-writer
+cat > /etc/systemd/system/${writer} <<UNIT
+[Unit]
+Description=lab writer on ${mountPath}
+RequiresMountsFor=${mountPath}
+[Service]
+ExecStart=/usr/local/bin/lab-writer ${mountPath} %H
+UNIT
+systemctl daemon-reload`);
+}
+
+/** Every line and data file the writer reported on a host (all its runs, oldest first). */
+async function writerJournal(h: LabHost): Promise<{ lines: string[]; data: Map<string, string> }> {
+  const out = (await onHost(h, `journalctl -u ${writer} -o cat --no-pager | grep -E '^(line|data) ' || true`)).stdout;
+  const lines: string[] = [];
+  const data = new Map<string, string>();
+  for (const l of out.split("\n").filter(Boolean)) {
+    if (l.startsWith("line ")) lines.push(l);
+    else { const [, n, sum] = l.split(" "); data.set(`data-${n}.bin`, sum); }
+  }
+  return { lines, data };
+}
+
+/** The volume holds exactly what the writers reported: the log byte for byte, every data file. */
+async function expectWritersState(h: LabHost, journals: { lines: string[]; data: Map<string, string> }[]) {
+  const log = (await onHost(h, `cat ${mountPath}/log.txt`)).stdout;
+  const expected = journals.flatMap((j) => j.lines).map((l) => l + "\n").join("");
+  const got = log.split("\n").filter(Boolean);
+  expect(got.length, "lines in log.txt").to.equal(expected.split("\n").filter(Boolean).length);
+  expect(log, "log.txt equals what the writers reported, in order").to.equal(expected);
+  const sums = (await onHost(h, `cd ${mountPath} && for f in data-*.bin; do [ -e "$f" ] && echo "$f $(sha256sum < "$f" | cut -c1-64)"; done; true`)).stdout;
+  const have = new Map(sums.split("\n").filter(Boolean).map((l) => l.split(" ") as [string, string]));
+  const want = new Map(journals.flatMap((j) => [...j.data]));
+  expect(Object.fromEntries(have)).to.deep.equal(Object.fromEntries(want));
+}
+
+/**
+ * Starts a periodic backup run and freezes it right after it took its lvm2 snapshot, so that its
+ * data predates whatever comes next. Returns the run's invocation id.
+ */
+async function freezePeriodicBackup(h: LabHost): Promise<string> {
+  const r = await onHost(h, `systemctl start --no-block ${backupUnit}
+for i in $(seq 1 600); do
+  lvs --noheadings -o lv_name dbv-${volumeId} 2>/dev/null | grep -q data-backup && break
+  sleep 0.1
+done
+lvs --noheadings -o lv_name dbv-${volumeId} | grep -q data-backup || { echo "no snapshot LV appeared" >&2; exit 1; }
+systemctl freeze ${backupUnit}
+systemctl show -p InvocationID --value ${backupUnit}`, { timeoutMs: 120_000 });
+  return r.stdout.trim();
+}
+
+/**
+ * While `op` (a pulumi run) goes on: waits until the volume is read-only on h, checks that the
+ * frozen periodic run `invocation` is still active at that moment, then thaws it. Returns true
+ * once that was seen.
+ */
+async function thawWhenReadOnly(h: LabHost, invocation: string, done: () => boolean): Promise<boolean> {
+  for (let i = 0; i < 900 && !done(); i++) {
+    const r = await onHost(h, `findmnt -n -o OPTIONS --mountpoint ${mountPath} | tr , '\\n' | grep -qx ro && echo RO || echo RW
+systemctl show -p ActiveState -p FreezerState -p InvocationID --value ${backupUnit} | tr '\\n' ' '`, { allowFailure: true });
+    const [mode, state] = r.stdout.trim().split("\n");
+    if (mode === "RO") {
+      const [active, freezer, id] = (state ?? "").trim().split(/\s+/);
+      expect(id, "the periodic run caught in progress is still the same run").to.equal(invocation);
+      expect(active).to.match(/^(activating|active)$/);
+      expect(freezer).to.equal("frozen");
+      await onHost(h, `systemctl thaw ${backupUnit}`);
+      return true;
+    }
+    await sleep(500);
+  }
+  await onHost(h, `systemctl thaw ${backupUnit} 2>/dev/null; true`, { allowFailure: true });
+  return false;
+}
+
+describe("final backups are final (real pulumi, lab hosts, a writer and a periodic backup in progress)", function () {
+  stepByStep(this);
+  let stack: Stack;
+  let h1: LabHost, h2: LabHost;
+  const base = { volumeId, size: "320MiB", mountPath, backupSchedule: "*:*:0/20", stopUnits: [writer] };
+  const input = (host: number, extra: Record<string, unknown> = {}, hostOverride?: Record<string, unknown>) => ({
+    provider: { s3: { prefix } },
+    volumes: [{ name: "f", host, hostOverride, args: { ...base, ...extra } }],
+  });
+
+  /** Runs pulumi up while the frozen periodic run is thawed once the volume went read-only on h. */
+  async function upWithPeriodicRunInProgress(h: LabHost, inp: Record<string, unknown>) {
+    const invocation = await freezePeriodicBackup(h);
+    let finished = false;
+    const run = stack.up(inp).then((r) => { finished = true; return r; });
+    const seen = await thawWhenReadOnly(h, invocation, () => finished);
+    const res = await run;
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(seen, "the periodic run was active when the volume became read-only for the final backup").to.equal(true);
+    expect(res.stdout).to.match(/waiting for a periodic backup in progress/);
+    return res;
+  }
+
+  before(async () => {
+    [h1, h2] = lab().hosts;
+    await installWriter(h1);
+    await installWriter(h2);
+    stack = new Stack("final", "volumes");
+    await stack.init();
+  });
+
+  it("creates the volume on host-1 and starts the writer", async () => {
+    const res = await stack.up(input(0));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    await onHost(h1, `systemctl start ${writer}`);
+    await sleep(3000);
+  });
+
+  it("a move waits for the periodic backup in progress and carries the writer's last lines", async () => {
+    await upWithPeriodicRunInProgress(h1, input(1));
+    await sleep(2000); // the writer runs on host-2 now
+    await onHost(h2, `systemctl stop ${writer}`);
+    await expectWritersState(h2, [await writerJournal(h1), await writerJournal(h2)]);
+    const gone = await onHost(h1, `lvs --noheadings -o lv_name 2>/dev/null | grep -c ${volumeId} || true; systemctl is-active ${writer} || true`);
+    expect(gone.stdout.trim().split("\n")).to.deep.equal(["0", "inactive"]);
+  });
+
+  it("the same host reached at another address (localhost) is not a move; its next scheduled backup succeeds", async () => {
+    const before = (await stack.outputs()).volumes.f;
+    const res = await stack.up(input(1, {}, { address: "localhost" }));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(res.stdout).to.match(/is now reached as root@localhost:\d+ \(same host key\): not a move/);
+    expect(res.stdout).to.not.match(/final backup/);
+    const after = (await stack.outputs()).volumes.f;
+    expect(after.lastMove).to.deep.equal(before.lastMove);
+    const since = Math.floor(Date.now() / 1000);
+    let status: any = {};
+    for (let i = 0; i < 30 && !(status.startedAt >= since && status.status !== "running"); i++) {
+      await sleep(3000);
+      status = JSON.parse((await onHost(h2, `cat /var/lib/dboxed-volumes/${volumeId}/status.json`)).stdout);
+    }
+    expect(status.startedAt, "a scheduled backup ran").to.be.at.least(since);
+    expect(status.status, status.message).to.equal("ok");
+  });
+
+  it("a rebuild (ext4 -> xfs, forgetSnapshotsOnDelete: true) waits for the periodic run and keeps every line", async () => {
+    await onHost(h2, `systemctl start ${writer}`);
+    await sleep(3000);
+    const res = await upWithPeriodicRunInProgress(h2, input(1, { filesystem: "xfs", forgetSnapshotsOnDelete: true }, { address: "localhost" }));
+    expect(res.stdout).to.match(/verified snapshot \w+ against the read-only volume/);
+    expect(res.stdout).to.not.match(/forgetting/);
+    expect((await onHost(h2, `findmnt -n -o FSTYPE ${mountPath}`)).stdout.trim()).to.equal("xfs");
+    await sleep(2000); // the writer was started again on the new filesystem
+    await onHost(h2, `systemctl stop ${writer}`);
+    await expectWritersState(h2, [await writerJournal(h1), await writerJournal(h2)]);
+  });
+
+  let lastState: Awaited<ReturnType<typeof manifest>>;
+  let journals: Awaited<ReturnType<typeof writerJournal>>[];
+
+  it("a delete waits for the periodic run, verifies its final snapshot and leaves the host clean", async () => {
+    const keep = await stack.up(input(1, { filesystem: "xfs" }, { address: "localhost" }));
+    expect(keep.code, keep.stdout + keep.stderr).to.equal(0);
+    await onHost(h2, `systemctl start ${writer}`);
+    await sleep(2000);
+    const invocation = await freezePeriodicBackup(h2);
+    await sleep(2000); // the writer goes on after the periodic snapshot was taken
+    await onHost(h2, `systemctl stop ${writer}`);
+    journals = [await writerJournal(h1), await writerJournal(h2)];
+    lastState = await manifest(h2, mountPath);
+    let finished = false;
+    const run = stack.up({ provider: { s3: { prefix } }, volumes: [] }).then((r) => { finished = true; return r; });
+    const seen = await thawWhenReadOnly(h2, invocation, () => finished);
+    const res = await run;
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(seen).to.equal(true);
+    expect(res.stdout).to.match(/waiting for a periodic backup in progress/);
+    expect(res.stdout).to.match(/verified snapshot \w+ against the read-only volume/);
+    const left = await onHost(h2, `ls /etc/systemd/system | grep -c dboxed-volume-${volumeId} || true
+mountpoint -q ${mountPath} && echo MOUNTED || echo unmounted
+lvs --noheadings 2>/dev/null | grep -c ${volumeId} || true
+ls /var/lib/dboxed-volumes/${volumeId} /etc/dboxed-volumes/${volumeId} 2>/dev/null | wc -l
+losetup -a | grep -c ${volumeId} || true`);
+    expect(left.stdout.trim().split("\n")).to.deep.equal(["0", "unmounted", "0", "0", "0"]);
+  });
+
+  it("recreated from the repository, the volume holds the writer's last state byte for byte", async () => {
+    const res = await stack.up(input(0, { filesystem: "xfs" }));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(res.stdout).to.match(/restoring snapshot/);
+    await expectWritersState(h1, journals);
+    const now = await manifest(h1, mountPath);
+    expect(now.entries).to.deep.equal(lastState.entries);
+    expect(now.root).to.equal(lastState.root);
+    const o = (await stack.outputs()).volumes.f;
+    const snaps = parseSnapshots((await onHost(h1, `/usr/local/lib/dboxed-volumes/rustic -P /etc/dboxed-volumes/${volumeId}/rustic --no-progress snapshots --json -g '' --filter-host dboxed-volume-${volumeId}`)).stdout);
+    expect(snaps[snaps.length - 1].parent, "the new host continues the same incremental chain").to.equal(o.restoredFrom);
+  });
+
+  it("one owner per volume id: another stack declaring it on the same host is refused, naming the owner", async () => {
+    const intruder = new Stack("final-intruder", "volumes");
+    await intruder.init();
+    const res = await intruder.up({ provider: { s3: { prefix } }, volumes: [{ name: "g", host: 0, args: { ...base, mountPath: "/srv/intruder" } }] });
+    expect(res.code).to.not.equal(0);
+    expect(res.stdout + res.stderr).to.match(new RegExp(`volume ${volumeId} is held by host 127\\.0\\.0\\.1:${h1.port} \\(this very host\\) for resource "f" of stack [\\w-]+/final`));
+    const untouched = await onHost(h1, `mountpoint -q /srv/intruder && echo MOUNTED || echo no; findmnt -n -o FSTYPE ${mountPath}`);
+    expect(untouched.stdout.trim().split("\n")).to.deep.equal(["no", "xfs"]);
+  });
+
+  it("destroy with forgetSnapshotsOnDelete: true forgets the volume's snapshots and releases the id", async () => {
+    const upd = await stack.up(input(0, { filesystem: "xfs", forgetSnapshotsOnDelete: true }));
+    expect(upd.code, upd.stdout + upd.stderr).to.equal(0);
+    const destroy = await stack.run(["destroy", "--yes", "--skip-preview"]);
+    expect(destroy.code, destroy.stdout + destroy.stderr).to.equal(0);
+    expect(destroy.stdout).to.match(/forgetting \d+ snapshot/);
+    const l = lab();
+    const out = await runLocalRustic({ localPath: l.tools.rustic }, {
+      endpoint: l.s3.endpoint, region: l.s3.region, bucket: l.s3.bucket, prefix, forcePathStyle: true,
+      accessKeyId: l.s3.accessKeyId, secretAccessKey: l.s3.secretAccessKey, password: "lab-repository-password-1",
+    }, ["snapshots", "--json", "-g", "", "--filter-host", `dboxed-volume-${volumeId}`]);
+    expect(parseSnapshots(out)).to.have.length(0);
+  });
+});

@@ -1,0 +1,93 @@
+// A volume in a shared volume group whose backup snapshot overflows: rewritten by more than its
+// copy-on-write space while the backup reads it. The backup must fail loudly, leave no snapshot
+// LV, and leave nothing damaged in the repository; the next backup succeeds.
+import { expect } from "chai";
+import * as crypto from "crypto";
+import { lab, onHost, Stack, stepByStep } from "./harness";
+import { manifest } from "./manifest";
+import { parseSnapshots, Snapshot } from "../../provider/host/rustic";
+import type { LabHost } from "../../lab/lab";
+
+const prefix = `ovf-${crypto.randomBytes(3).toString("hex")}`;
+const volumeId = `ovf-${crypto.randomBytes(3).toString("hex")}`;
+const vg = "labvg";
+const mountPath = "/srv/overflow";
+const unit = `dboxed-volume-${volumeId}-backup.service`;
+
+describe("snapshot overflow in a shared volume group (real pulumi, lab host)", function () {
+  stepByStep(this);
+  let h: LabHost;
+  let stack: Stack;
+
+  const rustic = (args: string) => onHost(h, `/usr/local/lib/dboxed-volumes/rustic -P /etc/dboxed-volumes/${volumeId}/rustic --no-progress ${args}`, { timeoutMs: 600_000 });
+  const snapshots = async () => parseSnapshots((await rustic(`snapshots --json -g '' --filter-host dboxed-volume-${volumeId}`)).stdout);
+  const status = async () => JSON.parse((await onHost(h, `cat /var/lib/dboxed-volumes/${volumeId}/status.json`)).stdout);
+
+  before(async () => {
+    h = lab().hosts[2];
+    await onHost(h, `vgs ${vg} >/dev/null 2>&1 || { pvcreate -q -y /dev/vdb && vgcreate -q ${vg} /dev/vdb; }`);
+    stack = new Stack("overflow", "volumes");
+    await stack.init();
+  });
+
+  after(async () => {
+    if (stack) await stack.run(["destroy", "--yes", "--skip-preview"]);
+    await onHost(h, `vgremove -q -f ${vg} >/dev/null 2>&1; pvremove -q /dev/vdb >/dev/null 2>&1; true`, { allowFailure: true });
+  });
+
+  it("a volume in a shared VG with 64MiB of snapshot space is created and filled with 80 MB", async () => {
+    const res = await stack.up({ provider: { s3: { prefix } }, volumes: [{ name: "o", host: 2, args: {
+      volumeId, size: "128MiB", mountPath, volumeGroup: vg, snapshotSpace: "64MiB", backupSchedule: "hourly" } }] });
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    const snap = await onHost(h, `. /etc/dboxed-volumes/${volumeId}/volume.env && echo $SNAPSHOT_BYTES`);
+    expect(Number(snap.stdout.trim())).to.equal(64 * 1024 * 1024);
+    // Compressible content: cheap to back up; every overwritten block still costs copy-on-write space.
+    await onHost(h, `set -e; cd ${mountPath}; for i in $(seq 1 8); do yes "first generation $i" | head -c 10000000 > f-$i; done; sync`);
+    await onHost(h, `systemctl start ${unit}`, { timeoutMs: 600_000 });
+    expect((await status()).status).to.equal("ok");
+  });
+
+  let earlier: Snapshot[] = [];
+
+  it("rewriting 80 MB while a backup reads its snapshot fails that backup with the overflow message and leaves nothing behind", async () => {
+    earlier = await snapshots();
+    // Catch the run right after it took its snapshot, rewrite more than the snapshot space, let it go on.
+    await onHost(h, `systemctl start --no-block ${unit}
+for i in $(seq 1 600); do lvs --noheadings -o lv_name ${vg} | grep -q 'dbv-${volumeId}-backup' && break; sleep 0.1; done
+systemctl freeze ${unit}
+cd ${mountPath}; for i in $(seq 1 8); do yes "second generation $i" | head -c 10000000 | dd of=f-$i conv=notrunc,fsync status=none; done; sync
+lvs --noheadings -o lv_attr ${vg}/dbv-${volumeId}-backup
+systemctl thaw ${unit}`, { timeoutMs: 300_000 });
+    const wait = await onHost(h, `while [ "$(systemctl show -p ActiveState --value ${unit})" = activating ]; do sleep 1; done; systemctl show -p Result --value ${unit}`, { timeoutMs: 600_000 });
+    expect(wait.stdout.trim()).to.equal("exit-code");
+    const st = await status();
+    expect(st.status).to.equal("failed");
+    expect(st.message).to.match(/lvm2 snapshot overflowed/);
+    expect(st.message).to.match(/Raise snapshotSpace/);
+    const metric = await onHost(h, `cat /var/lib/prometheus/node-exporter/dboxed_volume_${volumeId}.prom`);
+    expect(metric.stdout).to.contain(`dboxed_volume_backup_success{volume="${volumeId}"} 0`);
+    const lvs = await onHost(h, `lvs --noheadings -o lv_name ${vg} | tr -d ' '; mountpoint -q /run/dboxed-volumes/${volumeId}/snapshot && echo MOUNTED || true`);
+    expect(lvs.stdout.trim().split("\n")).to.deep.equal([`dbv-${volumeId}`]);
+    const after = await snapshots();
+    expect(after.map((s) => s.id), "the snapshot read from the overflowed LV was discarded").to.deep.equal(earlier.map((s) => s.id));
+  });
+
+  it("the next backup is ok, and every snapshot in the repository holds the whole tree", async () => {
+    await onHost(h, `systemctl start ${unit}`, { timeoutMs: 600_000 });
+    expect((await status()).status).to.equal("ok");
+    const all = await snapshots();
+    expect(all.length).to.equal(earlier.length + 1);
+    for (const s of all) {
+      const ls = await rustic(`ls ${s.id}`);
+      const files = ls.stdout.split("\n").filter((l) => /^\/?f-\d$/.test(l.trim()));
+      expect(files.length, `snapshot ${s.id.slice(0, 8)} lists every file`).to.equal(8);
+    }
+    const latest = all[all.length - 1];
+    await onHost(h, "rm -rf /root/ovf-verify && mkdir -p /root/ovf-verify");
+    await rustic(`restore --numeric-id ${latest.id} /root/ovf-verify`);
+    const live = await manifest(h, mountPath, { exclude: ["lost+found"] });
+    const restored = await manifest(h, "/root/ovf-verify", { exclude: ["lost+found"] });
+    expect(restored.entries).to.deep.equal(live.entries);
+    await onHost(h, "rm -rf /root/ovf-verify");
+  });
+});
