@@ -128,10 +128,10 @@ async function waitFor(what: string, timeoutMs: number, probe: () => Promise<boo
   throw new Error(`lab: timed out after ${timeoutMs / 1000} s waiting for ${what}`);
 }
 
-function ensureTools(): void {
+function ensureTools(image = true): void {
   if (process.env.DBOXED_LAB_SKIP_TOOLCHAIN === "1") return; // development: tools built elsewhere
   run("bash", [path.join(REPO, "lab", "toolchain.sh"), "all"]);
-  run("bash", [path.join(REPO, "lab", "image.sh")]);
+  if (image) run("bash", [path.join(REPO, "lab", "image.sh")]);
 }
 
 function adminTarget(sshPort: number) {
@@ -280,8 +280,9 @@ export async function up(labDir: string, hosts: number): Promise<LabJson> {
   const saveState = () => fs.writeFileSync(path.join(labDir, "state.json"), JSON.stringify(state, null, 2));
   saveState();
   try {
-    await timed("toolchain and image checked", async () => ensureTools());
-    await ensureGolden();
+    // A lab without hosts (S3 only) needs no guest image nor golden state.
+    await timed("toolchain and image checked", async () => ensureTools(hosts > 0));
+    if (hosts > 0) await ensureGolden();
     const keyPath = path.join(labDir, "id_ed25519");
     run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "lab", "-f", keyPath]);
     const s3 = await timed("S3 server started", () => startS3(labDir));
