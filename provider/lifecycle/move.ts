@@ -90,23 +90,31 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
     const t0 = Date.now();
     try { return await fn(); } finally { phases[name] = (phases[name] ?? 0) + (Date.now() - t0) / 1000; }
   };
-  const existing = await readLease(leaseS3(news), news.volumeId);
-  let m = existing?.lease.move;
-  if (m && !(sameHost(m.from, from) && sameHost(m.to, to))) {
-    throw new UserError(`volume ${news.volumeId} is in the middle of a move from ${hostName(m.from)} to ${hostName(m.to)}; ` +
-      `set host back to ${hostName(m.to)} to finish that move first`);
-  }
-  if (!m && existing && sameHost(existing.lease.holder, to)) {
-    // The lease already names the new host: a run that finished the switch and cleanup.
-    m = { from, to, phase: "switched", startedAt: existing.lease.updatedAt, newToken: existing.lease.token };
-  }
-  const token = m?.newToken ?? newToken();
-  if (m) log(`resuming the move from ${hostName(from)} to ${hostName(to)} at phase ${m.phase}`);
+  // The phase is read, and the next step chosen, only while both hosts' operation locks are held:
+  // a second run, or the provider of a killed run that still works, makes this one wait for the
+  // locks instead of acting on a stale phase.
+  let m: MoveState | undefined;
+  let token = "";
+  const decide = async () => {
+    const existing = await readLease(leaseS3(news), news.volumeId);
+    m = existing?.lease.move;
+    if (m && !(sameHost(m.from, from) && sameHost(m.to, to))) {
+      throw new UserError(`volume ${news.volumeId} is in the middle of a move from ${hostName(m.from)} to ${hostName(m.to)}; ` +
+        `set host back to ${hostName(m.to)} to finish that move first`);
+    }
+    if (!m && existing && sameHost(existing.lease.holder, to)) {
+      // The lease already names the new host: a run that finished the switch and cleanup.
+      m = { from, to, phase: "switched", startedAt: existing.lease.updatedAt, newToken: existing.lease.token };
+    }
+    token = m?.newToken ?? newToken();
+    if (m) log(`resuming the move from ${hostName(from)} to ${hostName(to)} at phase ${m.phase}`);
+  };
   let downtimeStart = 0;
   let downtimeEnd = 0;
 
   return withRemote(news.host, (newR) => lock(newR, lNew, async () => {
-    if (!reached(m, "switched")) {
+    const prepareNew = async () => {
+      if (reached(m, "switched")) return;
       await timed("preflight", async () => {
         await preflightNew(newR, news, lNew);
         await steps.installTools(newR, news, log);
@@ -114,7 +122,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         await steps.ensureStorage(newR, news, lNew);
         await steps.writeUnits(newR, news, lNew);
       });
-    }
+    };
     const run = async (oldR: Remote | undefined) => {
       if (!m) {
         m = { from, to, phase: "warm", startedAt: new Date().toISOString(), newToken: token };
@@ -173,10 +181,15 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         });
         downtimeEnd = Date.now();
         m = { ...m!, phase: "switched" };
-        await updateLease(leaseS3(news), news.volumeId, (cur) => ({
-          ...(cur ?? {}), volumeId: news.volumeId, holder: to, generation: (cur?.generation ?? 1) + 1, token: m!.newToken, updatedAt: "", move: m,
-          owner: cur?.owner ?? news.owner,
-        }));
+        await updateLease(leaseS3(news), news.volumeId, (cur) => {
+          // Compare-and-swap on what this move expects: the old host holds it, in this very move.
+          if (!cur || !sameHost(cur.holder, from) || cur.move?.newToken !== m!.newToken) {
+            throw new UserError(`volume ${news.volumeId}: the lease changed during the move (${cur ? `held by ${hostName(cur.holder)}` : "gone"}; ` +
+              "a forced takeover or another run?): not switching");
+          }
+          return { ...cur, volumeId: news.volumeId, holder: to, generation: cur.generation + 1, token: m!.newToken, updatedAt: "", move: m,
+            owner: cur.owner ?? news.owner };
+        });
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);
       }
       faultPoint("before-old-cleanup");
@@ -187,22 +200,30 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         });
       }
       await updateLease(leaseS3(news), news.volumeId, (cur) => {
-        const next: Lease = { ...(cur ?? {}), volumeId: news.volumeId, holder: to, generation: cur?.generation ?? 1, token: m!.newToken,
-          updatedAt: "", owner: cur?.owner ?? news.owner };
+        if (!cur || !sameHost(cur.holder, to) || cur.token !== m!.newToken) {
+          throw new UserError(`volume ${news.volumeId}: the lease changed after the switch (${cur ? `held by ${hostName(cur.holder)}` : "gone"}): ` +
+            "not marking the move done");
+        }
+        const next: Lease = { ...cur, owner: cur.owner ?? news.owner };
         delete next.move;
         return next;
       });
     };
     let oldR: Remote | undefined;
     try {
-      oldR = await Remote.connect(olds.host, { log, attempts: reached(m, "switched") ? 2 : 5 });
+      oldR = await Remote.connect(olds.host, { log, attempts: 4 });
     } catch (e) {
+      await decide();
       if (!reached(m, "switched")) throw e;
       throw new UserError(`volume ${news.volumeId} now lives on ${newR.name}, but the old host ${hostName(from)} cannot be reached to clean it ` +
         `(${(e as Error).message}); run pulumi up again when it is back`);
     }
     try {
-      await lock(oldR, lOld, () => run(oldR));
+      await lock(oldR, lOld, async () => {
+        await decide();
+        await prepareNew();
+        await run(oldR);
+      });
     } finally {
       oldR.dispose();
     }

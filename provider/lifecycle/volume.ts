@@ -71,6 +71,14 @@ export async function check(olds: Props, news: Props) {
         "declare a new Volume (it starts from that id's own snapshots, or empty) and copy the data into it" });
     }
   }
+  if (res.value && olds?.host && olds.repository && !sameHost(hostRef(olds as VolumeInputs), hostRef(res.value as unknown as VolumeInputs))) {
+    const repo = (x: Props) => JSON.stringify([x.repository?.endpoint, x.repository?.bucket, x.repository?.prefix, x.password]);
+    if (repo(olds) !== repo(res.value as Props)) {
+      res.failures.push({ property: "repository", reason: "host and repository: a move and a change of the repository (the VolumeProvider's s3 endpoint, bucket, prefix " +
+        "or password) cannot happen in one pulumi up (the final backup goes to the old repository, the restore reads the new one): " +
+        "move the volume first, then change the repository in a second pulumi up" });
+    }
+  }
   if (res.value && olds && olds.volumeId === res.value.volumeId && typeof olds.size === "number") {
     const bytes = parseSize(res.value.size);
     if (bytes < olds.size) {

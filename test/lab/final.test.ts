@@ -26,7 +26,7 @@ async function installWriter(h: LabHost) {
 set -euo pipefail
 stop=""; trap 'stop=1' TERM INT
 dir=$1; tag=$2
-n=$(cat "$dir/log.txt" 2>/dev/null | wc -l)
+n=0; [ ! -e "$dir/log.txt" ] || n=$(wc -l < "$dir/log.txt")
 while [ -z "$stop" ]; do
   n=$((n + 1))
   line="line $n $tag"
@@ -43,8 +43,18 @@ Description=lab writer on ${mountPath}
 RequiresMountsFor=${mountPath}
 [Service]
 ExecStart=/usr/local/bin/lab-writer ${mountPath} %H
+# SIGTERM to the loop only: it finishes the line it is writing (and reports it) before it stops.
+KillMode=mixed
 UNIT
 systemctl daemon-reload`);
+}
+
+/** The writer runs and has written lines on h. */
+async function expectWriting(h: LabHost) {
+  const r = await onHost(h, `systemctl is-active ${writer}; wc -l < ${mountPath}/log.txt`, { allowFailure: true });
+  const [state, lines] = r.stdout.trim().split("\n");
+  expect(state, "the writer runs").to.equal("active");
+  expect(Number(lines)).to.be.greaterThan(3);
 }
 
 /** Every line and data file the writer reported on a host (all its runs, oldest first). */
@@ -73,42 +83,41 @@ async function expectWritersState(h: LabHost, journals: { lines: string[]; data:
 }
 
 /**
- * Starts a periodic backup run and freezes it right after it took its lvm2 snapshot, so that its
- * data predates whatever comes next. Returns the run's invocation id.
+ * Starts a periodic backup run and stops it (SIGSTOP to its processes) right after it took and
+ * mounted its lvm2 snapshot, so that its data predates whatever comes next. (`systemctl freeze`
+ * refuses a oneshot unit that is still starting.) Returns the run's invocation id.
  */
 async function freezePeriodicBackup(h: LabHost): Promise<string> {
   const r = await onHost(h, `systemctl start --no-block ${backupUnit}
-for i in $(seq 1 600); do
-  lvs --noheadings -o lv_name dbv-${volumeId} 2>/dev/null | grep -q data-backup && break
-  sleep 0.1
-done
-lvs --noheadings -o lv_name dbv-${volumeId} | grep -q data-backup || { echo "no snapshot LV appeared" >&2; exit 1; }
-systemctl freeze ${backupUnit}
+for i in $(seq 1 600); do mountpoint -q /run/dboxed-volumes/${volumeId}/snapshot && break; sleep 0.1; done
+mountpoint -q /run/dboxed-volumes/${volumeId}/snapshot || { echo "the periodic run mounted no snapshot" >&2; exit 1; }
+systemctl kill --signal=SIGSTOP ${backupUnit}
 systemctl show -p InvocationID --value ${backupUnit}`, { timeoutMs: 120_000 });
   return r.stdout.trim();
 }
 
 /**
- * While `op` (a pulumi run) goes on: waits until the volume is read-only on h, checks that the
- * frozen periodic run `invocation` is still active at that moment, then thaws it. Returns true
- * once that was seen.
+ * While a pulumi run goes on: waits until the volume is read-only on h, checks that the
+ * stopped periodic run is still active at that moment, then lets it go on. Returns
+ * true once that was seen.
  */
 async function thawWhenReadOnly(h: LabHost, invocation: string, done: () => boolean): Promise<boolean> {
   for (let i = 0; i < 900 && !done(); i++) {
     const r = await onHost(h, `findmnt -n -o OPTIONS --mountpoint ${mountPath} | tr , '\\n' | grep -qx ro && echo RO || echo RW
-systemctl show -p ActiveState -p FreezerState -p InvocationID --value ${backupUnit} | tr '\\n' ' '`, { allowFailure: true });
-    const [mode, state] = r.stdout.trim().split("\n");
+systemctl show -p ActiveState -p InvocationID --value ${backupUnit} | tr '\\n' ' '; echo
+ps -o stat= -p "$(systemctl show -p MainPID --value ${backupUnit})"`, { allowFailure: true });
+    const [mode, state, stat] = r.stdout.trim().split("\n");
     if (mode === "RO") {
-      const [active, freezer, id] = (state ?? "").trim().split(/\s+/);
+      const [active, id] = (state ?? "").trim().split(/\s+/);
       expect(id, "the periodic run caught in progress is still the same run").to.equal(invocation);
-      expect(active).to.match(/^(activating|active)$/);
-      expect(freezer).to.equal("frozen");
-      await onHost(h, `systemctl thaw ${backupUnit}`);
+      expect(active).to.equal("activating");
+      expect((stat ?? "").trim(), "the periodic run is still stopped").to.match(/^T/);
+      await onHost(h, `systemctl kill --signal=SIGCONT ${backupUnit}`);
       return true;
     }
     await sleep(500);
   }
-  await onHost(h, `systemctl thaw ${backupUnit} 2>/dev/null; true`, { allowFailure: true });
+  await onHost(h, `systemctl kill --signal=SIGCONT ${backupUnit} 2>/dev/null; true`, { allowFailure: true });
   return false;
 }
 
@@ -148,6 +157,7 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
     expect(res.code, res.stdout + res.stderr).to.equal(0);
     await onHost(h1, `systemctl start ${writer}`);
     await sleep(3000);
+    await expectWriting(h1);
   });
 
   it("a move waits for the periodic backup in progress and carries the writer's last lines", async () => {
@@ -180,6 +190,7 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
   it("a rebuild (ext4 -> xfs, forgetSnapshotsOnDelete: true) waits for the periodic run and keeps every line", async () => {
     await onHost(h2, `systemctl start ${writer}`);
     await sleep(3000);
+    await expectWriting(h2);
     const res = await upWithPeriodicRunInProgress(h2, input(1, { filesystem: "xfs", forgetSnapshotsOnDelete: true }, { address: "localhost" }));
     expect(res.stdout).to.match(/verified snapshot \w+ against the read-only volume/);
     expect(res.stdout).to.not.match(/forgetting/);

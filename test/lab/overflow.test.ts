@@ -53,11 +53,11 @@ describe("snapshot overflow in a shared volume group (real pulumi, lab host)", f
     earlier = await snapshots();
     // Catch the run right after it took its snapshot, rewrite more than the snapshot space, let it go on.
     await onHost(h, `systemctl start --no-block ${unit}
-for i in $(seq 1 600); do lvs --noheadings -o lv_name ${vg} | grep -q 'dbv-${volumeId}-backup' && break; sleep 0.1; done
-systemctl freeze ${unit}
+for i in $(seq 1 600); do mountpoint -q /run/dboxed-volumes/${volumeId}/snapshot && break; sleep 0.1; done
+systemctl kill --signal=SIGSTOP ${unit}
 cd ${mountPath}; for i in $(seq 1 8); do yes "second generation $i" | head -c 10000000 | dd of=f-$i conv=notrunc,fsync status=none; done; sync
 lvs --noheadings -o lv_attr ${vg}/dbv-${volumeId}-backup
-systemctl thaw ${unit}`, { timeoutMs: 300_000 });
+systemctl kill --signal=SIGCONT ${unit}`, { timeoutMs: 300_000 });
     const wait = await onHost(h, `while [ "$(systemctl show -p ActiveState --value ${unit})" = activating ]; do sleep 1; done; systemctl show -p Result --value ${unit}`, { timeoutMs: 600_000 });
     expect(wait.stdout.trim()).to.equal("exit-code");
     const st = await status();
@@ -89,5 +89,21 @@ systemctl thaw ${unit}`, { timeoutMs: 300_000 });
     const restored = await manifest(h, "/root/ovf-verify", { exclude: ["lost+found"] });
     expect(restored.entries).to.deep.equal(live.entries);
     await onHost(h, "rm -rf /root/ovf-verify");
+  });
+
+  it("a delete that cannot make the volume read-only (a writer holds it) fails and leaves it as it was", async () => {
+    await onHost(h, `systemd-run --quiet --unit=ovf-busy sh -c 'exec 3>>${mountPath}/busy.log; while :; do echo x >&3; sleep 1; done'`);
+    try {
+      const res = await stack.up({ provider: { s3: { prefix } }, volumes: [] });
+      expect(res.code).to.not.equal(0);
+      expect(res.stdout + res.stderr).to.match(/is in use, so it cannot be made read-only/);
+      expect(res.stdout + res.stderr).to.match(/left in place .*mounted read-write and scheduled as before/);
+      const state = await onHost(h, `findmnt -n -o OPTIONS --mountpoint ${mountPath} | cut -d, -f1; systemctl is-active dboxed-volume-${volumeId}-backup.timer; lvs --noheadings -o lv_name ${vg} | tr -d ' '`);
+      expect(state.stdout.trim().split("\n")).to.deep.equal(["rw", "active", `dbv-${volumeId}`]);
+    } finally {
+      await onHost(h, "systemctl stop ovf-busy; true", { allowFailure: true });
+    }
+    const res = await stack.up({ provider: { s3: { prefix } }, volumes: [] });
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
   });
 });

@@ -114,3 +114,17 @@ describe("lease ownership", () => {
     expect(() => claimedLease(legacy, vol({ address: "10.0.0.2", hostKey: KEY_B }))).to.throw(/held by host/);
   });
 });
+
+describe("moves and repositories", () => {
+  it("a move together with a change of repository is refused at preview (do it in two steps)", async () => {
+    const olds = { ...baseInputs(), size: 64 * 1024 * 1024 };
+    const news = { ...baseInputs(), host: { ...baseInputs().host, address: "10.0.0.2", hostKey: KEY_B },
+      repository: { ...baseInputs().repository, prefix: "other" } };
+    const res = await check(olds, news);
+    expect(res.failures.map((f) => f.property)).to.deep.equal(["repository"]);
+    expect(res.failures[0].reason).to.match(/move the volume first, then change the repository/);
+    // Either alone is fine.
+    expect((await check(olds, { ...news, repository: baseInputs().repository })).failures).to.deep.equal([]);
+    expect((await check(olds, { ...baseInputs(), repository: news.repository })).failures).to.deep.equal([]);
+  });
+});
