@@ -121,15 +121,23 @@ check_lease() {
 }
 
 # An lvm2 snapshot whose copy-on-write space ran out is invalid: lv_attr's 5th character is I
-# (or snap_percent reached 100).
-snapshot_invalid() {
+# (or snap_percent reached 100). Fails closed: a snapshot that cannot be inspected is not valid.
+snapshot_valid() {
   local out; out=$(lvs --noheadings --reportformat json -o lv_attr,snap_percent "$VG/$SNAP_LV" 2>/dev/null) || return 1
   local attr pct
   attr=$(printf '%s' "$out" | grep -o '"lv_attr":"[^"]*"' | cut -d'"' -f4)
   pct=$(printf '%s' "$out" | grep -o '"snap_percent":"[^"]*"' | cut -d'"' -f4)
-  [ "${attr:4:1}" = I ] && return 0
-  [ "${pct%%.*}" = 100 ] && return 0
-  return 1
+  [ -n "$attr" ] || return 1
+  [ "${attr:4:1}" = I ] && return 1
+  [ "${pct%%.*}" = 100 ] && return 1
+  return 0
+}
+
+# Forgets the snapshots listed in discard (read from invalid lvm2 snapshots); keeps the list if that fails.
+forget_discarded() {
+  [ -s "$STATE_DIR/discard" ] || return 0
+  # shellcheck disable=SC2046
+  if rustic_ forget $(sort -u "$STATE_DIR/discard" | grep -x '[0-9a-f]\{64\}') >&2; then rm -f "$STATE_DIR/discard"; fi
 }
 
 # timing NAME: appends "NAME=seconds" since the last mark to STEPS (status.json, journal).
@@ -172,6 +180,7 @@ backup() {
   [ -e "$STATE_DIR/initialized" ] || die "volume $VOLUME_ID is not initialised yet (restore pending): refusing to back up"
   mountpoint -q "$MOUNT_PATH" || die "volume $VOLUME_ID is not mounted at $MOUNT_PATH"
   remove_snapshot # leftovers of an interrupted run
+  forget_discarded
   # A final backup (move, delete, rebuild): the provider made the filesystem read-only, then
   # wrote a nonce to final-request. Read here, under the lock and before anything is frozen,
   # it proves that this run's data is from after the read-only remount.
@@ -204,15 +213,17 @@ backup() {
   echo "backing up $MOUNT_PATH as host $RUSTIC_HOST"
   local rc=0 err; err=$(mktemp)
   rustic_ backup --json --host "$RUSTIC_HOST" --label "$VOLUME_ID" \
-    --tag dboxed-volume --tag "volume-$VOLUME_ID" --as-path / --no-scan --group-by host,label,paths "$src" \
+    --tag dboxed-volume --tag "volume-$VOLUME_ID" --as-path / --no-scan -x --group-by host,label,paths "$src" \
     > "$STATE_DIR/last-backup.json" 2> "$err" || rc=$?
   cat "$err" >&2
   SNAPSHOT_ID=$(grep -o '"id": *"[0-9a-f]\{64\}"' "$STATE_DIR/last-backup.json" | head -n1 | grep -o '[0-9a-f]\{64\}' || true)
   timing rustic
-  if [ "$FINAL" = 0 ] && snapshot_invalid; then
+  if [ "$FINAL" = 0 ] && ! snapshot_valid; then
     # The copy-on-write space ran out while rustic read the snapshot: what it read is not the
-    # volume's state. Whatever it saved must not become anybody's "latest".
-    [ -n "$SNAPSHOT_ID" ] && rustic_ forget "$SNAPSHOT_ID" >&2 || true
+    # volume's state. Whatever it saved must not become anybody's "latest": it is recorded in
+    # discard (forgotten by the next run if this forget fails) and forgotten now.
+    [ -z "$SNAPSHOT_ID" ] || echo "$SNAPSHOT_ID" >> "$STATE_DIR/discard"
+    forget_discarded
     rm -f "$err"; SNAPSHOT_ID=""
     die "the lvm2 snapshot overflowed: the volume changed by more than its snapshot space ($((SNAPSHOT_BYTES / 1048576)) MiB) while the backup read it; the incomplete snapshot was discarded. Raise snapshotSpace (volumes in a shared volumeGroup) or back up when the volume is quieter"
   fi

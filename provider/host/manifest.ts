@@ -18,10 +18,10 @@ export function manifestScript(dir: string, exclude: string[] = []): string {
   return `set -e; cd ${d}
 for t in getfattr getfacl sha256sum; do command -v $t >/dev/null 2>&1 || { echo "manifest: $t is missing (install the attr and acl packages)" >&2; exit 44; }; done
 echo '==root'; stat -c '%f\t%u\t%g' .
-echo '==meta'; find . -mindepth 1 ${prune} -printf '%y\\t%m\\t%U\\t%G\\t%s\\t%T@\\t%n\\t%i\\t%l\\t%p\\0' | base64 -w0; echo
-echo '==sums'; find . -mindepth 1 ${prune} -type f -print0 | xargs -0 -r sha256sum -z | base64 -w0; echo
-echo '==xattrs'; find . -mindepth 1 ${prune} -print0 | sort -z | xargs -0 -r getfattr -h -d -m - --absolute-names 2>/dev/null | base64 -w0; echo
-echo '==acls'; find . -mindepth 1 ${prune} ! -type l -print0 | sort -z | xargs -0 -r getfacl -p -n 2>/dev/null | base64 -w0; echo
+echo '==meta'; find . -xdev -mindepth 1 ${prune} -printf '%y\\t%m\\t%U\\t%G\\t%s\\t%T@\\t%n\\t%i\\t%l\\t%p\\0' | base64 -w0; echo
+echo '==sums'; find . -xdev -mindepth 1 ${prune} -type f -print0 | xargs -0 -r sha256sum -z | base64 -w0; echo
+echo '==xattrs'; find . -xdev -mindepth 1 ${prune} -print0 | sort -z | xargs -0 -r getfattr -h -d -m - --absolute-names 2>/dev/null | base64 -w0; echo
+echo '==acls'; find . -xdev -mindepth 1 ${prune} ! -type l -print0 | sort -z | xargs -0 -r getfacl -p -n 2>/dev/null | base64 -w0; echo
 `;
 }
 

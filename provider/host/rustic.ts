@@ -79,7 +79,7 @@ export function restoreArgs(snapshotId: string, dest: string): string[] {
 
 /** Compares a snapshot with a local tree: content (every chunk re-hashed) and metadata. */
 export function diffArgs(snapshotId: string, dir: string): string[] {
-  return ["diff", "--metadata", snapshotId, dir];
+  return ["diff", "--metadata", "-x", snapshotId, dir];
 }
 
 /**

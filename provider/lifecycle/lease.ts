@@ -24,21 +24,39 @@ export function ownerOf(v: VolumeInputs): Owner | undefined {
 
 /**
  * Whether v's resource may act on a volume whose lease is `cur`: the lease names its owner, or
- * (a lease written before owners were recorded) v's host holds it.
+ * (a lease written before owners were recorded, adopted only by a resource that already has the
+ * volume in its state) v's host holds it.
  */
-export function ownsLease(cur: Lease, v: VolumeInputs): boolean {
+export function ownsLease(cur: Lease, v: VolumeInputs, adoptLegacy = true): boolean {
   if (cur.owner && v.owner) return sameOwner(cur.owner, v.owner);
-  return sameHost(cur.holder, hostRef(v));
+  return adoptLegacy && sameHost(cur.holder, hostRef(v));
+}
+
+/** Whether the lease names another instance of v's resource (v's was replaced). */
+export function otherInstance(cur: Lease, instanceId: string | undefined): boolean {
+  return !!cur.instance && !!instanceId && cur.instance !== instanceId;
+}
+
+export interface ClaimOptions {
+  /** The resource instance claiming (its outputs' instanceId); a new one replaces the lease's. */
+  instance: string;
+  /** Take over a lease without owner on v's host: only for a resource that has the volume in its state. */
+  adoptLegacy: boolean;
 }
 
 /** Pure: the lease after v's resource claims the volume, or an error that says who has it. */
-export function claimedLease(cur: Lease | undefined, v: VolumeInputs): { next: Lease; forcedFrom?: Lease } {
+export function claimedLease(cur: Lease | undefined, v: VolumeInputs, opts: ClaimOptions = { instance: "", adoptLegacy: true }): { next: Lease; forcedFrom?: Lease } {
   const me = hostRef(v);
   const owner = ownerOf(v);
-  if (!cur) return { next: { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "", owner } };
-  if (ownsLease(cur, v) && sameHost(cur.holder, me) && !cur.move) {
+  const instance = opts.instance || undefined;
+  if (!cur) return { next: { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "", owner, instance } };
+  if (ownsLease(cur, v, opts.adoptLegacy) && sameHost(cur.holder, me) && !cur.move) {
     // Same resource, same machine (perhaps at a new address): keep the token, record where it is now.
-    return { next: { ...cur, holder: me, token: cur.token || newToken(), owner: owner ?? cur.owner } };
+    return { next: { ...cur, holder: me, token: cur.token || newToken(), owner: owner ?? cur.owner, instance: instance ?? cur.instance } };
+  }
+  if (v.force && cur.owner && sameHost(cur.holder, me) && !ownsLease(cur, v)) {
+    throw new UserError(`force: volume ${v.volumeId} lives on this very host ${hostName(cur.holder)} for ${ownerName(cur.owner)}; ` +
+      "force takes a volume from a host that is gone for good, never from a live one on the same host: give this Volume another volumeId");
   }
   if (cur.move && sameHost(cur.move.to, me) && ownsLease(cur, v)) {
     throw new UserError(`volume ${v.volumeId} is in the middle of a move from ${hostName(cur.move.from)} to ${hostName(cur.move.to)} ` +
@@ -52,7 +70,7 @@ export function claimedLease(cur: Lease | undefined, v: VolumeInputs): { next: L
       "or, to move the volume, change host in the stack that holds it; if that host is gone for good, set force: true to restore " +
       "the latest snapshot here");
   }
-  return { next: { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "", owner }, forcedFrom: cur };
+  return { next: { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "", owner, instance }, forcedFrom: cur };
 }
 
 /**
@@ -60,11 +78,11 @@ export function claimedLease(cur: Lease | undefined, v: VolumeInputs): { next: L
  * unless `force`; returns the lease it replaced when it took the volume by force, and whether
  * the lease is new (so a failed create can give it back).
  */
-export async function claim(v: VolumeInputs): Promise<{ lease: Lease; forcedFrom?: Lease; fresh: boolean }> {
+export async function claim(v: VolumeInputs, opts: ClaimOptions): Promise<{ lease: Lease; forcedFrom?: Lease; fresh: boolean }> {
   let forcedFrom: Lease | undefined;
   let fresh = false;
   const lease = await updateLease(leaseS3(v), v.volumeId, (cur) => {
-    const r = claimedLease(cur, v);
+    const r = claimedLease(cur, v, opts);
     forcedFrom = r.forcedFrom;
     fresh = !cur || !!r.forcedFrom;
     return r.next;
@@ -73,11 +91,11 @@ export async function claim(v: VolumeInputs): Promise<{ lease: Lease; forcedFrom
 }
 
 /** Releases the lease if v's resource and host hold it (and no move is in progress). */
-export async function release(v: VolumeInputs): Promise<void> {
+export async function release(v: VolumeInputs, instanceId?: string): Promise<void> {
   const s = leaseS3(v);
   for (let i = 0; i < 5; i++) {
     const cur = await readLease(s, v.volumeId);
-    if (!cur || !sameHost(cur.lease.holder, hostRef(v)) || !ownsLease(cur.lease, v) || cur.lease.move) return;
+    if (!cur || !sameHost(cur.lease.holder, hostRef(v)) || !ownsLease(cur.lease, v) || otherInstance(cur.lease, instanceId) || cur.lease.move) return;
     try {
       await deleteLease(s, v.volumeId, cur.etag);
       return;

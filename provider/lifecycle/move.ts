@@ -66,7 +66,7 @@ async function stopUsers(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: s
     .filter((u) => u !== l.units.backup && u !== l.units.timer);
   if (units.length) {
     log(`stopping ${units.join(", ")} on ${r.name}`);
-    await r.runArgv(["systemctl", "stop", ...units]);
+    await r.runArgv(["systemctl", "stop", "--", ...units]);
   }
 }
 
@@ -102,7 +102,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       throw new UserError(`volume ${news.volumeId} is in the middle of a move from ${hostName(m.from)} to ${hostName(m.to)}; ` +
         `set host back to ${hostName(m.to)} to finish that move first`);
     }
-    if (!m && existing && sameHost(existing.lease.holder, to)) {
+    if (!m && existing && sameHost(existing.lease.holder, to) && ownsLease(existing.lease, news)) {
       // The lease already names the new host: a run that finished the switch and cleanup.
       m = { from, to, phase: "switched", startedAt: existing.lease.updatedAt, newToken: existing.lease.token };
     }
@@ -177,19 +177,25 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
           await steps.startVolume(newR, lNew);
           await newR.run(`touch ${q(lNew.stateDir + "/initialized")}`);
           await steps.startTimer(newR, lNew);
-          if (news.stopUnits.length) await newR.runArgv(["systemctl", "start", ...news.stopUnits], { allowFailure: true });
+          if (news.stopUnits.length) await newR.runArgv(["systemctl", "start", "--", ...news.stopUnits], { allowFailure: true });
         });
         downtimeEnd = Date.now();
         m = { ...m!, phase: "switched" };
-        await updateLease(leaseS3(news), news.volumeId, (cur) => {
-          // Compare-and-swap on what this move expects: the old host holds it, in this very move.
-          if (!cur || !sameHost(cur.holder, from) || cur.move?.newToken !== m!.newToken) {
-            throw new UserError(`volume ${news.volumeId}: the lease changed during the move (${cur ? `held by ${hostName(cur.holder)}` : "gone"}; ` +
-              "a forced takeover or another run?): not switching");
-          }
-          return { ...cur, volumeId: news.volumeId, holder: to, generation: cur.generation + 1, token: m!.newToken, updatedAt: "", move: m,
-            owner: cur.owner ?? news.owner };
-        });
+        try {
+          await updateLease(leaseS3(news), news.volumeId, (cur) => {
+            // Compare-and-swap on what this move expects: the old host holds it, in this very move.
+            // If it fails, the new host's volume is stopped again below: no read-write copy without the lease.
+            if (!cur || !sameHost(cur.holder, from) || cur.move?.newToken !== m!.newToken) {
+              throw new UserError(`volume ${news.volumeId}: the lease changed during the move (${cur ? `held by ${hostName(cur.holder)}` : "gone"}; ` +
+                "a forced takeover or another run?): not switching");
+            }
+            return { ...cur, volumeId: news.volumeId, holder: to, generation: cur.generation + 1, token: m!.newToken, updatedAt: "", move: m,
+              owner: cur.owner ?? news.owner };
+          });
+        } catch (e) {
+          await newR.run(`systemctl stop -- ${[...news.stopUnits, lNew.units.timer, lNew.units.mount].map(q).join(" ")} 2>/dev/null; true`, { allowFailure: true });
+          throw e;
+        }
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);
       }
       faultPoint("before-old-cleanup");

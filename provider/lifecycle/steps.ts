@@ -201,7 +201,7 @@ test -e ${q(`${l.stateDir}/initialized`)} || exit 1
 /** Checks a restored tree's content against its snapshot (every chunk re-hashed). */
 export async function verifyRestored(r: Remote, l: VolumeLayout, snapshotId: string, log: Log): Promise<void> {
   const t0 = Date.now();
-  const res = await r.run(command(rusticArgv(RUSTIC_PATH, l.profile, ["diff", snapshotId, l.mountPath])),
+  const res = await r.run(command(rusticArgv(RUSTIC_PATH, l.profile, ["diff", "-x", snapshotId, l.mountPath])),
     { allowFailure: true, timeoutMs: 6 * 3600_000 });
   // A new ext4 filesystem brings lost+found, which the snapshot of an xfs volume lacks.
   const changes = parseDiff(res.stdout).filter((c) => !/^\+\s+"?\/?lost\+found"?$/.test(c));
@@ -387,6 +387,9 @@ systemctl disable --now --quiet ${q(u.device)} 2>/dev/null || true
 true`);
   const still = await r.run(`mountpoint -q ${q(l.mountPath)}`, { allowFailure: true });
   if (still.code === 0) throw new UserError(`cannot unmount ${l.mountPath} on ${r.name}: it is busy; stop the programs that use it`);
+  // Unmounted for good: the markers go before the storage, so storage that is half removed never
+  // counts as formatted or initialised (a later create would refuse to format it, or skip its restore).
+  await r.run(`rm -f ${q(`${l.stateDir}/initialized`)} ${q(`${l.stateDir}/formatted`)}`);
   if ((await r.run(`test -e ${q(l.envFile)}`, { allowFailure: true })).code === 0) {
     await r.runArgv([AGENT_PATH, "detach", l.volumeId], { allowFailure: true });
   }

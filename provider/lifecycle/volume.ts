@@ -12,9 +12,9 @@ import { Remote, withRemote } from "../remote/ssh";
 import { checkInputs } from "./check";
 import { progress } from "./progress";
 import * as steps from "./steps";
-import { claim, hostRef, leaseS3, ownsLease, release, setRebuild } from "./lease";
+import { claim, hostRef, leaseS3, otherInstance, ownsLease, release, setRebuild } from "./lease";
 import { move } from "./move";
-import { readLease, sameHost, hostName } from "../storage/lease";
+import { readLease, sameHost, hostName, newToken, ownerName } from "../storage/lease";
 
 type Props = Record<string, any>;
 
@@ -32,6 +32,8 @@ export interface VolumeOutputs {
   snapshotCount: number;
   restoredFrom: string;
   lastMove: Record<string, unknown>;
+  /** This resource instance's random id, also in the lease: a replaced instance leaves the volume alone. */
+  instanceId: string;
 }
 
 /**
@@ -124,14 +126,15 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
     snapshotCount: snaps ? snaps.length : prev.snapshotCount ?? 0,
     restoredFrom: restoredFrom ?? prev.restoredFrom ?? "",
     lastMove: prev.lastMove ?? {},
+    instanceId: prev.instanceId ?? "",
   };
 }
 
 /** Everything that makes a volume run on a host; each step skips what is already done. */
 async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m: string) => void,
-  restore?: string): Promise<{ restoredFrom?: string }> {
+  restore?: string, preflightDone = false): Promise<{ restoredFrom?: string }> {
   const l = steps.layout(v);
-  await steps.preflight(r, v, l);
+  if (!preflightDone) await steps.preflight(r, v, l);
   await steps.installTools(r, v, log);
   await steps.writeConfig(r, v, l, leaseToken);
   await steps.ensureStorage(r, v, l);
@@ -151,9 +154,13 @@ export async function create(inputs: Props) {
   const l = steps.layout(v);
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     log(`creating on ${r.name}: ${formatSize(v.size)} ${v.filesystem} at ${v.mountPath}`);
-    const { lease, forcedFrom, fresh } = await claim(v);
+    const instanceId = newToken();
+    const { lease, forcedFrom, fresh } = await claim(v, { instance: instanceId, adoptLegacy: false });
+    let touched = false;
     try {
-      const init = await converge(r, v, lease.token, log);
+      await steps.preflight(r, v, l);
+      touched = true;
+      const init = await converge(r, v, lease.token, log, undefined, true);
       let lastMove: Record<string, unknown> = {};
       if (forcedFrom) {
         const snaps = await steps.listSnapshots(r, l);
@@ -167,10 +174,11 @@ export async function create(inputs: Props) {
       await steps.runBackup(r, l, log);
       const obs = await steps.observe(r, l);
       const snaps = await steps.listSnapshots(r, l);
-      return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove }, init.restoredFrom ?? "") } };
+      return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove, instanceId }, init.restoredFrom ?? "") } };
     } catch (e) {
-      // Not created: a lease this create took must not keep the volume id from being created elsewhere.
-      if (fresh && !forcedFrom) await release(v).catch(() => undefined);
+      // Not created: a lease this create took before anything was made on the host must not keep
+      // the id from being created elsewhere. (Once storage exists, the lease stays with it.)
+      if (fresh && !forcedFrom && !touched) await release(v, instanceId).catch(() => undefined);
       throw e;
     }
   }), { log });
@@ -238,11 +246,11 @@ async function giveBack(r: Remote, l: VolumeLayout, users: string[]): Promise<vo
  * (verified), the old storage removed, the new one created and the final snapshot restored.
  * The snapshot is recorded in the lease first, so a run cut off anywhere resumes without loss.
  */
-async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, log: (m: string) => void) {
+async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, instanceId: string, log: (m: string) => void) {
   const lOld = steps.layout(olds), l = steps.layout(v);
-  const { lease } = await claim({ ...v, force: false });
+  const { lease } = await claim({ ...v, force: false }, { instance: instanceId, adoptLegacy: true });
   let snapshotId = lease.rebuild?.snapshotId;
-  const users = await usersOf(r, olds, lOld);
+  const users = [...new Set([...await usersOf(r, olds, lOld), ...v.stopUnits])];
   if (await steps.holdsData(r, lOld)) {
     log(`rebuilding on ${r.name}: ${olds.filesystem}${olds.volumeGroup ? ` in ${olds.volumeGroup}` : ""} -> ` +
       `${v.filesystem}${v.volumeGroup ? ` in ${v.volumeGroup}` : ""}`);
@@ -253,9 +261,13 @@ async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, log: (m: 
     await steps.teardown(r, lOld);
   } else if (snapshotId) {
     log(`resuming the rebuild: restoring final snapshot ${snapshotId.slice(0, 8)}`);
+    // A teardown cut off half-way is finished first (the data is in the recorded snapshot).
+    if (!(await steps.holdsData(r, l))) await steps.teardown(r, lOld);
   }
   const init = await converge(r, v, lease.token, log, snapshotId);
-  if (init.restoredFrom) await steps.verifyRestored(r, l, init.restoredFrom, log);
+  // Verified whenever a rebuild is recorded, also when a cut-off run had already restored it.
+  const restored = snapshotId ?? init.restoredFrom;
+  if (restored) await steps.verifyRestored(r, l, restored, log);
   await setRebuild(v, undefined);
   if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
 }
@@ -275,6 +287,7 @@ export async function update(id: string, olds: Props, news: Props) {
       return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, lastMove: report as unknown as Record<string, unknown> }) } };
     });
   }
+  const instanceId = (olds.instanceId as string) || newToken();
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     if (o.host.address !== v.host.address || Number(o.host.port) !== Number(v.host.port)) {
       // Same pinned key at another address: the same machine, unless hosts were cloned with their keys.
@@ -286,9 +299,9 @@ export async function update(id: string, olds: Props, news: Props) {
       log(`${o.host.address}:${o.host.port} is now reached as ${r.name} (same host key): not a move`);
     }
     if (o.filesystem !== v.filesystem || (o.volumeGroup ?? "") !== (v.volumeGroup ?? "")) {
-      await rebuild(r, o, v, log);
+      await rebuild(r, o, v, instanceId, log);
     } else {
-      const { lease } = await claim({ ...v, force: false });
+      const { lease } = await claim({ ...v, force: false }, { instance: instanceId, adoptLegacy: true });
       await converge(r, v, lease.token, log);
       if (v.size > (o.size ?? 0)) {
         log(`growing to ${formatSize(v.size)}`);
@@ -298,7 +311,7 @@ export async function update(id: string, olds: Props, news: Props) {
     }
     const obs = await steps.observe(r, l);
     const snaps = await snapshotsOrUndefined(r, l);
-    return { outs: { ...news, ...outputs(l, obs, snaps, olds) } };
+    return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, instanceId }) } };
   }), { log });
 }
 
@@ -309,13 +322,20 @@ export async function remove(id: string, props: Props) {
   await withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     const obs = await steps.observe(r, l);
     const initialized = (await r.run(`test -e ${q(l.stateDir + "/initialized")}`, { allowFailure: true })).code === 0;
+    const instanceId = props.instanceId as string | undefined;
     if (!obs.present && !obs.configured) {
       log(`nothing left on ${r.name}`);
-      await release(v);
+      await release(v, instanceId);
       return;
     }
     const lease = await readLease(leaseS3(v), v.volumeId);
-    const fenced = !!lease && (!sameHost(lease.lease.holder, hostRef(v)) || !ownsLease(lease.lease, v));
+    const fenced = !!lease && (!sameHost(lease.lease.holder, hostRef(v)) || !ownsLease(lease.lease, v) || otherInstance(lease.lease, instanceId));
+    if (fenced && sameHost(lease!.lease.holder, hostRef(v))) {
+      // The volume here is held by another resource, or by this one's replacement: not ours to remove.
+      log(`volume ${v.volumeId} on ${r.name} now belongs to ${lease!.lease.owner ? ownerName(lease!.lease.owner) : "another resource"}` +
+        `${otherInstance(lease!.lease, instanceId) ? " (this resource's replacement)" : ""}: leaving it in place`);
+      return;
+    }
     if (fenced) {
       log(`${r.name} no longer holds volume ${v.volumeId} (${hostName(lease!.lease.holder)} does): no final backup from here`);
     } else if (v.forgetSnapshotsOnDelete) {
@@ -341,6 +361,6 @@ export async function remove(id: string, props: Props) {
       throw new UserError(`${(e as Error).message}\nThe volume was left in place on ${r.name}` +
         `${fenced ? "" : ": mounted read-write and scheduled as before"}; fix the cause and run again.`);
     }
-    await release(v);
+    await release(v, instanceId);
   }), { log });
 }

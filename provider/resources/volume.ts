@@ -75,6 +75,8 @@ export class Volume extends pulumi.dynamic.Resource {
   public readonly restoredFrom!: pulumi.Output<string>;
   /** The last move or forced takeover: hosts, final snapshot, downtime, and any data-loss window. */
   public readonly lastMove!: pulumi.Output<Record<string, unknown>>;
+  /** A random id of this resource instance, also in the volume's lease (a replaced instance leaves the volume to its successor). */
+  public readonly instanceId!: pulumi.Output<string>;
 
   constructor(name: string, args: VolumeArgs, opts?: pulumi.CustomResourceOptions) {
     refuseUnknownArgs(`Volume "${name}"`, args, VOLUME_ARGS);
@@ -122,7 +124,7 @@ export class Volume extends pulumi.dynamic.Resource {
       rustic: pulumi.unsecret(settings.apply((s) => s.rustic)),
       device: undefined, sizeBytes: undefined, usedBytes: undefined, mounted: undefined, timerActive: undefined,
       lastBackupAt: undefined, lastBackupStatus: undefined, lastBackupMessage: undefined, lastSuccessfulBackupAt: undefined,
-      latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined, lastMove: undefined,
+      latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined, lastMove: undefined, instanceId: undefined,
     }, {
       ...opts,
       dependsOn,

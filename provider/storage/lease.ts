@@ -37,6 +37,11 @@ export interface Lease {
   move?: MoveState;
   /** The resource that owns the volume (absent in leases written before owners were recorded). */
   owner?: Owner;
+  /**
+   * The owner's current resource instance (a random id in its outputs): after a replacement
+   * (pulumi up --replace) the old instance's delete must leave the volume to the new one.
+   */
+  instance?: string;
   /** A rebuild (filesystem or volumeGroup change) in progress: the verified final snapshot to restore. */
   rebuild?: { snapshotId: string; startedAt: string };
 }

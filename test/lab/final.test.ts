@@ -75,7 +75,10 @@ async function expectWritersState(h: LabHost, journals: { lines: string[]; data:
   const expected = journals.flatMap((j) => j.lines).map((l) => l + "\n").join("");
   const got = log.split("\n").filter(Boolean);
   expect(got.length, "lines in log.txt").to.equal(expected.split("\n").filter(Boolean).length);
-  expect(log, "log.txt equals what the writers reported, in order").to.equal(expected);
+  // (command output arrives without its final newline: the byte-exact comparison is by hash)
+  expect(log.trimEnd(), "log.txt equals what the writers reported, in order").to.equal(expected.trimEnd());
+  const sum = (await onHost(h, `sha256sum < ${mountPath}/log.txt | cut -c1-64`)).stdout.trim();
+  expect(sum, "log.txt byte for byte").to.equal(crypto.createHash("sha256").update(expected).digest("hex"));
   const sums = (await onHost(h, `cd ${mountPath} && for f in data-*.bin; do [ -e "$f" ] && echo "$f $(sha256sum < "$f" | cut -c1-64)"; done; true`)).stdout;
   const have = new Map(sums.split("\n").filter(Boolean).map((l) => l.split(" ") as [string, string]));
   const want = new Map(journals.flatMap((j) => [...j.data]));

@@ -3,7 +3,7 @@
 import { expect } from "chai";
 import { defaultVolumeId, legacyDefaultVolumeId } from "../../provider/volumeId";
 import { normalizeHostKey, sameHost, sameOwner, Lease } from "../../provider/storage/lease";
-import { claimedLease, ownsLease } from "../../provider/lifecycle/lease";
+import { claimedLease, otherInstance, ownsLease } from "../../provider/lifecycle/lease";
 import { check } from "../../provider/lifecycle/volume";
 import type { VolumeInputs } from "../../provider/inputs";
 
@@ -126,5 +126,32 @@ describe("moves and repositories", () => {
     // Either alone is fine.
     expect((await check(olds, { ...news, repository: baseInputs().repository })).failures).to.deep.equal([]);
     expect((await check(olds, { ...baseInputs(), repository: news.repository })).failures).to.deep.equal([]);
+  });
+});
+
+describe("lease instances, legacy leases and force", () => {
+  const lease = (over: Partial<Lease> = {}): Lease => ({
+    volumeId: "v1", holder: { address: "10.0.0.1", port: 22, hostKey: KEY_A }, generation: 3, token: "tok", updatedAt: "t",
+    owner: { project: "p", stack: "prod", name: "pg" }, instance: "i-old", ...over,
+  });
+
+  it("a replacement (pulumi up --replace) takes the lease for its new instance; the old instance is then another one", () => {
+    const next = claimedLease(lease(), vol(), { instance: "i-new", adoptLegacy: false }).next;
+    expect(next.instance).to.equal("i-new");
+    expect(next.token).to.equal("tok");
+    expect(otherInstance(next, "i-old")).to.equal(true);
+    expect(otherInstance(next, "i-new")).to.equal(false);
+    expect(otherInstance(lease({ instance: undefined }), "i-old")).to.equal(false);
+  });
+
+  it("a lease without owner is adopted by an update on its host, never by a create", () => {
+    const legacy = lease({ owner: undefined, instance: undefined, holder: { address: "10.0.0.1", port: 22 } });
+    expect(() => claimedLease(legacy, vol(), { instance: "i", adoptLegacy: false })).to.throw(/held by host 10\.0\.0\.1:22/);
+    expect(claimedLease(legacy, vol(), { instance: "i", adoptLegacy: true }).next.owner?.stack).to.equal("prod");
+  });
+
+  it("force never takes a volume from a live owner on the same host", () => {
+    const other = vol({ force: true, owner: { project: "p", stack: "staging", name: "pg" } });
+    expect(() => claimedLease(lease(), other, { instance: "i", adoptLegacy: false })).to.throw(/^force: volume v1 lives on this very host/);
   });
 });
