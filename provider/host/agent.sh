@@ -187,6 +187,9 @@ backup() {
   REQUEST=$(tr -dc 'a-f0-9' < "$STATE_DIR/final-request" 2>/dev/null || true)
   FINAL=0
   if [ -n "$REQUEST" ] && findmnt -n -o OPTIONS --mountpoint "$MOUNT_PATH" | tr ',' '\n' | grep -qx ro; then FINAL=1; fi
+  if [ "$FINAL" = 0 ] && [ -e "/etc/dboxed-volumes/$VOLUME_ID/fenced" ]; then
+    die "volume $VOLUME_ID is fenced for a move (read-only until the move finishes or is undone): no periodic backups"
+  fi
   local src
   if [ "$FINAL" = 1 ]; then
     # Nothing can change a read-only filesystem: back it up directly, no lvm2 snapshot needed.

@@ -60,7 +60,7 @@ async function unmountStaging(r: Remote, l: VolumeLayout) {
 }
 
 /** Units to stop on the old host: the ones the user listed and the ones systemd says need the mount. */
-async function stopUsers(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void) {
+async function stopUsers(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void): Promise<string[]> {
   const deps = await r.run(`systemctl show -p RequiredBy -p BoundBy --value ${q(l.units.mount)} 2>/dev/null | tr ' ' '\\n' | grep -v '^$' || true`);
   const units = [...new Set([...v.stopUnits, ...deps.stdout.split("\n").map((x) => x.trim()).filter(Boolean)])]
     .filter((u) => u !== l.units.backup && u !== l.units.timer);
@@ -68,16 +68,18 @@ async function stopUsers(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: s
     log(`stopping ${units.join(", ")} on ${r.name}`);
     await r.runArgv(["systemctl", "stop", "--", ...units]);
   }
+  return units;
 }
 
-async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState): Promise<Lease> {
+/** Records the move's phase (compare-and-swap on the old host holding it); `token` replaces the lease's token. */
+async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState, token?: string): Promise<Lease> {
   return updateLease(leaseS3(v), v.volumeId, (cur) => {
     if (cur && (!sameHost(cur.holder, expectFrom) || !ownsLease(cur, v))) {
       throw new UserError(`volume ${v.volumeId}: the lease is held by ${hostName(cur.holder)}${cur.owner ? ` for ${ownerName(cur.owner)}` : ""}, ` +
         `not by ${hostName(expectFrom)} for this resource: refusing to move it`);
     }
     return { ...(cur ?? {}), volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1,
-      token: cur?.token ?? newToken(), updatedAt: "", move, owner: cur?.owner ?? v.owner };
+      token: token ?? cur?.token ?? newToken(), updatedAt: "", move, owner: cur?.owner ?? v.owner };
   });
 }
 
@@ -123,10 +125,23 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         await steps.writeUnits(newR, news, lNew);
       });
     };
+    // Back to the start of the downtime: the next final backup is taken anew, with the old host's token.
+    const retakeFinal = async (why: string) => {
+      log(why);
+      m = { ...m!, phase: "warm", snapshotId: undefined };
+      const oldToken = m.oldToken;
+      delete m.oldToken;
+      await setPhase(news, from, m, oldToken);
+    };
     const run = async (oldR: Remote | undefined) => {
       if (!m) {
         m = { from, to, phase: "warm", startedAt: new Date().toISOString(), newToken: token };
         await setPhase(news, from, m);
+      }
+      if (reached(m, "final-backup") && !reached(m, "switched")) {
+        // A resumed move: the final snapshot only stands while the old host stayed fenced.
+        const f = await steps.isFenced(oldR!, lOld);
+        if (!f.fenced) await retakeFinal(`the old host ${oldR!.name} is no longer fenced (${f.why}): its final backup no longer stands; taking a new one`);
       }
       if (!reached(m, "final-backup")) {
         await mountStaging(newR, lNew);
@@ -140,14 +155,18 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         }
         downtimeStart = Date.now();
         await timed("stop old", async () => {
-          await stopUsers(oldR!, olds, lOld, log);
+          const users = await stopUsers(oldR!, olds, lOld, log);
           await oldR!.runArgv(["systemctl", "stop", lOld.units.timer]);
+          // Read-only and stopped until cleaned or given back, reboots included.
+          await steps.fence(oldR!, lOld, [...new Set([...users, ...olds.stopUnits])]);
           await steps.quiesce(oldR!, lOld);
         });
         log(`final backup on ${oldR!.name}`);
         const status = await timed("final backup", () => steps.finalBackup(oldR!, lOld, log));
-        m = { ...m, phase: "final-backup", snapshotId: status.snapshotId };
-        await setPhase(news, from, m);
+        // From here the old host's token is revoked: it can no longer upload a backup.
+        const cur = await readLease(leaseS3(news), news.volumeId);
+        m = { ...m!, phase: "final-backup", snapshotId: status.snapshotId, oldToken: m!.oldToken ?? cur?.lease.token };
+        await setPhase(news, from, m, m.newToken);
         faultPoint("after-final-backup");
       }
       if (!reached(m, "restored")) {
@@ -163,8 +182,9 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
           ]);
           const diff = diffManifests(parseManifest(a.stdout), parseManifest(b.stdout));
           if (diff.length) {
+            await retakeFinal("verification failed: the next run takes a new final backup");
             throw new UserError(`volume ${news.volumeId}: the tree restored on ${newR.name} differs from the final state on ${oldR!.name}; ` +
-              `the move stops here, the old host keeps the data (read-only):\n${diff.join("\n")}`);
+              `the move stops here, the old host keeps the data (read-only); run pulumi up again to retry with a new final backup:\n${diff.join("\n")}`);
           }
           log(`verified: the restored tree equals the old host's (${Object.keys(parseManifest(b.stdout).entries).length} entries)`);
         });

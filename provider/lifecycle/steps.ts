@@ -369,6 +369,42 @@ echo; fuser -vm ${q(l.mountPath)} 2>&1 | tail -n 10; exit 40`, { allowFailure: t
   if (res.code !== 0) throw new CommandError(r.name, "remount read-only", res.code, res.signal, res.stdout, res.stderr);
 }
 
+const fenceFile = (l: VolumeLayout) => `${l.configDir}/fenced`;
+const fenceDropIn = (l: VolumeLayout, unit: string) => `${UNIT_DIR}/${unit}.d/dboxed-fence-${l.volumeId}.conf`;
+
+/**
+ * Keeps the volume read-only, its timer and its users stopped, across reboots too, until it is
+ * cleaned or given back: a drop-in mounts it read-only, the timer is disabled, each user unit
+ * gets a condition on the fence file, and the agent refuses periodic backups while it exists.
+ */
+export async function fence(r: Remote, l: VolumeLayout, users: string[]): Promise<void> {
+  const lines = [`set -e`, `mkdir -p ${q(`${UNIT_DIR}/${l.units.mount}.d`)}`,
+    `printf '[Mount]\\nOptions=ro\\n' > ${q(fenceDropIn(l, l.units.mount))}`];
+  for (const u of users) {
+    lines.push(`mkdir -p ${q(`${UNIT_DIR}/${u}.d`)}`,
+      `printf '[Unit]\\nConditionPathExists=!%s\\n' ${q(fenceFile(l))} > ${q(fenceDropIn(l, u))}`);
+  }
+  lines.push(`touch ${q(fenceFile(l))}`, `systemctl disable --quiet ${q(l.units.timer)} 2>/dev/null || true`, "systemctl daemon-reload");
+  await r.run(lines.join("\n"));
+}
+
+/** Undoes fence(): the volume may be read-write and scheduled again. */
+export async function unfence(r: Remote, l: VolumeLayout): Promise<void> {
+  await r.run(`rm -f ${UNIT_DIR}/*.d/dboxed-fence-${l.volumeId}.conf ${q(fenceFile(l))}
+systemctl daemon-reload`);
+}
+
+/** Whether the volume is still fenced on r: fence file, not mounted read-write, timer not active. */
+export async function isFenced(r: Remote, l: VolumeLayout): Promise<{ fenced: boolean; why: string }> {
+  const res = await r.run(`test -e ${q(fenceFile(l))} || { echo "its fence marker is gone"; exit 1; }
+if mountpoint -q ${q(l.mountPath)}; then
+  findmnt -n -o OPTIONS --mountpoint ${q(l.mountPath)} | tr ',' '\\n' | grep -qx ro || { echo "it is mounted read-write"; exit 1; }
+fi
+if systemctl is-active --quiet ${q(l.units.timer)}; then echo "its backup timer runs"; exit 1; fi
+exit 0`, { allowFailure: true });
+  return { fenced: res.code === 0, why: res.stdout.trim() };
+}
+
 /** Lets writers back in after a failed final backup, and restarts the schedule. */
 export async function unquiesce(r: Remote, l: VolumeLayout): Promise<void> {
   await r.run(`rm -f ${q(`${l.stateDir}/final-request`)}
@@ -394,7 +430,7 @@ true`);
     await r.runArgv([AGENT_PATH, "detach", l.volumeId], { allowFailure: true });
   }
   await r.run(removeStorageScript(l));
-  await r.run(`rm -f ${Object.values(u).map((n) => q(`${UNIT_DIR}/${n}`)).join(" ")}
+  await r.run(`rm -f ${Object.values(u).map((n) => q(`${UNIT_DIR}/${n}`)).join(" ")} ${UNIT_DIR}/*.d/dboxed-fence-${l.volumeId}.conf
 systemctl daemon-reload
 systemctl reset-failed ${Object.values(u).map(q).join(" ")} 2>/dev/null || true
 rm -rf ${q(l.configDir)} ${q(l.stateDir)} ${q(`/run/dboxed-volumes/${l.volumeId}`)}

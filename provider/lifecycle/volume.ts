@@ -235,6 +235,7 @@ async function finalBackupVerified(r: Remote, v: VolumeInputs, l: VolumeLayout, 
 
 /** Puts a volume back in service after a failed final step: mount, read-write, timer, users. */
 async function giveBack(r: Remote, l: VolumeLayout, users: string[]): Promise<void> {
+  await steps.unfence(r, l).catch(() => undefined);
   await r.run(`systemctl enable --now --quiet ${q(l.units.device)} ${q(l.units.mount)} 2>/dev/null || true`, { allowFailure: true });
   await steps.unquiesce(r, l).catch(() => undefined);
   await r.run(`systemctl enable --now --quiet ${q(l.units.timer)} 2>/dev/null || true`, { allowFailure: true });

@@ -23,6 +23,12 @@ export interface MoveState {
   snapshotId?: string;
   /** The lease token the new host will hold after the switch (its backups check it). */
   newToken: string;
+  /**
+   * The old host's token, kept while its final backup stands: the lease's token is the new one
+   * from the final backup on, so the old host can no longer back up; a retry that needs a new
+   * final backup puts this one back.
+   */
+  oldToken?: string;
   startedAt: string;
 }
 

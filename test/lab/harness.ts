@@ -26,6 +26,24 @@ export async function onHost(h: LabHost, script: string, opts: { allowFailure?: 
   }
 }
 
+/** Reboots a lab host (a real guest restart) and waits until systemd is up again; sets its clock. */
+export async function rebootHost(h: LabHost): Promise<void> {
+  await onHost(h, "systemctl reboot", { allowFailure: true }).catch(() => undefined);
+  await new Promise((r) => setTimeout(r, 5000));
+  for (let i = 0; i < 60; i++) {
+    try {
+      const r = await onHost(h, "systemctl is-system-running --wait", { allowFailure: true, timeoutMs: 120_000 });
+      if (/running|degraded/.test(r.stdout)) {
+        await onHost(h, `date -s @${Math.floor(Date.now() / 1000)} >/dev/null`);
+        return;
+      }
+    } catch {
+      await new Promise((r) => setTimeout(r, 3000));
+    }
+  }
+  throw new Error(`host ${h.name} did not come back after a reboot`);
+}
+
 /**
  * For suites whose tests are steps of one story: after a failed step the rest fail at once,
  * naming it (mocha's own bail would also skip unrelated suites after any earlier failure).

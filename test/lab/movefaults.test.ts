@@ -1,9 +1,10 @@
 // A move killed at each of its steps (the provider process dies, as with a killed pulumi or a
 // lost connection), then `pulumi up` again: the move completes with an identical manifest, the
-// old host is clean, and at no moment were both hosts mounted read-write.
+// old host is clean, and at no moment were both hosts mounted read-write. Killed after the final
+// backup, the old host is also rebooted: it comes back fenced (read-only, no timer, no backups).
 import { expect } from "chai";
 import * as crypto from "crypto";
-import { lab, onHost, Stack, stepByStep } from "./harness";
+import { lab, onHost, rebootHost, Stack, stepByStep } from "./harness";
 import { manifest, Manifest } from "./manifest";
 import type { LabHost } from "../../lab/lab";
 
@@ -64,6 +65,19 @@ head -c 15000000 /dev/urandom > a/b/big; echo x > hl && ln hl a/hl2; ln -s a/b/b
       const watched = await watchDoubleMount(a, b, async () => {
         const killed = await stack.run(["up", "--yes", "--skip-preview"], { input: input(to), env: { DBOXED_VOLUMES_FAULT: fault } });
         expect(killed.code, "the faulty run should fail").to.not.equal(0);
+        if (fault === "after-final-backup") {
+          // The old host reboots while fenced: it must come back read-only, unscheduled, unable to back up.
+          await rebootHost(a);
+          const state = await onHost(a, `findmnt -n -o OPTIONS --mountpoint ${mountPath} | cut -d, -f1
+systemctl is-active dboxed-volume-${volumeId}-backup.timer || true
+systemctl start dboxed-volume-${volumeId}-backup.service 2>/dev/null && echo BACKED-UP || echo refused
+cat /var/lib/dboxed-volumes/${volumeId}/last-error 2>/dev/null || true`);
+          const [mode, timer, backup, why] = state.stdout.trim().split("\n");
+          expect([mode, timer, backup]).to.deep.equal(["ro", "inactive", "refused"]);
+          expect(why).to.match(/fenced for a move|no longer holds/);
+          const write = await onHost(a, `echo x > ${mountPath}/after-reboot 2>&1 && echo WROTE || echo refused`);
+          expect(write.stdout.trim()).to.match(/refused$/);
+        }
         const again = await stack.up(input(to));
         expect(again.code, again.stdout + again.stderr).to.equal(0);
         expect(again.stdout).to.match(/resuming the move/);
