@@ -206,6 +206,9 @@ export class Remote {
   }
 
   dispose(): void {
+    // A host that goes away while the connection closes must not crash the process with an
+    // unhandled socket error: the connection is done with either way.
+    this.ssh.connection?.on("error", () => undefined);
     this.ssh.dispose();
   }
 }
