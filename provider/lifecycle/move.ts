@@ -49,6 +49,22 @@ async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout): Promis
   }
 }
 
+/**
+ * A "move" onto the machine the volume already lives on (the same host under another key or
+ * address) would restore over the live volume: refused when both hosts report the same
+ * machine-id, or when the new host has the volume mounted at mountPath already.
+ */
+async function notSameMachine(oldR: Remote, newR: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  const probe = `cat /etc/machine-id 2>/dev/null; echo; if mountpoint -q ${q(l.mountPath)} && [ "$(readlink -f "$(findmnt -n -o SOURCE --mountpoint ${q(l.mountPath)})")" = "$(readlink -f ${q(l.device)} 2>/dev/null)" ]; then echo mounted; fi`;
+  const [a, b] = await Promise.all([oldR.run(probe), newR.run(probe)]);
+  const idA = a.stdout.split("\n")[0].trim(), idB = b.stdout.split("\n")[0].trim();
+  if ((idA && idA === idB) || /mounted/.test(b.stdout)) {
+    throw new UserError(`host: ${newR.name} is the machine volume ${v.volumeId} already lives on (${idA === idB ? "same machine-id" : `it has the volume mounted at ${v.mountPath}`}), ` +
+      "not another host: a move there would restore over the live volume, so nothing was changed. A new address with the same " +
+      "hostKey is fine, but pinning another key of the same machine is not supported yet: keep host.hostKey as it was");
+  }
+}
+
 /** Mounts the new host's filesystem where nobody uses it, for restores before the switch. */
 async function mountStaging(r: Remote, l: VolumeLayout) {
   await r.run(`set -e; systemctl start ${q(l.units.device)}; mkdir -p ${q(staging(l))}
@@ -247,6 +263,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
     try {
       await lock(oldR, lOld, async () => {
         await decide();
+        if (!reached(m, "switched")) await notSameMachine(oldR!, newR, news, lNew);
         await prepareNew();
         await run(oldR);
       });
