@@ -172,9 +172,23 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
     expect(gone.stdout.trim().split("\n")).to.deep.equal(["0", "inactive"]);
   });
 
+  it("a rebuild (ext4 -> xfs, forgetSnapshotsOnDelete: true) waits for the periodic run and keeps every line", async () => {
+    await onHost(h2, `systemctl start ${writer}`);
+    await sleep(3000);
+    await expectWriting(h2);
+    const res = await upWithPeriodicRunInProgress(h2, input(1, { filesystem: "xfs", forgetSnapshotsOnDelete: true }));
+    expect(res.stdout).to.match(/verified snapshot \w+ against the read-only volume/);
+    expect(res.stdout).to.not.match(/forgetting/);
+    expect((await onHost(h2, `findmnt -n -o FSTYPE ${mountPath}`)).stdout.trim()).to.equal("xfs");
+    await sleep(2000); // the writer was started again on the new filesystem
+    await onHost(h2, `systemctl stop ${writer}`);
+    await expectWritersState(h2, [await writerJournal(h1), await writerJournal(h2)]);
+  });
+
   it("the same host reached at another address (localhost) is not a move; its next scheduled backup succeeds", async () => {
     const before = (await stack.outputs()).volumes.f;
-    const res = await stack.up(input(1, {}, { address: "localhost" }));
+    // (forgetSnapshotsOnDelete goes back to false here, for the delete below)
+    const res = await stack.up(input(1, { filesystem: "xfs" }, { address: "localhost" }));
     expect(res.code, res.stdout + res.stderr).to.equal(0);
     expect(res.stdout).to.match(/is now reached as root@localhost:\d+ \(same host key\): not a move/);
     expect(res.stdout).to.not.match(/final backup on |waiting for a periodic backup/);
@@ -190,25 +204,10 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
     expect(status.status, status.message).to.equal("ok");
   });
 
-  it("a rebuild (ext4 -> xfs, forgetSnapshotsOnDelete: true) waits for the periodic run and keeps every line", async () => {
-    await onHost(h2, `systemctl start ${writer}`);
-    await sleep(3000);
-    await expectWriting(h2);
-    const res = await upWithPeriodicRunInProgress(h2, input(1, { filesystem: "xfs", forgetSnapshotsOnDelete: true }, { address: "localhost" }));
-    expect(res.stdout).to.match(/verified snapshot \w+ against the read-only volume/);
-    expect(res.stdout).to.not.match(/forgetting/);
-    expect((await onHost(h2, `findmnt -n -o FSTYPE ${mountPath}`)).stdout.trim()).to.equal("xfs");
-    await sleep(2000); // the writer was started again on the new filesystem
-    await onHost(h2, `systemctl stop ${writer}`);
-    await expectWritersState(h2, [await writerJournal(h1), await writerJournal(h2)]);
-  });
-
   let lastState: Awaited<ReturnType<typeof manifest>>;
   let journals: Awaited<ReturnType<typeof writerJournal>>[];
 
   it("a delete waits for the periodic run, verifies its final snapshot and leaves the host clean", async () => {
-    const keep = await stack.up(input(1, { filesystem: "xfs" }, { address: "localhost" }));
-    expect(keep.code, keep.stdout + keep.stderr).to.equal(0);
     await onHost(h2, `systemctl start ${writer}`);
     await sleep(2000);
     const invocation = await freezePeriodicBackup(h2);
@@ -233,7 +232,7 @@ losetup -a | grep -c ${volumeId} || true`);
   });
 
   it("recreated from the repository, the volume holds the writer's last state byte for byte", async () => {
-    const res = await stack.up(input(0, { filesystem: "xfs" }));
+    const res = await stack.up(input(0, { filesystem: "xfs", forgetSnapshotsOnDelete: true }));
     expect(res.code, res.stdout + res.stderr).to.equal(0);
     expect(res.stdout).to.match(/restoring snapshot/);
     await expectWritersState(h1, journals);
@@ -256,8 +255,6 @@ losetup -a | grep -c ${volumeId} || true`);
   });
 
   it("destroy with forgetSnapshotsOnDelete: true forgets the volume's snapshots and releases the id", async () => {
-    const upd = await stack.up(input(0, { filesystem: "xfs", forgetSnapshotsOnDelete: true }));
-    expect(upd.code, upd.stdout + upd.stderr).to.equal(0);
     const destroy = await stack.run(["destroy", "--yes", "--skip-preview"]);
     expect(destroy.code, destroy.stdout + destroy.stderr).to.equal(0);
     expect(destroy.stdout).to.match(/forgetting \d+ snapshot/);
