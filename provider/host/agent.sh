@@ -243,11 +243,17 @@ backup() {
     echo "backup of $VOLUME_ID done (final)"
     return 0
   fi
-  echo "applying retention"
-  step "rustic forget" /dev/null rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
-    --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
-    --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY"
-  timing forget
+  # Retention from the second backup on this host: the first one (a create's or a restore's)
+  # follows snapshots that the previous holder's runs already thinned.
+  if [ -e "$STATE_DIR/retention-started" ]; then
+    echo "applying retention"
+    step "rustic forget" /dev/null rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
+      --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
+      --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY"
+    timing forget
+  else
+    touch "$STATE_DIR/retention-started"
+  fi
   # Lock-less prune (packs are only marked; removed a day later), at most once a day per volume,
   # the first a day after the volume came to this host (a new volume has nothing to prune yet).
   if [ ! -e "$STATE_DIR/last-prune" ]; then

@@ -173,7 +173,7 @@ fi`, { timeoutMs: 6 * 3600_000 });
  * Makes a new volume hold its data: restores the latest snapshot of this volume id when the
  * repository has one, else starts empty. Backups are refused until this has finished.
  */
-export async function initialize(r: Remote, l: VolumeLayout, log: Log, snapshotId?: string): Promise<{ restoredFrom?: string }> {
+export async function initialize(r: Remote, l: VolumeLayout, log: Log, snapshotId?: string): Promise<{ restoredFrom?: string; snapshots?: Snapshot[] }> {
   const marker = `${l.stateDir}/initialized`;
   if ((await r.run(`test -e ${q(marker)}`, { allowFailure: true })).code === 0) return {};
   const snaps = await listSnapshots(r, l);
@@ -187,7 +187,7 @@ export async function initialize(r: Remote, l: VolumeLayout, log: Log, snapshotI
     await restoreInto(r, l, chosen.id, l.mountPath, log);
   }
   await r.run(`touch ${q(marker)}`);
-  return { restoredFrom: chosen?.id };
+  return { restoredFrom: chosen?.id, snapshots: snaps };
 }
 
 /** Whether the host has this layout's storage holding the volume's data (formatted as l says, initialised). */

@@ -132,7 +132,7 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
 
 /** Everything that makes a volume run on a host; each step skips what is already done. */
 async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m: string) => void,
-  restore?: string, preflightDone = false): Promise<{ restoredFrom?: string }> {
+  restore?: string, preflightDone = false): Promise<{ restoredFrom?: string; snapshots?: Snapshot[] }> {
   const l = steps.layout(v);
   if (!preflightDone) await steps.preflight(r, v, l);
   await steps.installTools(r, v, log);
@@ -163,7 +163,7 @@ export async function create(inputs: Props) {
       const init = await converge(r, v, lease.token, log, undefined, true);
       let lastMove: Record<string, unknown> = {};
       if (forcedFrom) {
-        const snaps = await steps.listSnapshots(r, l);
+        const snaps = init.snapshots ?? await steps.listSnapshots(r, l);
         const used = snaps.find((s) => s.id === init.restoredFrom);
         const lostSeconds = used ? Math.round((Date.now() - Date.parse(used.time)) / 1000) : null;
         lastMove = { forced: true, from: hostName(forcedFrom.holder), to: r.name, snapshotId: init.restoredFrom ?? "",
@@ -171,9 +171,12 @@ export async function create(inputs: Props) {
         log(`FORCED takeover from ${hostName(forcedFrom.holder)}: restored snapshot ${init.restoredFrom?.slice(0, 8) ?? "(none)"} ` +
           `of ${used?.time ?? "never"}; anything written on the old host after it (up to ${lostSeconds ?? "?"} s) is lost`);
       }
-      await steps.runBackup(r, l, log);
+      const status = await steps.runBackup(r, l, log);
       const obs = await steps.observe(r, l);
-      const snaps = await steps.listSnapshots(r, l);
+      // The first backup on a host applies no retention: the list is what initialize saw plus it.
+      const snaps = init.snapshots && status.snapshotId && !/\bforget=/.test(status.steps ?? "")
+        ? [...init.snapshots, { id: status.snapshotId, time: new Date((status.snapshotAt ?? status.finishedAt ?? 0) * 1000).toISOString(), hostname: l.rusticHost }]
+        : await steps.listSnapshots(r, l);
       return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove, instanceId }, init.restoredFrom ?? "") } };
     } catch (e) {
       // Not created: a lease this create took before anything was made on the host must not keep
