@@ -51,17 +51,25 @@ async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout): Promis
 
 /**
  * A "move" onto the machine the volume already lives on (the same host under another key or
- * address) would restore over the live volume: refused when both hosts report the same
- * machine-id, or when the new host has the volume mounted at mountPath already.
+ * address) would restore over the live volume. Refused when a random probe written to /run on
+ * the old host is there on the new one (one machine; machine-ids are no proof, clones share
+ * them), or when the new host has the volume mounted at mountPath already.
  */
 async function notSameMachine(oldR: Remote, newR: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
-  const probe = `cat /etc/machine-id 2>/dev/null; echo; if mountpoint -q ${q(l.mountPath)} && [ "$(readlink -f "$(findmnt -n -o SOURCE --mountpoint ${q(l.mountPath)})")" = "$(readlink -f ${q(l.device)} 2>/dev/null)" ]; then echo mounted; fi`;
-  const [a, b] = await Promise.all([oldR.run(probe), newR.run(probe)]);
-  const idA = a.stdout.split("\n")[0].trim(), idB = b.stdout.split("\n")[0].trim();
-  if ((idA && idA === idB) || /mounted/.test(b.stdout)) {
-    throw new UserError(`host: ${newR.name} is the machine volume ${v.volumeId} already lives on (${idA === idB ? "same machine-id" : `it has the volume mounted at ${v.mountPath}`}), ` +
-      "not another host: a move there would restore over the live volume, so nothing was changed. A new address with the same " +
-      "hostKey is fine, but pinning another key of the same machine is not supported yet: keep host.hostKey as it was");
+  const probe = `/run/dboxed-volumes/${l.volumeId}.same-machine-probe`;
+  const nonce = newToken();
+  await oldR.run(`mkdir -p /run/dboxed-volumes && printf '%s' ${q(nonce)} > ${q(probe)}`);
+  try {
+    const b = await newR.run(`cat ${q(probe)} 2>/dev/null; echo; if mountpoint -q ${q(l.mountPath)} && ` +
+      `[ "$(readlink -f "$(findmnt -n -o SOURCE --mountpoint ${q(l.mountPath)})")" = "$(readlink -f ${q(l.device)} 2>/dev/null)" ]; then echo mounted; fi`);
+    const same = b.stdout.split("\n")[0].trim() === nonce;
+    if (same || /^mounted$/m.test(b.stdout)) {
+      throw new UserError(`host: ${newR.name} is the machine volume ${v.volumeId} already lives on (${same ? "the same machine as the old host" : `it has the volume mounted at ${v.mountPath}`}), ` +
+        "not another host: a move there would restore over the live volume, so nothing was changed. A new address with the same " +
+        "hostKey is fine, but pinning another key of the same machine is not supported yet: keep host.hostKey as it was");
+    }
+  } finally {
+    await oldR.run(`rm -f ${q(probe)}`, { allowFailure: true });
   }
 }
 
