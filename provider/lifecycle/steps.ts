@@ -438,8 +438,15 @@ rm -f ${q(`${METRICS_DIR}/dboxed_volume_${l.volumeId}.prom`)}
 rmdir ${q(l.mountPath)} 2>/dev/null || true`);
 }
 
-/** Forgets every snapshot of the volume and prunes (lock-less) what they alone used. */
+/**
+ * Forgets every snapshot of the volume and prunes (lock-less) what they alone used. The timer is
+ * stopped by the caller; a run still in progress is waited for first, or the snapshot it saves
+ * after the forget would outlive the volume.
+ */
 export async function forgetSnapshots(r: Remote, l: VolumeLayout, log: Log): Promise<void> {
+  await r.run(`while :; do
+  case "$(systemctl show -p ActiveState --value ${q(l.units.backup)})" in activating|active|deactivating|reloading) sleep 1 ;; *) break ;; esac
+done`, { timeoutMs: 6 * 3600_000, onLine: log });
   const snaps = await listSnapshots(r, l);
   if (snaps.length === 0) return;
   log(`forgetting ${snaps.length} snapshot(s) of ${l.volumeId}`);
