@@ -9,12 +9,13 @@ IMG="$CACHE/image"
 # Bump when the package list or the configuration below changes: it invalidates the cache.
 IMAGE_VERSION=3
 MIRROR="${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)}"
-MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 PACKAGES=systemd-sysv,udev,dbus,openssh-server,lvm2,linux-image-cloud-amd64,initramfs-tools,e2fsprogs,xfsprogs,iproute2,curl,kmod,procps,netbase,ca-certificates,attr,acl,util-linux
 
 if [ -f "$IMG/done" ] && [ "$(cat "$IMG/done")" = "$IMAGE_VERSION" ]; then
   echo "[image] cached: $IMG (version $IMAGE_VERSION)"; exit 0
 fi
+# The Debian mirror comes from this machine's own apt configuration (or DEBIAN_MIRROR), never a default.
+[ -n "$MIRROR" ] || { echo "[image] no Debian mirror in /etc/apt/sources.list.d/debian.sources: set DEBIAN_MIRROR to the mirror apt uses" >&2; exit 1; }
 t0=$SECONDS
 rm -rf "$IMG"; mkdir -p "$IMG"
 root="$IMG/rootfs"
