@@ -83,11 +83,9 @@ async function unmountStaging(r: Remote, l: VolumeLayout) {
   await r.run(`mountpoint -q ${q(staging(l))} && umount ${q(staging(l))}; true`);
 }
 
-/** Units to stop on the old host: the ones the user listed and the ones systemd says need the mount. */
+/** Stops the units that use the volume on the old host (steps.usersOf); returns them. */
 async function stopUsers(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void): Promise<string[]> {
-  const deps = await r.run(`systemctl show -p RequiredBy -p BoundBy --value ${q(l.units.mount)} 2>/dev/null | tr ' ' '\\n' | grep -v '^$' || true`);
-  const units = [...new Set([...v.stopUnits, ...deps.stdout.split("\n").map((x) => x.trim()).filter(Boolean)])]
-    .filter((u) => u !== l.units.backup && u !== l.units.timer);
+  const units = await steps.usersOf(r, v, l);
   if (units.length) {
     log(`stopping ${units.join(", ")} on ${r.name}`);
     await r.runArgv(["systemctl", "stop", "--", ...units]);

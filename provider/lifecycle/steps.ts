@@ -454,3 +454,9 @@ done`, { timeoutMs: 6 * 3600_000, onLine: log });
   await r.runArgv(rusticArgv(RUSTIC_PATH, l.profile, ["prune"]), { timeoutMs: 3600_000 });
 }
 
+/** Units that use the volume: the ones the user listed and the ones systemd says need the mount. */
+export async function usersOf(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<string[]> {
+  const deps = await r.run(`systemctl show -p RequiredBy -p BoundBy --value ${q(l.units.mount)} 2>/dev/null | tr ' ' '\\n' | grep -v '^$' || true`);
+  return [...new Set([...v.stopUnits, ...deps.stdout.split("\n").map((x) => x.trim()).filter(Boolean)])]
+    .filter((u) => u !== l.units.backup && u !== l.units.timer);
+}

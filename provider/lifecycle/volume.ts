@@ -203,13 +203,6 @@ export async function read(id: string, props: Props) {
   });
 }
 
-/** Units that use the volume: the ones the user listed and the ones systemd says need the mount. */
-export async function usersOf(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<string[]> {
-  const deps = await r.run(`systemctl show -p RequiredBy -p BoundBy --value ${q(l.units.mount)} 2>/dev/null | tr ' ' '\\n' | grep -v '^$' || true`);
-  return [...new Set([...v.stopUnits, ...deps.stdout.split("\n").map((x) => x.trim()).filter(Boolean)])]
-    .filter((u) => u !== l.units.backup && u !== l.units.timer);
-}
-
 /**
  * Stops the volume's users and schedule, makes it read-only, takes the final backup and verifies
  * it against the read-only tree. On failure the volume is given back: read-write, scheduled, its
@@ -217,7 +210,7 @@ export async function usersOf(r: Remote, v: VolumeInputs, l: VolumeLayout): Prom
  */
 async function finalBackupVerified(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void,
   opts: { stopUsers: boolean }): Promise<string> {
-  const users = opts.stopUsers ? await usersOf(r, v, l) : [];
+  const users = opts.stopUsers ? await steps.usersOf(r, v, l) : [];
   try {
     if (users.length) {
       log(`stopping ${users.join(", ")} on ${r.name}`);
@@ -254,7 +247,7 @@ async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, instanceI
   const lOld = steps.layout(olds), l = steps.layout(v);
   const { lease } = await claim({ ...v, force: false }, { instance: instanceId, adoptLegacy: true });
   let snapshotId = lease.rebuild?.snapshotId;
-  const users = [...new Set([...await usersOf(r, olds, lOld), ...v.stopUnits])];
+  const users = [...new Set([...await steps.usersOf(r, olds, lOld), ...v.stopUnits])];
   if (await steps.holdsData(r, lOld)) {
     log(`rebuilding on ${r.name}: ${olds.filesystem}${olds.volumeGroup ? ` in ${olds.volumeGroup}` : ""} -> ` +
       `${v.filesystem}${v.volumeGroup ? ` in ${v.volumeGroup}` : ""}`);
