@@ -48,13 +48,17 @@ export async function rebootHost(h: LabHost): Promise<void> {
  * For suites whose tests are steps of one story: after a failed step the rest fail at once,
  * naming it (mocha's own bail would also skip unrelated suites after any earlier failure).
  */
-export function stepByStep(suite: Mocha.Suite): void {
+export function stepByStep(suite: Mocha.Suite, onFailure?: () => Promise<unknown>): void {
   let failed: string | undefined;
   suite.afterEach(function () {
     if (this.currentTest?.state === "failed") failed ??= this.currentTest.title;
   });
   suite.beforeEach(function () {
     if (failed) throw new Error(`not run: the earlier step "${failed}" failed`);
+  });
+  // A story cut short leaves its volumes behind, and their timers would disturb later suites.
+  suite.afterAll(async function () {
+    if (failed && onFailure) await onFailure();
   });
 }
 

@@ -32,7 +32,7 @@ const cases: [string, Record<string, unknown>, Record<string, unknown>, Record<s
 
 async function hostState(): Promise<string[]> {
   return Promise.all(lab().hosts.map(async (h) => (await onHost(h,
-    "ls -la /etc/dboxed-volumes /usr/local/lib/dboxed-volumes 2>&1; lvs --noheadings -o vg_name,lv_name 2>&1; " +
+    "ls -la /etc/dboxed-volumes /usr/local/lib/dboxed-volumes 2>&1; lvs --noheadings -o vg_name,lv_name -S 'origin=\"\"' 2>&1; " +
     "systemctl list-unit-files 'dboxed-volume*' --no-legend 2>&1; ls /etc/systemd/system; ls /srv 2>&1")).stdout));
 }
 

@@ -37,8 +37,8 @@ sync`);
 }
 
 describe("Volume lifecycle (real pulumi, lab hosts)", function () {
-  stepByStep(this);
   let stack: Stack;
+  stepByStep(this, () => stack.run(["destroy", "--yes", "--skip-preview"]));
   let h1: LabHost;
   const volumeId = `t-${crypto.randomBytes(3).toString("hex")}`;
   const mountPath = "/srv/vol-a";
@@ -94,15 +94,19 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     expect(unit.stdout).to.contain("OnCalendar=*:*:0/20");
     await onHost(h1, `echo changed > ${mountPath}/data/sub/deeper/tag.txt`);
     const t0 = Math.floor(Date.now() / 1000);
+    // The new schedule may fire while `up` still runs (before the change was written): wait
+    // for a run that started after the change.
+    const startedAfterChange = (s: { time: string }) => Date.parse(s.time) / 1000 >= t0;
     let after = before;
-    for (let i = 0; i < 60 && after.length <= before.length; i++) {
+    for (let i = 0; i < 60 && !after.some(startedAfterChange); i++) {
       await new Promise((r) => setTimeout(r, 5000));
       after = await snapshots(h1, volumeId);
     }
     expect(after.length, "no new snapshot from the timer within 5 minutes").to.be.greaterThan(before.length);
-    const newest = after[after.length - 1];
-    expect(Date.parse(newest.time) / 1000).to.be.at.least(t0 - 5);
-    expect(newest.parent).to.equal(after[after.length - 2].id);
+    const at = after.findIndex(startedAfterChange);
+    expect(at, "no snapshot started by the timer after the change within 5 minutes").to.be.greaterThan(0);
+    const newest = after[at];
+    expect(newest.parent).to.equal(after[at - 1].id);
     const summary = newest.summary as Record<string, number>;
     expect(summary.files_unmodified, JSON.stringify(summary)).to.be.greaterThan(40);
     expect(summary.data_added).to.be.lessThan(1_000_000);
