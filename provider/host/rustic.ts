@@ -3,8 +3,12 @@
 
 import type { S3Settings } from "../storage/s3";
 
-/** Where the repository is and how to open it. */
-export type RepositoryConfig = S3Settings & { password: string };
+/**
+ * Where the repository is and how to open it: with the password (on the machine that runs
+ * pulumi), or with the repository's master key (on hosts: no scrypt per rustic call, which
+ * costs seconds on a small host, and a host never holds the password).
+ */
+export type RepositoryConfig = S3Settings & ({ password: string } | { masterKey: string });
 
 /** A TOML basic string. */
 export function tomlString(s: string): string {
@@ -15,12 +19,22 @@ export function tomlString(s: string): string {
   }) + '"';
 }
 
+/** A master key as `rustic key export` prints it (JSON: the encryption and MAC keys). */
+export function isMasterKey(text: string): boolean {
+  try {
+    const k = JSON.parse(text);
+    return typeof k?.encrypt === "string" && typeof k?.mac?.k === "string" && typeof k?.mac?.r === "string";
+  } catch {
+    return false;
+  }
+}
+
 export function profileToml(r: RepositoryConfig): string {
   return [
     "# Written by pulumi-dboxed-volumes. Holds secrets: keep it root-only (0600).",
     "[repository]",
     `repository = "opendal:s3"`,
-    `password = ${tomlString(r.password)}`,
+    "password" in r ? `password = ${tomlString(r.password)}` : `key = ${tomlString(r.masterKey)}`,
     "",
     "[repository.options]",
     `endpoint = ${tomlString(r.endpoint.replace(/\/+$/, ""))}`,

@@ -1,12 +1,13 @@
-// Runs rustic on the machine that runs pulumi, for the one thing done from there: initialising
-// the repository. The profile (with secrets) lives in a private temporary directory.
+// Runs rustic on the machine that runs pulumi, for what is done from there: initialising the
+// repository, exporting its master key for the hosts. The profile (with secrets) lives in a
+// private temporary directory.
 import { execFile } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import { UserError } from "../errors";
-import { profileToml, RepositoryConfig } from "../host/rustic";
+import { isMasterKey, profileToml, RepositoryConfig } from "../host/rustic";
 
 export type RusticSource = { localPath: string } | { url: string; sha256: string };
 
@@ -47,4 +48,26 @@ export async function runLocalRustic(src: RusticSource, repo: RepositoryConfig, 
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+const masterKeys = new Map<string, Promise<string>>();
+
+/**
+ * The repository's master key, opened once per provider process with the password (scrypt runs
+ * here, natively, not on every host for every rustic call). Never logged: only its shape is checked.
+ */
+export function repositoryMasterKey(src: RusticSource, repo: RepositoryConfig & { password: string }): Promise<string> {
+  const id = crypto.createHash("sha256")
+    .update(JSON.stringify([repo.endpoint, repo.bucket, repo.prefix, repo.accessKeyId, repo.password])).digest("hex");
+  let key = masterKeys.get(id);
+  if (!key) {
+    key = runLocalRustic(src, repo, ["key", "export"]).then((out) => {
+      const text = out.trim();
+      if (!isMasterKey(text)) throw new UserError("rustic key export printed no master key: is rustic.localPath a rustic 0.11 or newer?");
+      return text;
+    });
+    key.catch(() => masterKeys.delete(id));
+    masterKeys.set(id, key);
+  }
+  return key;
 }

@@ -5,6 +5,7 @@ import * as fs from "fs";
 import * as path from "path";
 import { CommandError, UserError } from "../errors";
 import { formatSize, VolumeInputs } from "../inputs";
+import { repositoryMasterKey } from "./localRustic";
 import { AGENT_PATH, layoutFor, METRICS_DIR, RUSTIC_PATH, VolumeLayout, volumeEnv } from "../host/layout";
 import { ensureFilesystemScript } from "../host/fs";
 import { ensureStorageScript, growScript, lvsArgv, parseLvs, removeStorageScript } from "../host/lvm";
@@ -108,9 +109,9 @@ export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout, l
     url: leaseUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.volumeId, v.repository.forcePathStyle) };
   await r.writeFile(l.envFile, volumeEnv(l, { sizeBytes: v.size, snapshotSpaceBytes: v.snapshotSpace, retention: v.retention, lease }), "0600");
   await r.writeFile(`${l.configDir}/s3.curl`, curlConfig(v), "0600");
-  await r.writeFile(`${l.profile}.toml`, profileToml({
-    ...v.repository, accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey, password: v.password,
-  }), "0600");
+  const repo = { ...v.repository, accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey };
+  const masterKey = await repositoryMasterKey(v.rustic, { ...repo, endpoint: v.repository.localEndpoint, password: v.password });
+  await r.writeFile(`${l.profile}.toml`, profileToml({ ...repo, masterKey }), "0600");
 }
 
 export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {

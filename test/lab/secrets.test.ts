@@ -4,6 +4,7 @@
 import { expect } from "chai";
 import * as crypto from "crypto";
 import * as fs from "fs";
+import { quote } from "../../provider/host/shell";
 import { lab, onHost, Stack, stepByStep } from "./harness";
 
 describe("secrets (real pulumi, lab host)", function () {
@@ -61,6 +62,9 @@ echo ==journal; journalctl --no-pager -o cat`, { timeoutMs: 300_000 });
     // The S3 secret is only in the rustic profile and the curl config of the lease check.
     const grep = await onHost(h, `grep -rlF -- ${JSON.stringify(lab().s3.secretAccessKey)} /etc /var/lib/dboxed-volumes /usr/local/lib 2>/dev/null | sort; true`);
     expect(grep.stdout.trim().split("\n")).to.deep.equal([`${dir}/rustic.toml`, `${dir}/s3.curl`]);
+    // Hosts open the repository with its master key: the password never reaches them.
+    const pw = await onHost(h, `grep -rlF -- ${quote(password)} /etc /var/lib/dboxed-volumes /usr/local/lib /root 2>/dev/null | sort; grep -c '^key = ' ${dir}/rustic.toml; true`);
+    expect(pw.stdout.trim().split("\n")).to.deep.equal(["1"]);
   });
 
   after(async () => {

@@ -5,7 +5,7 @@ import { execFileSync, spawnSync } from "child_process";
 import { layoutFor, mountUnitName, volumeEnv } from "../../provider/host/layout";
 import { parseLvs } from "../../provider/host/lvm";
 import { diffManifests, manifestScript, parseManifest } from "../../provider/host/manifest";
-import { parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
+import { isMasterKey, parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
 import { leaseUrl, sameHost } from "../../provider/storage/lease";
 import { diff } from "../../provider/lifecycle/volume";
 
@@ -34,6 +34,16 @@ describe("rustic", () => {
     const toml = profileToml({ endpoint: "http://x:1/", region: "r", bucket: "b", prefix: "p", forcePathStyle: true,
       accessKeyId: "k", secretAccessKey: "s", password: `pa"ss` });
     expect(toml).to.contain(`password = "pa\\"ss"`).and.to.contain(`endpoint = "http://x:1"`).and.to.contain(`root = "/p"`);
+  });
+
+  it("a host profile carries the master key instead of the password", () => {
+    const masterKey = JSON.stringify({ mac: { k: "a", r: "b" }, encrypt: "c" });
+    expect(isMasterKey(masterKey)).to.equal(true);
+    expect(isMasterKey("{}")).to.equal(false);
+    expect(isMasterKey("not json")).to.equal(false);
+    const toml = profileToml({ endpoint: "http://x:1/", region: "r", bucket: "b", prefix: "p", forcePathStyle: true,
+      accessKeyId: "k", secretAccessKey: "s", masterKey });
+    expect(toml).to.contain(`key = "{\\"mac\\":{\\"k\\":\\"a\\",\\"r\\":\\"b\\"},\\"encrypt\\":\\"c\\"}"`).and.not.to.contain("password");
   });
 
   it("parses flat and grouped snapshot lists, oldest first", () => {
