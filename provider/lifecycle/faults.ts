@@ -12,3 +12,16 @@ export function faultPoint(point: FaultPoint, delayMs = 0): void {
   if (delayMs > 0) setTimeout(die, delayMs).unref();
   else die();
 }
+
+/**
+ * With DBOXED_VOLUMES_PAUSE=<point>:<dir>, the provider stops at that point of a move: it
+ * writes <dir>/paused and waits until <dir>/resume exists (a test acts on the hosts meanwhile).
+ */
+export async function pausePoint(point: "after-final-restore"): Promise<void> {
+  const spec = process.env.DBOXED_VOLUMES_PAUSE;
+  if (!spec || !spec.startsWith(`${point}:`)) return;
+  const fs = require("fs") as typeof import("fs");
+  const dir = spec.slice(point.length + 1);
+  fs.writeFileSync(`${dir}/paused`, point);
+  while (!fs.existsSync(`${dir}/resume`)) await new Promise((r) => setTimeout(r, 200));
+}

@@ -16,7 +16,7 @@ import { Remote, withRemote } from "../remote/ssh";
 import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, ownerName, readLease, sameHost, updateLease } from "../storage/lease";
 import { hostRef, leaseS3, ownsLease } from "./lease";
 import * as steps from "./steps";
-import { faultPoint } from "./faults";
+import { faultPoint, pausePoint } from "./faults";
 
 const ORDER: MovePhase[] = ["warm", "final-backup", "restored", "switched"];
 const reached = (m: MoveState | undefined, p: MovePhase) => !!m && ORDER.indexOf(m.phase) >= ORDER.indexOf(p);
@@ -24,6 +24,8 @@ const reached = (m: MoveState | undefined, p: MovePhase) => !!m && ORDER.indexOf
 export interface MoveReport {
   from: string; to: string; snapshotId: string; downtimeSeconds: number; warm: boolean;
   phases: Record<string, number>;
+  /** Set when the volume switched but its old host could not be cleaned: why (a later run retries). */
+  pendingCleanup?: string;
 }
 
 function staging(l: VolumeLayout): string {
@@ -197,6 +199,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         faultPoint("during-final-restore", 1500);
         await timed("final restore", () => steps.restoreInto(newR, lNew, m!.snapshotId!, staging(lNew), log));
         faultPoint("after-final-restore");
+        await pausePoint("after-final-restore");
         await timed("verify", async () => {
           const [a, b] = await Promise.all([
             oldR!.run(manifestScript(lOld.mountPath), { timeoutMs: 3600_000 }),
@@ -242,10 +245,18 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       }
       faultPoint("before-old-cleanup");
       if (oldR) {
-        await timed("clean old", async () => {
-          log(`cleaning ${oldR.name}`);
-          await steps.teardown(oldR, lOld);
-        });
+        try {
+          await timed("clean old", async () => {
+            log(`cleaning ${oldR.name}`);
+            await steps.teardown(oldR, lOld);
+          });
+        } catch (e) {
+          // The volume lives on the new host now; the old one stays fenced (read-only, no timer,
+          // its token revoked) until a later run cleans it.
+          pendingCleanup = `cleaning ${oldR.name} failed: ${(e as Error).message.split("\n")[0]}`;
+          log(`${pendingCleanup}; the next pulumi up retries`);
+          return;
+        }
       }
       await updateLease(leaseS3(news), news.volumeId, (cur) => {
         if (!cur || !sameHost(cur.holder, to) || cur.token !== m!.newToken) {
@@ -257,14 +268,24 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         return next;
       });
     };
+    let pendingCleanup: string | undefined;
+    const report = (): MoveReport => ({
+      from: hostName(from), to: hostName(to), snapshotId: m!.snapshotId ?? "", warm: news.warmMove,
+      downtimeSeconds: downtimeStart && downtimeEnd ? Math.round((downtimeEnd - downtimeStart) / 100) / 10 : 0,
+      phases: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10])),
+      ...(pendingCleanup ? { pendingCleanup } : {}),
+    });
     let oldR: Remote | undefined;
     try {
       oldR = await Remote.connect(olds.host, { log, attempts: 4 });
     } catch (e) {
       await decide();
       if (!reached(m, "switched")) throw e;
-      throw new UserError(`volume ${news.volumeId} now lives on ${newR.name}, but the old host ${hostName(from)} cannot be reached to clean it ` +
-        `(${(e as Error).message}); run pulumi up again when it is back`);
+      // After the switch a dead old host does not block the stack: it stays fenced, and the
+      // resource's pendingCleanup output says a later run must clean it.
+      pendingCleanup = `the old host ${hostName(from)} cannot be reached (${(e as Error).message.split("\n")[0]})`;
+      log(`volume ${news.volumeId} lives on ${newR.name}; ${pendingCleanup}: a later pulumi up cleans it`);
+      return report();
     }
     try {
       await lock(oldR, lOld, async () => {
@@ -276,10 +297,6 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
     } finally {
       oldR.dispose();
     }
-    return {
-      from: hostName(from), to: hostName(to), snapshotId: m!.snapshotId ?? "", warm: news.warmMove,
-      downtimeSeconds: downtimeStart && downtimeEnd ? Math.round((downtimeEnd - downtimeStart) / 100) / 10 : 0,
-      phases: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10])),
-    };
+    return report();
   }), { log });
 }

@@ -389,6 +389,13 @@ export async function fence(r: Remote, l: VolumeLayout, users: string[]): Promis
   await r.run(lines.join("\n"));
 }
 
+/** The units fence() keeps from starting on r (its drop-ins), to start them again when given back. */
+export async function fencedUsers(r: Remote, l: VolumeLayout): Promise<string[]> {
+  const res = await r.run(`cd ${UNIT_DIR} && ls -d -- *.d/dboxed-fence-${l.volumeId}.conf 2>/dev/null; true`);
+  return res.stdout.split("\n").map((x) => x.trim().replace(/\.d\/dboxed-fence-.*$/, ""))
+    .filter((u) => u && u !== l.units.mount && /^[A-Za-z0-9@_.:\\-]+$/.test(u));
+}
+
 /** Undoes fence(): the volume may be read-write and scheduled again. */
 export async function unfence(r: Remote, l: VolumeLayout): Promise<void> {
   await r.run(`rm -f ${UNIT_DIR}/*.d/dboxed-fence-${l.volumeId}.conf ${q(fenceFile(l))}

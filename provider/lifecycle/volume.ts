@@ -13,7 +13,8 @@ import { checkInputs } from "./check";
 import { progress } from "./progress";
 import * as steps from "./steps";
 import { claim, hostRef, leaseS3, otherInstance, ownsLease, release, setRebuild } from "./lease";
-import { move } from "./move";
+import { move, MoveReport } from "./move";
+import { giveBack, undoMove } from "./undo";
 import { readLease, sameHost, hostName, newToken, ownerName } from "../storage/lease";
 
 type Props = Record<string, any>;
@@ -34,7 +35,23 @@ export interface VolumeOutputs {
   lastMove: Record<string, unknown>;
   /** This resource instance's random id, also in the lease: a replaced instance leaves the volume alone. */
   instanceId: string;
+  /** A move stopped before its switch: from, to, phase, reason, since ({} when none). */
+  unfinishedMove: Record<string, unknown>;
+  /** The old host of a switched move, not cleaned yet: host, reason ({} when none). */
+  pendingCleanup: Record<string, unknown>;
+  /** Secret: where the volume came from while unfinishedMove or pendingCleanup is set (null otherwise). */
+  moveOrigin: MoveOrigin | null;
 }
+
+/** What of the old inputs a resumed, undone or cleaned-up move needs: the old host and its layout. */
+type MoveOrigin = Pick<VolumeInputs, "host" | "filesystem" | "volumeGroup" | "mountPath" | "size" | "snapshotSpace" | "stopUnits">;
+
+function originOf(v: VolumeInputs): MoveOrigin {
+  return { host: v.host, filesystem: v.filesystem, volumeGroup: v.volumeGroup, mountPath: v.mountPath, size: v.size,
+    snapshotSpace: v.snapshotSpace, stopUnits: v.stopUnits };
+}
+
+const isSet = (x: unknown) => !!x && typeof x === "object" && Object.keys(x as object).length > 0;
 
 /**
  * Fields of the volume's inputs that are compared by diff. No change replaces the resource: a new
@@ -100,7 +117,15 @@ function same(a: unknown, b: unknown): boolean {
 }
 
 export async function diff(_id: string, olds: Props, news: Props) {
-  const changes = INPUT_FIELDS.filter((f) => !same(olds[f], news[f]));
+  const changes: string[] = INPUT_FIELDS.filter((f) => !same(olds[f], news[f]));
+  // An unfinished move (to finish or undo) or an old host to clean is work for an update too.
+  if (isSet(olds.unfinishedMove) || isSet(olds.pendingCleanup)) changes.push("host");
+  else if (!changes.length && olds.repository && olds.host) {
+    // A run killed mid-move left no trace in the state, only in the lease: setting host back to
+    // the old host (where the state still has it) must undo that move. One S3 read, no SSH.
+    const m = await readLease(leaseS3(olds as VolumeInputs), olds.volumeId).then((x) => x?.lease.move, () => undefined);
+    if (m && m.phase !== "switched" && sameHost(m.from, hostRef(olds as VolumeInputs))) changes.push("host");
+  }
   // A new host is a move, a new filesystem or volumeGroup a rebuild: both are updates that carry
   // the data over under the volume's lease, never a delete and create that could lose it.
   return { changes: changes.length > 0, replaces: [] as string[], deleteBeforeReplace: false, stables: [] as string[] };
@@ -127,6 +152,9 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
     restoredFrom: restoredFrom ?? prev.restoredFrom ?? "",
     lastMove: prev.lastMove ?? {},
     instanceId: prev.instanceId ?? "",
+    unfinishedMove: prev.unfinishedMove ?? {},
+    pendingCleanup: prev.pendingCleanup ?? {},
+    moveOrigin: prev.moveOrigin ?? null,
   };
 }
 
@@ -199,7 +227,14 @@ export async function read(id: string, props: Props) {
     } catch (e) {
       logger(v)(`cannot list snapshots (${(e as Error).message.split("\n")[0]}); keeping the last known values`);
     }
-    return { id, props: { ...props, ...outputs(l, obs, snaps, props) } };
+    // A move cut off with the CLI (nothing in the state) shows from the lease.
+    let unfinishedMove = props.unfinishedMove;
+    if (!isSet(props.moveOrigin)) {
+      const m = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease.move, () => undefined);
+      unfinishedMove = m && m.phase !== "switched" && sameHost(m.from, hostRef(v))
+        ? { from: hostName(m.from), to: hostName(m.to), phase: m.phase, reason: "a pulumi run stopped during the move", since: m.startedAt } : {};
+    }
+    return { id, props: { ...props, ...outputs(l, obs, snaps, { ...props, unfinishedMove }) } };
   });
 }
 
@@ -229,14 +264,6 @@ async function finalBackupVerified(r: Remote, v: VolumeInputs, l: VolumeLayout, 
   }
 }
 
-/** Puts a volume back in service after a failed final step: mount, read-write, timer, users. */
-async function giveBack(r: Remote, l: VolumeLayout, users: string[]): Promise<void> {
-  await steps.unfence(r, l).catch(() => undefined);
-  await r.run(`systemctl enable --now --quiet ${q(l.units.device)} ${q(l.units.mount)} 2>/dev/null || true`, { allowFailure: true });
-  await steps.unquiesce(r, l).catch(() => undefined);
-  await r.run(`systemctl enable --now --quiet ${q(l.units.timer)} 2>/dev/null || true`, { allowFailure: true });
-  if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
-}
 
 /**
  * A new filesystem or volumeGroup on the same host: final backup of the read-only volume
@@ -269,20 +296,99 @@ async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, instanceI
   if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
 }
 
+/**
+ * An update that failed after the move began: the state takes the new inputs (host = the new
+ * host) and outputs that name the unfinished move and keep the old host's connection (secret),
+ * so that setting host back undoes it and keeping it finishes it. A partial failure to Pulumi:
+ * the deployment fails, and the state is written.
+ */
+function unfinished(id: string, olds: Props, news: Props, origin: VolumeInputs, e: Error, phase: string, since: string): Error {
+  const v = news as VolumeInputs;
+  const reason = e.message.split("\n")[0].slice(0, 500);
+  const err = new Error(`${e.message}\nThe move of ${v.volumeId} from ${origin.host.address}:${origin.host.port} to ${v.host.address}:${v.host.port} ` +
+    `is unfinished (phase ${phase}): run pulumi up again to finish it, or set host back to ${origin.host.address}:${origin.host.port} to undo it.`) as Error & Props;
+  err.id = id;
+  err.properties = { ...olds, ...news,
+    unfinishedMove: { from: `${origin.host.address}:${origin.host.port}`, to: `${v.host.address}:${v.host.port}`, phase, reason, since },
+    pendingCleanup: {}, moveOrigin: originOf(origin) };
+  return err;
+}
+
+async function moveTo(id: string, o: VolumeInputs, olds: Props, news: Props, log: (m: string) => void) {
+  const v = news as VolumeInputs;
+  const l = steps.layout(v);
+  let report: MoveReport;
+  try {
+    report = await move(o, v, log, (r, lay, fn) => exclusive(r, lay, log, fn));
+  } catch (e) {
+    const m = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease.move, () => undefined);
+    if (m && sameHost(m.from, hostRef(o)) && sameHost(m.to, hostRef(v))) {
+      if (m.phase !== "switched") throw unfinished(id, olds, news, o, e as Error, m.phase, m.startedAt);
+      // Switched: the volume lives on the new host; only the old host's cleanup is left.
+      const err = new Error(`${(e as Error).message}\nVolume ${v.volumeId} lives on ${v.host.address}:${v.host.port} now; ` +
+        "the next pulumi up cleans the old host.") as Error & Props;
+      err.id = id;
+      err.properties = { ...olds, ...news, unfinishedMove: {}, moveOrigin: originOf(o),
+        pendingCleanup: { host: `${o.host.address}:${o.host.port}`, reason: (e as Error).message.split("\n")[0].slice(0, 500) } };
+      throw err;
+    }
+    throw e;
+  }
+  log(`moved from ${report.from} to ${report.to}: downtime ${report.downtimeSeconds} s (${report.warm ? "warm" : "cold"}); ` +
+    Object.entries(report.phases).map(([k, t]) => `${k} ${t} s`).join(", "));
+  const pending = report.pendingCleanup
+    ? { pendingCleanup: { host: `${o.host.address}:${o.host.port}`, reason: report.pendingCleanup }, moveOrigin: originOf(o) }
+    : { pendingCleanup: {}, moveOrigin: null };
+  const lastMove = { ...report } as Record<string, unknown>;
+  delete lastMove.pendingCleanup;
+  return withRemote(v.host, async (r) => {
+    const obs = await steps.observe(r, l);
+    const snaps = await snapshotsOrUndefined(r, l);
+    return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, lastMove, unfinishedMove: {}, ...pending }) } };
+  });
+}
+
 export async function update(id: string, olds: Props, news: Props) {
   const v = news as VolumeInputs;
-  const o = olds as VolumeInputs;
   const log = logger(v);
   const l = steps.layout(v);
-  if (!sameHost(hostRef(o), hostRef(v))) {
-    const report = await move(o, v, log, (r, lay, fn) => exclusive(r, lay, log, fn));
-    log(`moved from ${report.from} to ${report.to}: downtime ${report.downtimeSeconds} s (${report.warm ? "warm" : "cold"}); ` +
-      Object.entries(report.phases).map(([k, t]) => `${k} ${t} s`).join(", "));
-    return withRemote(v.host, async (r) => {
-      const obs = await steps.observe(r, l);
-      const snaps = await snapshotsOrUndefined(r, l);
-      return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, lastMove: report as unknown as Record<string, unknown> }) } };
-    });
+  // Where the volume is coming from, while a move is unfinished or its old host not cleaned.
+  const origin = isSet(olds.moveOrigin) ? { ...(olds as VolumeInputs), ...(olds.moveOrigin as MoveOrigin) } : undefined;
+  const lock = <T>(r: Remote, lay: VolumeLayout, fn: () => Promise<T>) => exclusive(r, lay, log, fn);
+  if (origin && isSet(olds.unfinishedMove)) {
+    if (sameHost(hostRef(origin), hostRef(v))) {
+      // host set back to where the volume came from: undo the move.
+      const warning = await undoMove({ ...v, stopUnits: origin.stopUnits }, olds as VolumeInputs, log, lock);
+      return withRemote(v.host, async (r) => {
+        const obs = await steps.observe(r, l);
+        const snaps = await snapshotsOrUndefined(r, l);
+        return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null,
+          lastMove: { undone: true, from: `${olds.host.address}:${olds.host.port}`, to: r.name, ...(warning ? { warning } : {}) } }) } };
+      });
+    }
+    if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) {
+      throw new UserError(`host: volume ${v.volumeId} is in the middle of a move from ${origin.host.address}:${origin.host.port} to ` +
+        `${olds.host.address}:${olds.host.port} (${(olds.unfinishedMove as Props).phase}): set host to ${olds.host.address}:${olds.host.port} ` +
+        `to finish it, or back to ${origin.host.address}:${origin.host.port} to undo it, before moving it elsewhere`);
+    }
+    return moveTo(id, origin, olds, news, log); // finish it
+  }
+  if (origin && isSet(olds.pendingCleanup)) {
+    if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) {
+      throw new UserError(`host: the old host ${origin.host.address}:${origin.host.port} of volume ${v.volumeId} is not cleaned yet ` +
+        `(${(olds.pendingCleanup as Props).reason}): keep host at ${olds.host.address}:${olds.host.port} until a pulumi up has cleaned it`);
+    }
+    return moveTo(id, origin, olds, news, log); // the move is switched: this cleans the old host
+  }
+  if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) return moveTo(id, olds as VolumeInputs, olds, news, log);
+  const o = olds as VolumeInputs;
+  const pendingInLease = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease.move, () => undefined);
+  if (pendingInLease && pendingInLease.phase !== "switched" && sameHost(pendingInLease.from, hostRef(v))) {
+    // A killed run's move (nothing in the state): undo it. The new host is reached with this
+    // host's credentials at the address and key the lease names; if that fails, it is reported.
+    const target = { ...v, host: { ...v.host, address: pendingInLease.to.address, port: pendingInLease.to.port,
+      hostKey: pendingInLease.to.hostKey ?? v.host.hostKey } } as VolumeInputs;
+    await undoMove(v, target, log, lock);
   }
   const instanceId = (olds.instanceId as string) || newToken();
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
@@ -308,7 +414,7 @@ export async function update(id: string, olds: Props, news: Props) {
     }
     const obs = await steps.observe(r, l);
     const snaps = await snapshotsOrUndefined(r, l);
-    return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, instanceId }) } };
+    return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, instanceId, unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null }) } };
   }), { log });
 }
 
@@ -316,6 +422,12 @@ export async function remove(id: string, props: Props) {
   const v = props as VolumeInputs;
   const log = logger(v);
   const l = steps.layout(v);
+  if (isSet(props.unfinishedMove) && isSet(props.moveOrigin)) {
+    const o = props.moveOrigin as MoveOrigin;
+    throw new UserError(`volume ${v.volumeId} is in the middle of a move from ${o.host.address}:${o.host.port} to ${v.host.address}:${v.host.port}: ` +
+      `its data is on the old host, read-only. Set host back to ${o.host.address}:${o.host.port} and run pulumi up (undoes the move), ` +
+      "or keep it and run pulumi up (finishes it), then delete");
+  }
   await withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     const obs = await steps.observe(r, l);
     const initialized = (await r.run(`test -e ${q(l.stateDir + "/initialized")}`, { allowFailure: true })).code === 0;

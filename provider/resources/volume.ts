@@ -77,6 +77,13 @@ export class Volume extends pulumi.dynamic.Resource {
   public readonly lastMove!: pulumi.Output<Record<string, unknown>>;
   /** A random id of this resource instance, also in the volume's lease (a replaced instance leaves the volume to its successor). */
   public readonly instanceId!: pulumi.Output<string>;
+  /**
+   * A move that stopped before the switch: `from`, `to`, `phase`, `reason`, `since` (empty when
+   * none). Set `host` back to `from` to undo it, keep `to` and run again to finish it.
+   */
+  public readonly unfinishedMove!: pulumi.Output<Record<string, unknown>>;
+  /** The old host of a finished move that could not be cleaned yet (`host`, `reason`; empty when none): the next `pulumi up` retries. */
+  public readonly pendingCleanup!: pulumi.Output<Record<string, unknown>>;
 
   constructor(name: string, args: VolumeArgs, opts?: pulumi.CustomResourceOptions) {
     refuseUnknownArgs(`Volume "${name}"`, args, VOLUME_ARGS);
@@ -125,10 +132,12 @@ export class Volume extends pulumi.dynamic.Resource {
       device: undefined, sizeBytes: undefined, usedBytes: undefined, mounted: undefined, timerActive: undefined,
       lastBackupAt: undefined, lastBackupStatus: undefined, lastBackupMessage: undefined, lastSuccessfulBackupAt: undefined,
       latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined, lastMove: undefined, instanceId: undefined,
+      unfinishedMove: undefined, pendingCleanup: undefined, moveOrigin: undefined,
     }, {
       ...opts,
       dependsOn,
-      additionalSecretOutputs: ["host", "accessKeyId", "secretAccessKey", "password"],
+      // moveOrigin: the old host's connection while a move is unfinished or its old host not cleaned.
+      additionalSecretOutputs: ["host", "accessKeyId", "secretAccessKey", "password", "moveOrigin"],
     }, "dboxed-volumes", "Volume");
   }
 }
