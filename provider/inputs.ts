@@ -150,8 +150,23 @@ export const volumeSchema = z.object({
     "must be systemd unit names such as postgresql.service")).default([]),
   /** Restore the latest periodic snapshot on the new host before stopping the old one (default true). */
   warmMove: z.boolean().default(true),
-  /** Take the volume although another host holds its lease (that host is gone for good). */
+  /** Take the volume although another host holds its lease (that host is gone for good): only once that lease expired. */
   force: z.boolean().default(false),
+  /** With force: take the volume even though its holder renewed the lease lately (it may still be writing). */
+  forceDespiteLiveLease: z.boolean().default(false),
+  /**
+   * How long the holder's lease lasts without renewal (seconds, or "90s", "10m", "1h"; 60 s to
+   * 7 days, default 10m). The holding host renews it every third of that; force waits for it to run out.
+   */
+  leaseDuration: z.union([z.number(), z.string()]).default(600).transform((x, ctx) => {
+    const m = typeof x === "number" ? [String(x), String(x), "s"] : /^(\d+)\s*(s|m|h|d)?$/.exec(x.trim());
+    const secs = m ? Number(m[1]) * ({ s: 1, m: 60, h: 3600, d: 86400 } as Record<string, number>)[m[2] ?? "s"] : NaN;
+    if (!Number.isInteger(secs) || secs < 60 || secs > 7 * 86400) {
+      ctx.addIssue({ code: "custom", message: 'must be 60 seconds to 7 days, as seconds or as "90s", "10m", "1h", "1d"' });
+      return z.NEVER;
+    }
+    return secs;
+  }),
   /** Copy-on-write space of a backup's lvm2 snapshot in a shared volumeGroup (default: a quarter of size, at least 64MiB). */
   snapshotSpace: z.union([z.string(), z.number()]).optional(),
   /** The resource that declares the volume (set by the Volume class): one owner per volume id. */

@@ -4,11 +4,12 @@
 #   dboxed-volume detach ID   release it again (after the mount unit is stopped)
 #   dboxed-volume backup ID   crash-consistent backup: lvm2 snapshot -> rustic -> S3, retention
 #   dboxed-volume check-lease ID   exit 0 only if this host still holds the volume's lease
+#   dboxed-volume renew ID    move the lease's expiry on (only while this host holds it)
 # Per-volume settings come from /etc/dboxed-volumes/ID/volume.env (written by the provider,
 # every value quoted); the repository secrets sit in the root-only rustic profile next to it.
 set -euo pipefail
 umask 077
-AGENT_VERSION=3
+AGENT_VERSION=4
 EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 
 die() {
@@ -120,6 +121,39 @@ check_lease() {
   rm -f "$out"
 }
 
+# Renewal: the holder moves the lease's expiry on (a compare-and-swap on its ETag), so that
+# `force` elsewhere can tell a live holder from a dead one. Only with this host's token: a host
+# whose lease was handed on or taken cannot renew it. Also the check before every backup.
+renew_lease() {
+  [ -n "${LEASE_URL:-}" ] || die "volume $VOLUME_ID has no lease settings: run pulumi up to update the host"
+  local dir code etag attempt
+  dir=$(mktemp -d)
+  for attempt in 1 2 3 4; do
+    code=$(curl -sS -m 60 --retry 2 -D "$dir/h" -o "$dir/b" -w '%{http_code}' -H "x-amz-content-sha256: $EMPTY_SHA256" \
+      --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$LEASE_URL" 2>&1) || { rm -rf "$dir"; die "cannot read the lease of $VOLUME_ID: $code"; }
+    if [ "$code" != 200 ]; then rm -rf "$dir"; die "the lease of $VOLUME_ID cannot be read (HTTP $code): refusing to back up"; fi
+    if ! grep -q "\"token\": *\"$LEASE_TOKEN\"" "$dir/b"; then
+      rm -rf "$dir"
+      die "this host no longer holds volume $VOLUME_ID (its lease was handed to another host): refusing to back up"
+    fi
+    # A lease without expiry (written by an older provider) gets one at the provider's next write.
+    if [ -z "${LEASE_SECONDS:-}" ] || ! grep -q '^  "expiresAt": [0-9]*,\{0,1\}$' "$dir/b"; then rm -rf "$dir"; return 0; fi
+    etag=$(tr -d '\r' < "$dir/h" | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1)
+    [ -n "$etag" ] || { rm -rf "$dir"; die "the lease of $VOLUME_ID came without an ETag: cannot renew it"; }
+    sed "s/^  \"expiresAt\": [0-9]*/  \"expiresAt\": $(( $(date +%s) + LEASE_SECONDS ))/" "$dir/b" > "$dir/n"
+    code=$(curl -sS -m 60 -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$dir/n" -H "Content-Type: application/json" \
+      -H "If-Match: $etag" -H "x-amz-content-sha256: $(sha256sum < "$dir/n" | cut -c1-64)" \
+      --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$LEASE_URL" 2>&1) || code="($code)"
+    case "$code" in
+      200) rm -rf "$dir"; return 0 ;;
+      412|409) sleep "$attempt" ;; # changed meanwhile (the provider during a move): read it again
+      *) rm -rf "$dir"; die "cannot renew the lease of $VOLUME_ID: HTTP $code" ;;
+    esac
+  done
+  rm -rf "$dir"
+  die "cannot renew the lease of $VOLUME_ID: it kept changing"
+}
+
 # An lvm2 snapshot whose copy-on-write space ran out is invalid: lv_attr's 5th character is I
 # (or snap_percent reached 100). Fails closed: a snapshot that cannot be inspected is not valid.
 snapshot_valid() {
@@ -176,7 +210,7 @@ backup() {
   rm -f "$STATE_DIR/last-error"
   timing lock
   trap 'finish_backup $?' EXIT
-  check_lease
+  renew_lease
   [ -e "$STATE_DIR/initialized" ] || die "volume $VOLUME_ID is not initialised yet (restore pending): refusing to back up"
   mountpoint -q "$MOUNT_PATH" || die "volume $VOLUME_ID is not mounted at $MOUNT_PATH"
   remove_snapshot # leftovers of an interrupted run
@@ -272,6 +306,7 @@ case "${1:-}" in
   detach) detach "${2:?volume id}" ;;
   backup) backup "${2:?volume id}" ;;
   check-lease) load "${2:?volume id}"; check_lease; echo "volume $VOLUME_ID: this host holds the lease" ;;
+  renew) load "${2:?volume id}"; renew_lease; echo "volume $VOLUME_ID: lease renewed for ${LEASE_SECONDS:-?} s" ;;
   version) echo "$AGENT_VERSION" ;;
   *) die "usage: dboxed-volume attach|detach|backup ID" ;;
 esac

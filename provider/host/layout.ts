@@ -23,7 +23,7 @@ export interface VolumeLayout {
   mountPath: string;
   filesystem: "ext4" | "xfs";
   rusticHost: string;
-  units: { device: string; mount: string; backup: string; timer: string };
+  units: { device: string; mount: string; backup: string; timer: string; renew: string; renewTimer: string };
 }
 
 export function layoutFor(v: { volumeId: string; volumeGroup?: string; mountPath: string; filesystem: "ext4" | "xfs" }): VolumeLayout {
@@ -43,6 +43,8 @@ export function layoutFor(v: { volumeId: string; volumeGroup?: string; mountPath
       mount: mountUnitName(v.mountPath),
       backup: `dboxed-volume-${id}-backup.service`,
       timer: `dboxed-volume-${id}-backup.timer`,
+      renew: `dboxed-volume-${id}-lease.service`,
+      renewTimer: `dboxed-volume-${id}-lease.timer`,
     },
   };
 }
@@ -66,7 +68,7 @@ export interface EnvSettings {
   /** Copy-on-write space of a backup snapshot in a shared VG (default snapshotBytes(sizeBytes)). */
   snapshotSpaceBytes?: number;
   /** The lease token this host holds, and where the lease is: backups check both first. */
-  lease: { token: string; url: string; region: string };
+  lease: { token: string; url: string; region: string; seconds: number };
   retention: { keepLast: number; keepHourly: number; keepDaily: number; keepWeekly: number; keepMonthly: number; keepYearly: number };
 }
 
@@ -80,6 +82,7 @@ export function volumeEnv(l: VolumeLayout, s: EnvSettings): string {
     KEEP_LAST: s.retention.keepLast, KEEP_HOURLY: s.retention.keepHourly, KEEP_DAILY: s.retention.keepDaily,
     KEEP_WEEKLY: s.retention.keepWeekly, KEEP_MONTHLY: s.retention.keepMonthly, KEEP_YEARLY: s.retention.keepYearly,
     LEASE_TOKEN: s.lease.token, LEASE_URL: s.lease.url, S3_REGION: s.lease.region, CURL_CONFIG: `${l.configDir}/s3.curl`,
+    LEASE_SECONDS: s.lease.seconds,
   };
   return "# Written by pulumi-dboxed-volumes; changes are overwritten.\n" +
     Object.entries(vars).map(([k, v]) => `${k}=${quote(v)}`).join("\n") + "\n";

@@ -72,8 +72,40 @@ WantedBy=timers.target
 `;
 }
 
-export function unitFiles(l: VolumeLayout, schedule: string): Record<string, string> {
+/** The holder renews the volume's lease (a compare-and-swap from the host) so that force elsewhere waits. */
+export function renewService(l: VolumeLayout): string {
+  return `# Written by pulumi-dboxed-volumes.
+[Unit]
+Description=dboxed volume ${l.volumeId}: lease renewal
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=${AGENT_PATH} renew ${l.volumeId}
+TimeoutStartSec=5min
+`;
+}
+
+export function renewTimer(l: VolumeLayout, leaseSeconds: number): string {
+  const every = Math.max(20, Math.floor(leaseSeconds / 3));
+  return `# Written by pulumi-dboxed-volumes.
+[Unit]
+Description=dboxed volume ${l.volumeId}: lease renewal, every third of the lease (${leaseSeconds} s)
+
+[Timer]
+OnActiveSec=5s
+OnUnitActiveSec=${every}s
+AccuracySec=1s
+
+[Install]
+WantedBy=timers.target
+`;
+}
+
+export function unitFiles(l: VolumeLayout, schedule: string, leaseSeconds: number): Record<string, string> {
   return {
+    [l.units.renew]: renewService(l),
+    [l.units.renewTimer]: renewTimer(l, leaseSeconds),
     [l.units.device]: deviceUnit(l),
     [l.units.mount]: mountUnit(l),
     [l.units.backup]: backupService(l),

@@ -3,7 +3,7 @@
 import { UserError } from "../errors";
 import { VolumeInputs } from "../inputs";
 import {
-  HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, newToken, normalizeHostKey, Owner, ownerName,
+  DEFAULT_LEASE_SECONDS, HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, newToken, normalizeHostKey, Owner, ownerName,
   sameHost, sameOwner, updateLease,
 } from "../storage/lease";
 import { S3Settings } from "../storage/s3";
@@ -42,6 +42,8 @@ export interface ClaimOptions {
   instance: string;
   /** Take over a lease without owner on v's host: only for a resource that has the volume in its state. */
   adoptLegacy: boolean;
+  /** The time to judge the lease's expiry by (ms; tests). */
+  now?: number;
 }
 
 /** Pure: the lease after v's resource claims the volume, or an error that says who has it. */
@@ -49,10 +51,11 @@ export function claimedLease(cur: Lease | undefined, v: VolumeInputs, opts: Clai
   const me = hostRef(v);
   const owner = ownerOf(v);
   const instance = opts.instance || undefined;
-  if (!cur) return { next: { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "", owner, instance } };
+  const durationSeconds = v.leaseDuration ?? DEFAULT_LEASE_SECONDS;
+  if (!cur) return { next: { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "", owner, instance, durationSeconds } };
   if (ownsLease(cur, v, opts.adoptLegacy) && sameHost(cur.holder, me) && !cur.move) {
     // Same resource, same machine (perhaps at a new address): keep the token, record where it is now.
-    return { next: { ...cur, holder: me, token: cur.token || newToken(), owner: owner ?? cur.owner, instance: instance ?? cur.instance } };
+    return { next: { ...cur, holder: me, token: cur.token || newToken(), owner: owner ?? cur.owner, instance: instance ?? cur.instance, durationSeconds } };
   }
   if (v.force && cur.owner && sameHost(cur.holder, me) && !ownsLease(cur, v)) {
     throw new UserError(`force: volume ${v.volumeId} lives on this very host ${hostName(cur.holder)} for ${ownerName(cur.owner)}; ` +
@@ -70,7 +73,16 @@ export function claimedLease(cur: Lease | undefined, v: VolumeInputs, opts: Clai
       "or, to move the volume, change host in the stack that holds it; if that host is gone for good, set force: true to restore " +
       "the latest snapshot here");
   }
-  return { next: { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "", owner, instance }, forcedFrom: cur };
+  const now = opts.now ?? Date.now();
+  if (cur.expiresAt && cur.expiresAt * 1000 > now && !v.forceDespiteLiveLease) {
+    const left = Math.ceil(cur.expiresAt - now / 1000);
+    throw new UserError(`force: the lease of volume ${v.volumeId} is live: ${hostName(cur.holder)} renewed it until ` +
+      `${new Date(cur.expiresAt * 1000).toISOString()} (${left} s from now). A host that is gone stops renewing it: run again after ` +
+      `that time. Only if you know that host is gone for good and cannot wait, set forceDespiteLiveLease: true ` +
+      "(anything it writes until it is stopped is lost)");
+  }
+  return { next: { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "", owner, instance, durationSeconds },
+    forcedFrom: cur };
 }
 
 /**

@@ -57,21 +57,29 @@ async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout): Promis
  * the old host is there on the new one (one machine; machine-ids are no proof, clones share
  * them), or when the new host has the volume mounted at mountPath already.
  */
-async function notSameMachine(oldR: Remote, newR: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
-  const probe = `/run/dboxed-volumes/${l.volumeId}.same-machine-probe`;
+/** Whether a and b are one machine: a random probe written to /run on a shows up on b. Runs `then` on b meanwhile. */
+export async function sameMachine(a: Remote, b: Remote, volumeId: string, then = "true"): Promise<{ same: boolean; out: string }> {
+  const probe = `/run/dboxed-volumes/${volumeId}.same-machine-probe`;
   const nonce = newToken();
-  await oldR.run(`mkdir -p /run/dboxed-volumes && printf '%s' ${q(nonce)} > ${q(probe)}`);
+  await a.run(`mkdir -p /run/dboxed-volumes && printf '%s' ${q(nonce)} > ${q(probe)}`);
   try {
-    const b = await newR.run(`cat ${q(probe)} 2>/dev/null; echo; if mountpoint -q ${q(l.mountPath)} && ` +
+    const res = await b.run(`cat ${q(probe)} 2>/dev/null; echo; ${then}`);
+    return { same: res.stdout.split("\n")[0].trim() === nonce, out: res.stdout };
+  } finally {
+    await a.run(`rm -f ${q(probe)}`, { allowFailure: true });
+  }
+}
+
+async function notSameMachine(oldR: Remote, newR: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+  {
+    const b = await sameMachine(oldR, newR, l.volumeId, `if mountpoint -q ${q(l.mountPath)} && ` +
       `[ "$(readlink -f "$(findmnt -n -o SOURCE --mountpoint ${q(l.mountPath)})")" = "$(readlink -f ${q(l.device)} 2>/dev/null)" ]; then echo mounted; fi`);
-    const same = b.stdout.split("\n")[0].trim() === nonce;
-    if (same || /^mounted$/m.test(b.stdout)) {
+    const same = b.same;
+    if (same || /^mounted$/m.test(b.out)) {
       throw new UserError(`host: ${newR.name} is the machine volume ${v.volumeId} already lives on (${same ? "the same machine as the old host" : `it has the volume mounted at ${v.mountPath}`}), ` +
         "not another host: a move there would restore over the live volume, so nothing was changed. A new address with the same " +
         "hostKey is fine, but pinning another key of the same machine is not supported yet: keep host.hostKey as it was");
     }
-  } finally {
-    await oldR.run(`rm -f ${q(probe)}`, { allowFailure: true });
   }
 }
 
@@ -101,6 +109,10 @@ async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState, t
     if (cur && (!sameHost(cur.holder, expectFrom) || !ownsLease(cur, v))) {
       throw new UserError(`volume ${v.volumeId}: the lease is held by ${hostName(cur.holder)}${cur.owner ? ` for ${ownerName(cur.owner)}` : ""}, ` +
         `not by ${hostName(expectFrom)} for this resource: refusing to move it`);
+    }
+    // Compare-and-swap on this very move: a move undone (or replaced) meanwhile is not brought back.
+    if (cur?.move ? cur.move.newToken !== move.newToken : move.phase !== "warm") {
+      throw new UserError(`volume ${v.volumeId}: the move in the lease changed meanwhile (undone, or another run?): stopping this one`);
     }
     return { ...(cur ?? {}), volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1,
       token: token ?? cur?.token ?? newToken(), updatedAt: "", move, owner: cur?.owner ?? v.owner };
@@ -238,7 +250,8 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
               owner: cur.owner ?? news.owner };
           });
         } catch (e) {
-          await newR.run(`systemctl stop -- ${[...news.stopUnits, lNew.units.timer, lNew.units.mount].map(q).join(" ")} 2>/dev/null; true`, { allowFailure: true });
+          // Disabled too: after a reboot the new host must not mount what it does not hold.
+          await newR.run(`systemctl disable --now -- ${[...news.stopUnits, lNew.units.timer, lNew.units.renewTimer, lNew.units.mount].map(q).join(" ")} 2>/dev/null; true`, { allowFailure: true });
           throw e;
         }
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);
@@ -276,8 +289,11 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       ...(pendingCleanup ? { pendingCleanup } : {}),
     });
     let oldR: Remote | undefined;
+    // Once switched, the old host only needs cleaning: one short dial, and a dead host is no error.
+    const peek = await readLease(leaseS3(news), news.volumeId).then((x) => x?.lease, () => undefined);
+    const onlyCleanup = !!peek && sameHost(peek.holder, to) && (!peek.move || peek.move.phase === "switched");
     try {
-      oldR = await Remote.connect(olds.host, { log, attempts: 4 });
+      oldR = await Remote.connect(olds.host, onlyCleanup ? { log, attempts: 1, dialTimeoutMs: 15_000 } : { log, attempts: 4 });
     } catch (e) {
       await decide();
       if (!reached(m, "switched")) throw e;
@@ -294,6 +310,10 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         await prepareNew();
         await run(oldR);
       });
+    } catch (e) {
+      // Where the move stood, for the caller to record even if the lease cannot be read then.
+      if (m && e && typeof e === "object") Object.assign(e, { movePhase: m.phase, moveStartedAt: m.startedAt });
+      throw e;
     } finally {
       oldR.dispose();
     }

@@ -105,7 +105,7 @@ function curlConfig(v: VolumeInputs): string {
 /** Writes volume.env and the root-only rustic profile and curl config (secrets travel on stdin). */
 export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout, leaseToken: string): Promise<void> {
   await r.run(`install -d -m 0700 ${q(l.configDir)} && install -d -m 0700 ${q(l.stateDir)} /var/cache/dboxed-volumes`);
-  const lease = { token: leaseToken, region: v.repository.region,
+  const lease = { token: leaseToken, region: v.repository.region, seconds: v.leaseDuration,
     url: leaseUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.volumeId, v.repository.forcePathStyle) };
   await r.writeFile(l.envFile, volumeEnv(l, { sizeBytes: v.size, snapshotSpaceBytes: v.snapshotSpace, retention: v.retention, lease }), "0600");
   await r.writeFile(`${l.configDir}/s3.curl`, curlConfig(v), "0600");
@@ -124,7 +124,7 @@ export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout)
 
 /** Writes the units (nothing started). */
 export async function writeUnits(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
-  for (const [name, text] of Object.entries(unitFiles(l, v.backupSchedule))) {
+  for (const [name, text] of Object.entries(unitFiles(l, v.backupSchedule, v.leaseDuration))) {
     await r.writeFile(`${UNIT_DIR}/${name}`, text, "0644");
   }
   await r.runArgv(["systemctl", "daemon-reload"]);
@@ -214,7 +214,7 @@ export async function verifyRestored(r: Remote, l: VolumeLayout, snapshotId: str
 }
 
 export async function startTimer(r: Remote, l: VolumeLayout): Promise<void> {
-  await r.runArgv(["systemctl", "enable", "--now", "--quiet", l.units.timer]);
+  await r.runArgv(["systemctl", "enable", "--now", "--quiet", l.units.timer, l.units.renewTimer]);
 }
 
 export interface BackupStatus {
@@ -385,7 +385,8 @@ export async function fence(r: Remote, l: VolumeLayout, users: string[]): Promis
     lines.push(`mkdir -p ${q(`${UNIT_DIR}/${u}.d`)}`,
       `printf '[Unit]\\nConditionPathExists=!%s\\n' ${q(fenceFile(l))} > ${q(fenceDropIn(l, u))}`);
   }
-  lines.push(`touch ${q(fenceFile(l))}`, `systemctl disable --quiet ${q(l.units.timer)} 2>/dev/null || true`, "systemctl daemon-reload");
+  lines.push(`touch ${q(fenceFile(l))}`, `systemctl disable --now --quiet ${q(l.units.renewTimer)} 2>/dev/null || true`,
+    `systemctl disable --quiet ${q(l.units.timer)} 2>/dev/null || true`, "systemctl daemon-reload");
   await r.run(lines.join("\n"));
 }
 

@@ -15,7 +15,7 @@ import * as steps from "./steps";
 import { claim, hostRef, leaseS3, otherInstance, ownsLease, release, setRebuild } from "./lease";
 import { move, MoveReport } from "./move";
 import { giveBack, undoMove } from "./undo";
-import { readLease, sameHost, hostName, newToken, ownerName } from "../storage/lease";
+import { DEFAULT_LEASE_SECONDS, Lease, MovePhase, readLease, sameHost, hostName, newToken, ownerName, updateLease } from "../storage/lease";
 
 type Props = Record<string, any>;
 
@@ -46,9 +46,14 @@ export interface VolumeOutputs {
 /** What of the old inputs a resumed, undone or cleaned-up move needs: the old host and its layout. */
 type MoveOrigin = Pick<VolumeInputs, "host" | "filesystem" | "volumeGroup" | "mountPath" | "size" | "snapshotSpace" | "stopUnits">;
 
+/** Plain data only: the engine's struct encoding fails on undefined (and a failed encoding of an error hangs the run). */
+function plain<T>(x: T): T {
+  return JSON.parse(JSON.stringify(x));
+}
+
 function originOf(v: VolumeInputs): MoveOrigin {
-  return { host: v.host, filesystem: v.filesystem, volumeGroup: v.volumeGroup, mountPath: v.mountPath, size: v.size,
-    snapshotSpace: v.snapshotSpace, stopUnits: v.stopUnits };
+  return plain({ host: v.host, filesystem: v.filesystem, volumeGroup: v.volumeGroup, mountPath: v.mountPath, size: v.size,
+    snapshotSpace: v.snapshotSpace, stopUnits: v.stopUnits });
 }
 
 const isSet = (x: unknown) => !!x && typeof x === "object" && Object.keys(x as object).length > 0;
@@ -60,7 +65,7 @@ const isSet = (x: unknown) => !!x && typeof x === "object" && Object.keys(x as o
  */
 const INPUT_FIELDS = ["volumeId", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
   "finalBackupOnDelete", "forgetSnapshotsOnDelete", "repository", "accessKeyId", "secretAccessKey", "password",
-  "retention", "rustic", "stopUnits", "warmMove", "force", "snapshotSpace"] as const;
+  "retention", "rustic", "stopUnits", "warmMove", "force", "snapshotSpace", "forceDespiteLiveLease", "leaseDuration"] as const;
 
 /** One operation at a time per volume and host, for as long as this connection lives. */
 async function exclusive<T>(r: Remote, l: VolumeLayout, log: (m: string) => void, fn: () => Promise<T>): Promise<T> {
@@ -117,14 +122,19 @@ function same(a: unknown, b: unknown): boolean {
 }
 
 export async function diff(_id: string, olds: Props, news: Props) {
-  const changes: string[] = INPUT_FIELDS.filter((f) => !same(olds[f], news[f]));
+  // Fields added later: a state without them had their default (no diff for existing stacks).
+  const added: Record<string, unknown> = { leaseDuration: DEFAULT_LEASE_SECONDS, forceDespiteLiveLease: false };
+  const changes: string[] = INPUT_FIELDS.filter((f) => !same(olds[f] ?? added[f], news[f]));
   // An unfinished move (to finish or undo) or an old host to clean is work for an update too.
   if (isSet(olds.unfinishedMove) || isSet(olds.pendingCleanup)) changes.push("host");
   else if (!changes.length && olds.repository && olds.host) {
     // A run killed mid-move left no trace in the state, only in the lease: setting host back to
     // the old host (where the state still has it) must undo that move. One S3 read, no SSH.
-    const m = await readLease(leaseS3(olds as VolumeInputs), olds.volumeId).then((x) => x?.lease.move, () => undefined);
+    const cur = await readLease(leaseS3(olds as VolumeInputs), olds.volumeId).then((x) => x?.lease, () => undefined);
+    const m = cur?.move;
     if (m && m.phase !== "switched" && sameHost(m.from, hostRef(olds as VolumeInputs))) changes.push("host");
+    // ... or finished it elsewhere: the update says where the volume is.
+    else if (cur && ownsLease(cur, olds as VolumeInputs) && !sameHost(cur.holder, hostRef(olds as VolumeInputs))) changes.push("host");
   }
   // A new host is a move, a new filesystem or volumeGroup a rebuild: both are updates that carry
   // the data over under the volume's lease, never a delete and create that could lose it.
@@ -220,7 +230,8 @@ export async function read(id: string, props: Props) {
   const l = steps.layout(v);
   return withRemote(v.host, async (r) => {
     const obs = await steps.observe(r, l);
-    if (!obs.present && !obs.configured) return { id: "", props: {} }; // gone from the host
+    // Gone from the host: gone. Not while a move is unfinished (the data is on the old host).
+    if (!obs.present && !obs.configured && !isSet(props.moveOrigin)) return { id: "", props: {} };
     let snaps: Snapshot[] | undefined;
     try {
       snaps = await steps.listSnapshots(r, l);
@@ -296,6 +307,18 @@ async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, instanceI
   if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
 }
 
+/** Drops a switched move's record from the lease (its old host forgotten, left fenced). */
+async function forgetMove(v: VolumeInputs): Promise<void> {
+  await updateLease(leaseS3(v), v.volumeId, (cur) => {
+    if (!cur || !sameHost(cur.holder, hostRef(v)) || !ownsLease(cur, v)) {
+      throw new UserError(`volume ${v.volumeId}: this resource's host does not hold the lease${cur ? ` (${hostName(cur.holder)} does)` : ""}`);
+    }
+    const next: Lease = { ...cur };
+    delete next.move;
+    return next;
+  });
+}
+
 /**
  * An update that failed after the move began: the state takes the new inputs (host = the new
  * host) and outputs that name the unfinished move and keep the old host's connection (secret),
@@ -308,9 +331,9 @@ function unfinished(id: string, olds: Props, news: Props, origin: VolumeInputs, 
   const err = new Error(`${e.message}\nThe move of ${v.volumeId} from ${origin.host.address}:${origin.host.port} to ${v.host.address}:${v.host.port} ` +
     `is unfinished (phase ${phase}): run pulumi up again to finish it, or set host back to ${origin.host.address}:${origin.host.port} to undo it.`) as Error & Props;
   err.id = id;
-  err.properties = { ...olds, ...news,
+  err.properties = plain({ ...olds, ...news,
     unfinishedMove: { from: `${origin.host.address}:${origin.host.port}`, to: `${v.host.address}:${v.host.port}`, phase, reason, since },
-    pendingCleanup: {}, moveOrigin: originOf(origin) };
+    pendingCleanup: {}, moveOrigin: originOf(origin) });
   return err;
 }
 
@@ -321,15 +344,18 @@ async function moveTo(id: string, o: VolumeInputs, olds: Props, news: Props, log
   try {
     report = await move(o, v, log, (r, lay, fn) => exclusive(r, lay, log, fn));
   } catch (e) {
-    const m = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease.move, () => undefined);
+    // Where the move stands: from the lease, or, if S3 cannot be read now, as move() last knew it.
+    const known = e as { movePhase?: MovePhase; moveStartedAt?: string };
+    const m = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease.move,
+      () => known.movePhase ? { from: hostRef(o), to: hostRef(v), phase: known.movePhase, startedAt: known.moveStartedAt ?? "" } : undefined);
     if (m && sameHost(m.from, hostRef(o)) && sameHost(m.to, hostRef(v))) {
       if (m.phase !== "switched") throw unfinished(id, olds, news, o, e as Error, m.phase, m.startedAt);
       // Switched: the volume lives on the new host; only the old host's cleanup is left.
       const err = new Error(`${(e as Error).message}\nVolume ${v.volumeId} lives on ${v.host.address}:${v.host.port} now; ` +
         "the next pulumi up cleans the old host.") as Error & Props;
       err.id = id;
-      err.properties = { ...olds, ...news, unfinishedMove: {}, moveOrigin: originOf(o),
-        pendingCleanup: { host: `${o.host.address}:${o.host.port}`, reason: (e as Error).message.split("\n")[0].slice(0, 500) } };
+      err.properties = plain({ ...olds, ...news, unfinishedMove: {}, moveOrigin: originOf(o),
+        pendingCleanup: { host: `${o.host.address}:${o.host.port}`, reason: (e as Error).message.split("\n")[0].slice(0, 500) } });
       throw err;
     }
     throw e;
@@ -355,40 +381,70 @@ export async function update(id: string, olds: Props, news: Props) {
   // Where the volume is coming from, while a move is unfinished or its old host not cleaned.
   const origin = isSet(olds.moveOrigin) ? { ...(olds as VolumeInputs), ...(olds.moveOrigin as MoveOrigin) } : undefined;
   const lock = <T>(r: Remote, lay: VolumeLayout, fn: () => Promise<T>) => exclusive(r, lay, log, fn);
+  const hostText = (h: VolumeInputs["host"]) => `${h.address}:${h.port}`;
   if (origin && isSet(olds.unfinishedMove)) {
     if (sameHost(hostRef(origin), hostRef(v))) {
-      // host set back to where the volume came from: undo the move.
-      const warning = await undoMove({ ...v, stopUnits: origin.stopUnits }, olds as VolumeInputs, log, lock);
+      // host set back to where the volume came from: undo the move. The old host keeps its own
+      // layout; other changes made together with the move apply in the next update.
+      const back = { ...v, ...(olds.moveOrigin as MoveOrigin), host: v.host };
+      const warning = await undoMove(back, olds as VolumeInputs, log, lock);
+      const lBack = steps.layout(back);
       return withRemote(v.host, async (r) => {
-        const obs = await steps.observe(r, l);
-        const snaps = await snapshotsOrUndefined(r, l);
-        return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null,
-          lastMove: { undone: true, from: `${olds.host.address}:${olds.host.port}`, to: r.name, ...(warning ? { warning } : {}) } }) } };
+        const obs = await steps.observe(r, lBack);
+        const snaps = await snapshotsOrUndefined(r, lBack);
+        return { outs: { ...news, ...(olds.moveOrigin as MoveOrigin), host: v.host, ...outputs(lBack, obs, snaps, { ...olds,
+          unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null,
+          lastMove: { undone: true, from: hostText(olds.host), to: r.name, ...(warning ? { warning } : {}) } }) } };
       });
     }
     if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) {
-      throw new UserError(`host: volume ${v.volumeId} is in the middle of a move from ${origin.host.address}:${origin.host.port} to ` +
-        `${olds.host.address}:${olds.host.port} (${(olds.unfinishedMove as Props).phase}): set host to ${olds.host.address}:${olds.host.port} ` +
-        `to finish it, or back to ${origin.host.address}:${origin.host.port} to undo it, before moving it elsewhere`);
+      throw new UserError(`host: volume ${v.volumeId} is in the middle of a move from ${hostText(origin.host)} to ` +
+        `${hostText(olds.host)} (${(olds.unfinishedMove as Props).phase}): set host to ${hostText(olds.host)} ` +
+        `to finish it, or back to ${hostText(origin.host)} to undo it, before moving it elsewhere`);
     }
     return moveTo(id, origin, olds, news, log); // finish it
   }
   if (origin && isSet(olds.pendingCleanup)) {
     if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) {
-      throw new UserError(`host: the old host ${origin.host.address}:${origin.host.port} of volume ${v.volumeId} is not cleaned yet ` +
-        `(${(olds.pendingCleanup as Props).reason}): keep host at ${olds.host.address}:${olds.host.port} until a pulumi up has cleaned it`);
+      throw new UserError(`host: the old host ${hostText(origin.host)} of volume ${v.volumeId} is not cleaned yet ` +
+        `(${(olds.pendingCleanup as Props).reason}): keep host at ${hostText(olds.host)} until a pulumi up has cleaned it ` +
+        "(or set force: true to forget it)");
     }
-    return moveTo(id, origin, olds, news, log); // the move is switched: this cleans the old host
+    // The move switched: this cleans the old host, if it is back (the inputs as applied on the new host).
+    const done = await moveTo(id, origin, olds, { ...olds, __provider: news.__provider }, log);
+    if (isSet(done.outs.pendingCleanup)) {
+      if (!v.force) {
+        const changed = INPUT_FIELDS.filter((f) => f !== "host" && !same(olds[f], news[f]));
+        if (changed.length) {
+          throw new UserError(`volume ${v.volumeId}: its old host ${hostText(origin.host)} is still not cleaned ` +
+            `(${(done.outs.pendingCleanup as Props).reason}); other changes (${changed.join(", ")}) wait until it is, ` +
+            "or set force: true to forget it");
+        }
+        return { outs: { ...done.outs, host: v.host } };
+      }
+      log(`force: forgetting the old host ${hostText(origin.host)} without cleaning it; it stays fenced (read-only, no timer, ` +
+        `its lease token revoked): clean it by hand (units dboxed-volume-${v.volumeId}-*, /etc/dboxed-volumes/${v.volumeId}, its storage)`);
+      await forgetMove(v);
+    }
+    // Cleaned (or forgotten): the rest is a normal update on the new host (outputs cleared below).
   }
   if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) return moveTo(id, olds as VolumeInputs, olds, news, log);
   const o = olds as VolumeInputs;
-  const pendingInLease = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease.move, () => undefined);
-  if (pendingInLease && pendingInLease.phase !== "switched" && sameHost(pendingInLease.from, hostRef(v))) {
+  const inLease = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease, () => undefined);
+  const pendingInLease = inLease?.move;
+  if (pendingInLease && pendingInLease.phase !== "switched" && sameHost(pendingInLease.from, hostRef(o))) {
     // A killed run's move (nothing in the state): undo it. The new host is reached with this
-    // host's credentials at the address and key the lease names; if that fails, it is reported.
-    const target = { ...v, host: { ...v.host, address: pendingInLease.to.address, port: pendingInLease.to.port,
-      hostKey: pendingInLease.to.hostKey ?? v.host.hostKey } } as VolumeInputs;
-    await undoMove(v, target, log, lock);
+    // host's credentials at the address and pinned key the lease names.
+    if (!pendingInLease.to.hostKey) {
+      throw new UserError(`volume ${v.volumeId} is in the middle of a move to ${hostName(pendingInLease.to)} started by a run that was cut off; ` +
+        `its lease names no host key for that host, so it cannot be undone safely from here: set host to ${hostName(pendingInLease.to)} to finish it`);
+    }
+    const target = { ...o, host: { ...o.host, address: pendingInLease.to.address, port: pendingInLease.to.port,
+      hostKey: pendingInLease.to.hostKey } } as VolumeInputs;
+    await undoMove(o, target, log, lock);
+  } else if (inLease && ownsLease(inLease, v) && !sameHost(inLease.holder, hostRef(o))) {
+    throw new UserError(`volume ${v.volumeId} lives on ${hostName(inLease.holder)} now (a pulumi run that was cut off finished moving it ` +
+      `there), not on ${hostText(o.host)}: set host to ${hostName(inLease.holder)}; move it back afterwards if you want`);
   }
   const instanceId = (olds.instanceId as string) || newToken();
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
@@ -438,6 +494,13 @@ export async function remove(id: string, props: Props) {
       return;
     }
     const lease = await readLease(leaseS3(v), v.volumeId);
+    const mv = lease?.lease.move;
+    if (mv && mv.phase !== "switched" && lease && ownsLease(lease.lease, v) && (sameHost(mv.from, hostRef(v)) || sameHost(mv.to, hostRef(v)))) {
+      // A run cut off mid-move (nothing in the state): finish or undo it before deleting.
+      throw new UserError(`volume ${v.volumeId} is in the middle of a move from ${hostName(mv.from)} to ${hostName(mv.to)} (phase ${mv.phase}), ` +
+        `started by a pulumi run that was cut off: run pulumi up with host ${hostName(mv.from)} (undoes it) or ${hostName(mv.to)} ` +
+        "(finishes it), then delete");
+    }
     const fenced = !!lease && (!sameHost(lease.lease.holder, hostRef(v)) || !ownsLease(lease.lease, v) || otherInstance(lease.lease, instanceId));
     if (fenced && sameHost(lease!.lease.holder, hostRef(v))) {
       // The volume here is held by another resource, or by this one's replacement: not ours to remove.

@@ -49,10 +49,15 @@ export interface VolumeArgs {
    * host is gone for good. Data written since that snapshot is lost; the output says how much time.
    */
   force?: pulumi.Input<boolean>;
+  /** With force: take the volume even though its lease has not expired (its holder may still be writing). */
+  forceDespiteLiveLease?: pulumi.Input<boolean>;
+  /** How long the holder's lease lasts without renewal: seconds, or "90s", "10m", "1h" (default 10m). */
+  leaseDuration?: pulumi.Input<number | string>;
 }
 
 const VOLUME_ARGS = ["volumeProvider", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
-  "volumeId", "finalBackupOnDelete", "forgetSnapshotsOnDelete", "stopUnits", "warmMove", "force", "snapshotSpace"];
+  "volumeId", "finalBackupOnDelete", "forgetSnapshotsOnDelete", "stopUnits", "warmMove", "force", "snapshotSpace",
+  "forceDespiteLiveLease", "leaseDuration"];
 
 export { defaultVolumeId } from "../volumeId";
 
@@ -116,6 +121,8 @@ export class Volume extends pulumi.dynamic.Resource {
       stopUnits: args.stopUnits ?? [],
       warmMove: args.warmMove ?? true,
       force: args.force ?? false,
+      forceDespiteLiveLease: args.forceDespiteLiveLease ?? false,
+      leaseDuration: args.leaseDuration ?? 600,
       repository: pulumi.unsecret(s3.apply((x) => ({
         endpoint: x.hostEndpoint ?? x.endpoint,
         localEndpoint: x.endpoint,

@@ -50,7 +50,16 @@ export interface Lease {
   instance?: string;
   /** A rebuild (filesystem or volumeGroup change) in progress: the verified final snapshot to restore. */
   rebuild?: { snapshotId: string; startedAt: string };
+  /** How long the lease lasts without renewal (the Volume's leaseDuration). */
+  durationSeconds?: number;
+  /**
+   * Until when (epoch seconds) the holder is presumed alive: each provider write and each renewal
+   * by the holding host (on every backup and on a timer) moves it on. `force` waits for it.
+   */
+  expiresAt?: number;
 }
+
+export const DEFAULT_LEASE_SECONDS = 600;
 
 export class LeaseConflict extends Error {}
 
@@ -106,7 +115,9 @@ export async function writeLease(s: S3Settings, lease: Lease, etag: string | und
   try {
     const res = await client.send(new PutObjectCommand({
       Bucket: s.bucket, Key: leaseKey(s.prefix, lease.volumeId), ContentType: "application/json",
-      Body: JSON.stringify({ ...lease, updatedAt: new Date().toISOString() }, null, 2),
+      // Pretty-printed: the holding host renews it by rewriting the top-level "expiresAt" line.
+      Body: JSON.stringify({ ...lease, updatedAt: new Date().toISOString(),
+        expiresAt: Math.floor(Date.now() / 1000) + (lease.durationSeconds ?? DEFAULT_LEASE_SECONDS) }, null, 2),
       ...(etag ? { IfMatch: etag } : { IfNoneMatch: "*" }),
     }));
     return res.ETag!;

@@ -1,11 +1,13 @@
 // When the host that holds a volume is gone for good, `force: true` in another stack restores
-// the latest snapshot on a new host and says how much data may be lost; the old host, should it
-// come back, cannot back up any more.
+// the latest snapshot on a new host and says how much data may be lost, but only once the lost
+// host's lease expired (a live holder renews it); the old host, should it come back, cannot
+// back up any more.
 import { expect } from "chai";
 import * as crypto from "crypto";
 import { freezeHost } from "../../lab/lab";
 import { lab, onHost, Stack, stepByStep } from "./harness";
 import { manifest, Manifest } from "./manifest";
+import { readLease } from "../../provider/storage/lease";
 
 describe("force recovery from a lost host (real pulumi, lab hosts)", function () {
   stepByStep(this);
@@ -14,12 +16,17 @@ describe("force recovery from a lost host (real pulumi, lab hosts)", function ()
   const mountPath = "/srv/forced";
   const input = (host: number, force = false) => ({
     provider: { s3: { prefix } },
-    volumes: [{ name: "x", host, args: { volumeId, size: "64MiB", mountPath, backupSchedule: "hourly", force } }],
+    volumes: [{ name: "x", host, args: { volumeId, size: "64MiB", mountPath, backupSchedule: "hourly", force, leaseDuration: 60 } }],
   });
   let orig: Stack;
   let rescue: Stack;
   let atSnapshot: Manifest;
   let frozen = false;
+  const lease = () => {
+    const s = lab().s3;
+    return readLease({ endpoint: s.endpoint, region: s.region, bucket: s.bucket, prefix, forcePathStyle: true,
+      accessKeyId: s.accessKeyId, secretAccessKey: s.secretAccessKey }, volumeId);
+  };
 
   it("a volume on host-2 is backed up, then written to, then its host is lost", async () => {
     const h = lab().hosts[1];
@@ -43,7 +50,23 @@ describe("force recovery from a lost host (real pulumi, lab hosts)", function ()
     expect(res.stdout + res.stderr).to.match(/is held by host .*set force: true/);
   });
 
-  it("with force: true it restores the latest snapshot on host-3 and reports the data-loss window", async () => {
+  it("force is refused while the lost host's lease is live (it renewed it lately)", async () => {
+    const l = await lease();
+    expect(l!.lease.expiresAt, "the holder renews its lease").to.be.a("number");
+    expect(l!.lease.expiresAt! * 1000).to.be.greaterThan(Date.now() + 5000);
+    const res = await rescue.up(input(2, true));
+    expect(res.code).to.not.equal(0);
+    expect(res.stdout + res.stderr).to.match(/force: the lease of volume .* is live: .* renewed it until .*forceDespiteLiveLease/);
+    // Nothing was made on host-3.
+    const h3 = await onHost(lab().hosts[2], `ls -d /etc/dboxed-volumes/${volumeId} 2>/dev/null | wc -l`);
+    expect(h3.stdout.trim()).to.equal("0");
+    // The lost host stops renewing: wait for the expiry.
+    const wait = l!.lease.expiresAt! * 1000 - Date.now() + 2000;
+    expect(wait, "the lease lasts 60 s from its last renewal").to.be.at.most(62_000);
+    await new Promise((r) => setTimeout(r, Math.max(0, wait)));
+  });
+
+  it("with force: true, once the lease expired, it restores the latest snapshot on host-3 and reports the data-loss window", async () => {
     const t0 = Date.now();
     const res = await rescue.up(input(2, true));
     expect(res.code, res.stdout + res.stderr).to.equal(0);

@@ -2,10 +2,13 @@
 // lost connection), then `pulumi up` again: the move completes with an identical manifest, the
 // old host is clean, and at no moment were both hosts mounted read-write. Killed after the final
 // backup, the old host is also rebooted: it comes back fenced (read-only, no timer, no backups).
+// Killed before the old host's cleanup, the old host is then lost (frozen): the next update
+// completes and flags the pending cleanup; with the host back, the one after cleans it.
 import { expect } from "chai";
 import * as crypto from "crypto";
 import { lab, onHost, rebootHost, Stack, stepByStep } from "./harness";
 import { manifest, Manifest } from "./manifest";
+import { freezeHost } from "../../lab/lab";
 import type { LabHost } from "../../lab/lab";
 
 const prefix = `mvf-${crypto.randomBytes(3).toString("hex")}`;
@@ -40,6 +43,7 @@ describe("a move killed at each step resumes (real pulumi, lab hosts)", function
   stepByStep(this);
   let stack: Stack;
   let reference: Manifest;
+  let frozen: string | undefined;
   const input = (host: number) => ({
     provider: { s3: { prefix } },
     // Cold moves: the warm phase is covered by move.test.ts and final.test.ts; here the fault points matter.
@@ -79,9 +83,28 @@ cat /var/lib/dboxed-volumes/${volumeId}/last-error 2>/dev/null || true`);
           const write = await onHost(a, `echo x > ${mountPath}/after-reboot 2>&1 && echo WROTE || echo refused`);
           expect(write.stdout.trim()).to.match(/refused$/);
         }
+        if (fault === "before-old-cleanup") {
+          // The old host is gone (frozen) after the switch: the update completes and flags the cleanup.
+          await freezeHost(lab().dir, a.name, true);
+          frozen = a.name;
+          const dead = await stack.up(input(to));
+          expect(dead.code, dead.stdout + dead.stderr).to.equal(0);
+          expect(dead.stdout).to.match(/cannot be reached/);
+          const o = (await stack.outputs()).volumes.f;
+          expect(o.pendingCleanup.host).to.equal(`127.0.0.1:${a.port}`);
+          expect(o.unfinishedMove).to.deep.equal({});
+          const preview = await stack.preview(input(to));
+          expect(preview.stdout, "the pending cleanup is work for the next up").to.match(/1 to update/);
+          await freezeHost(lab().dir, a.name, false);
+          frozen = undefined;
+          await onHost(a, `date -s @${Math.floor(Date.now() / 1000)} >/dev/null`);
+          const fenced = await onHost(a, `findmnt -n -o OPTIONS --mountpoint ${mountPath} | cut -d, -f1; systemctl is-active dboxed-volume-${volumeId}-backup.timer || true`);
+          expect(fenced.stdout.trim().split("\n"), "the old host, back, is still fenced").to.deep.equal(["ro", "inactive"]);
+        }
         const again = await stack.up(input(to));
         expect(again.code, again.stdout + again.stderr).to.equal(0);
         expect(again.stdout).to.match(/resuming the move/);
+        expect((await stack.outputs()).volumes.f.pendingCleanup).to.deep.equal({});
         return again;
       });
       expect(watched.samples).to.be.greaterThan(5);
@@ -95,6 +118,7 @@ cat /var/lib/dboxed-volumes/${volumeId}/last-error 2>/dev/null || true`);
   }
 
   after(async () => {
+    if (frozen) await freezeHost(lab().dir, frozen, false);
     if (stack) await stack.run(["destroy", "--yes", "--skip-preview"]);
   });
 });

@@ -63,7 +63,8 @@ echo ==journal; journalctl --no-pager -o cat`, { timeoutMs: 300_000 });
     const grep = await onHost(h, `grep -rlF -- ${JSON.stringify(lab().s3.secretAccessKey)} /etc /var/lib/dboxed-volumes /usr/local/lib 2>/dev/null | sort; true`);
     expect(grep.stdout.trim().split("\n")).to.deep.equal([`${dir}/rustic.toml`, `${dir}/s3.curl`]);
     // Hosts open the repository with its master key: the password never reaches them.
-    const pw = await onHost(h, `grep -rlF -- ${quote(password)} /etc /var/lib/dboxed-volumes /usr/local/lib /root 2>/dev/null | sort; grep -c '^key = ' ${dir}/rustic.toml; true`);
+    // (printf is a shell builtin: the password is on no command line, the pattern comes on stdin)
+    const pw = await onHost(h, `printf '%s\\n' ${quote(password)} | grep -rlFf - /etc /var/lib/dboxed-volumes /usr/local/lib /root 2>/dev/null | sort; grep -c '^key = ' ${dir}/rustic.toml; true`);
     expect(pw.stdout.trim().split("\n")).to.deep.equal(["1"]);
   });
 

@@ -21,7 +21,7 @@ describe("host layout and units", () => {
     const env = volumeEnv(l, {
       sizeBytes: 1 << 30,
       retention: { keepLast: 2, keepHourly: 6, keepDaily: 7, keepWeekly: 4, keepMonthly: 6, keepYearly: 1 },
-      lease: { token: "tok'en$(id)", url: "http://h:9000/b/p-meta/volumes/v1/lease.json", region: "us-east-1" },
+      lease: { token: "tok'en$(id)", url: "http://h:9000/b/p-meta/volumes/v1/lease.json", region: "us-east-1", seconds: 600 },
     });
     const out = execFileSync("sh", ["-c", `${env}\nprintf '%s|%s|%s' "$VG" "$LEASE_TOKEN" "$MOUNT_PATH"`]).toString();
     expect(out).to.equal("dbv-v1|tok'en$(id)|/srv/a");

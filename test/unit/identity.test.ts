@@ -107,6 +107,21 @@ describe("lease ownership", () => {
     expect(sameOwner(r.next.owner, { project: "p", stack: "rescue", name: "pg" })).to.equal(true);
   });
 
+  it("force waits until the holder's lease expired, unless forceDespiteLiveLease says otherwise", () => {
+    const now = Date.parse("2026-11-29T12:00:00Z");
+    const live = lease({ expiresAt: now / 1000 + 90 });
+    const rescue = { force: true, owner: { project: "p", stack: "rescue", name: "pg" }, address: "10.0.0.3", hostKey: KEY_B };
+    expect(() => claimedLease(live, vol(rescue), { instance: "", adoptLegacy: false, now }))
+      .to.throw(/force: the lease of volume v1 is live: 10\.0\.0\.1:22 renewed it until 2026-11-29T12:01:30\.000Z \(90 s from now\).*forceDespiteLiveLease/);
+    const expired = lease({ expiresAt: now / 1000 - 1 });
+    expect(claimedLease(expired, vol(rescue), { instance: "", adoptLegacy: false, now }).forcedFrom?.token).to.equal("tok");
+    const r = claimedLease(live, vol({ ...rescue, forceDespiteLiveLease: true, leaseDuration: 120 }), { instance: "", adoptLegacy: false, now });
+    expect(r.forcedFrom?.token).to.equal("tok");
+    expect(r.next.durationSeconds).to.equal(120);
+    // Without force, a live and an expired lease are refused alike: expiry alone never hands a volume over.
+    expect(() => claimedLease(expired, vol({ ...rescue, force: false }), { instance: "", adoptLegacy: false, now })).to.throw(/held by host/);
+  });
+
   it("a lease from before owners were recorded belongs to whoever is on its host", () => {
     const legacy = lease({ owner: undefined });
     expect(ownsLease(legacy, vol())).to.equal(true);

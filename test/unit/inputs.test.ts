@@ -77,6 +77,16 @@ describe("Volume check", () => {
     });
   }
 
+  it("takes leaseDuration as seconds or with a unit, and refuses what is out of range", async () => {
+    expect((await volume.check({}, { ...goodVolume(), leaseDuration: "10m" })).inputs.leaseDuration).to.equal(600);
+    expect((await volume.check({}, { ...goodVolume(), leaseDuration: 90 })).inputs.leaseDuration).to.equal(90);
+    expect((await volume.check({}, goodVolume())).inputs.leaseDuration).to.equal(600);
+    for (const bad of ["5s", "8d", "ten minutes", 59.5]) {
+      const r = await volume.check({}, { ...goodVolume(), leaseDuration: bad });
+      expect(r.failures.map((f) => f.reason).join()).to.match(/^leaseDuration: must be 60 seconds to 7 days/);
+    }
+  });
+
   it("refuses xfs below its minimum size", async () => {
     const r = await volume.check({}, { ...goodVolume(), filesystem: "xfs", size: "128MiB" });
     expect(r.failures[0].reason).to.match(/size: xfs needs at least 320MiB/);
