@@ -50,6 +50,7 @@ export async function undoMove(back: VolumeInputs, target: VolumeInputs, log: (m
       const cur = await readLease(leaseS3(back), back.volumeId);
       const m = cur?.lease.move;
       check(cur?.lease, m, back, target, r.name);
+      log(`undoing the move to ${hostName(hostRef(target))}: ${back.volumeId} goes back to ${r.name}`);
       if (t) {
         // Never tear down the machine the volume lives on (the new host's address now reaching it).
         if ((await sameMachine(r, t, back.volumeId)).same) {
