@@ -331,6 +331,7 @@ function unfinished(id: string, olds: Props, news: Props, origin: VolumeInputs, 
   const err = new Error(`${e.message}\nThe move of ${v.volumeId} from ${origin.host.address}:${origin.host.port} to ${v.host.address}:${v.host.port} ` +
     `is unfinished (phase ${phase}): run pulumi up again to finish it, or set host back to ${origin.host.address}:${origin.host.port} to undo it.`) as Error & Props;
   err.id = id;
+  err.reasons = [err.message]; // what the engine prints for a partial failure
   err.properties = plain({ ...olds, ...news,
     unfinishedMove: { from: `${origin.host.address}:${origin.host.port}`, to: `${v.host.address}:${v.host.port}`, phase, reason, since },
     pendingCleanup: {}, moveOrigin: originOf(origin) });
@@ -354,6 +355,7 @@ async function moveTo(id: string, o: VolumeInputs, olds: Props, news: Props, log
       const err = new Error(`${(e as Error).message}\nVolume ${v.volumeId} lives on ${v.host.address}:${v.host.port} now; ` +
         "the next pulumi up cleans the old host.") as Error & Props;
       err.id = id;
+      err.reasons = [err.message];
       err.properties = plain({ ...olds, ...news, unfinishedMove: {}, moveOrigin: originOf(o),
         pendingCleanup: { host: `${o.host.address}:${o.host.port}`, reason: (e as Error).message.split("\n")[0].slice(0, 500) } });
       throw err;

@@ -153,7 +153,8 @@ export class Remote {
 
   /** Writes a file atomically as root with the given mode; content travels on stdin. */
   async writeFile(path: string, content: string | Buffer, mode = "0644"): Promise<void> {
-    const tmp = `${path}.tmp-${process.pid}`;
+    // Unique per call: one provider process writes the shared host tools for many volumes at once.
+    const tmp = `${path}.tmp-${process.pid}-${require("crypto").randomBytes(4).toString("hex")}`;
     await this.run(
       `set -e; umask 077; mkdir -p "$(dirname ${quote(path)})"; cat > ${quote(tmp)}; ` +
         `chmod ${quote(mode)} ${quote(tmp)}; mv -f ${quote(tmp)} ${quote(path)}`,
@@ -171,9 +172,12 @@ export class Remote {
 
   /** Uploads a local file through SFTP to a temporary path, then installs it as root. */
   async putFile(localPath: string, remotePath: string, mode = "0755"): Promise<void> {
-    const tmp = `/tmp/.upload-${process.pid}-${Date.now()}`;
+    const tag = `${process.pid}-${require("crypto").randomBytes(4).toString("hex")}`;
+    const tmp = `/tmp/.upload-${tag}`;
     await this.ssh.putFile(localPath, tmp);
-    await this.run(`set -e; install -D -m ${quote(mode)} ${quote(tmp)} ${quote(remotePath)}; rm -f ${quote(tmp)}`);
+    // Installed beside the target, then renamed: a concurrent user never sees a half-written file.
+    const beside = `${remotePath}.tmp-${tag}`;
+    await this.run(`set -e; install -D -m ${quote(mode)} ${quote(tmp)} ${quote(beside)}; mv -f ${quote(beside)} ${quote(remotePath)}; rm -f ${quote(tmp)}`);
   }
 
   /**

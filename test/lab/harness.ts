@@ -95,6 +95,35 @@ export class Stack {
     });
   }
 
+  /**
+   * Starts `pulumi <args>` in a process group of its own (pulumi, its language host, the
+   * provider): `kill("all")` kills them all, as a lost machine would; `kill("cli")` only the CLI,
+   * leaving the provider of the killed run working, as after a killed terminal. `reap()` ends
+   * whatever of the group still runs.
+   */
+  start(args: string[], opts: { input?: Record<string, unknown>; env?: Record<string, string> } = {}) {
+    if (opts.input) fs.writeFileSync(path.join(this.dir, "input.json"), JSON.stringify(opts.input, null, 2));
+    const { spawn } = require("child_process") as typeof import("child_process");
+    const child = spawn(lab().tools.pulumi, [...args, "--non-interactive", "--cwd", this.dir, "--stack", this.name],
+      { env: { ...this.env(), ...(opts.env ?? {}) }, detached: true, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "", stderr = "";
+    child.stdout!.on("data", (d) => { stdout += d; });
+    child.stderr!.on("data", (d) => { stderr += d; });
+    let exited = false;
+    // "exit", not "close": after a CLI-only kill the orphaned provider keeps the pipes open.
+    const done = new Promise<PulumiResult>((resolve) => child.on("exit", (code, signal) => {
+      exited = true;
+      setTimeout(() => resolve({ code: code ?? (signal ? 137 : 1), stdout, stderr }), 200);
+    }));
+    const pgid = child.pid!;
+    return {
+      done,
+      running: () => !exited,
+      kill: (what: "all" | "cli") => { try { process.kill(what === "all" ? -pgid : pgid, "SIGKILL"); } catch { /* gone */ } },
+      reap: () => { try { process.kill(-pgid, "SIGKILL"); } catch { /* gone */ } },
+    };
+  }
+
   async ok(args: string[], opts: { input?: Record<string, unknown>; timeoutMs?: number } = {}): Promise<PulumiResult> {
     const r = await this.run(args, opts);
     if (r.code !== 0) throw new Error(`pulumi ${args.join(" ")} failed (${r.code}):\n${r.stdout}\n${r.stderr}`);
