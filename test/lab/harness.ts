@@ -96,10 +96,9 @@ export class Stack {
   }
 
   /**
-   * Starts `pulumi <args>` in a process group of its own (pulumi, its language host, the
-   * provider): `kill("all")` kills them all, as a lost machine would; `kill("cli")` only the CLI,
-   * leaving the provider of the killed run working, as after a killed terminal. `reap()` ends
-   * whatever of the group still runs.
+   * Starts `pulumi <args>`: `kill("all")` kills it with its language host and provider, as a
+   * lost machine would; `kill("cli")` only the CLI, leaving the provider of the killed run
+   * working, as after a killed terminal. `reap()` ends whatever of them still runs.
    */
   start(args: string[], opts: { input?: Record<string, unknown>; env?: Record<string, string> } = {}) {
     if (opts.input) fs.writeFileSync(path.join(this.dir, "input.json"), JSON.stringify(opts.input, null, 2));
@@ -115,12 +114,27 @@ export class Stack {
       exited = true;
       setTimeout(() => resolve({ code: code ?? (signal ? 137 : 1), stdout, stderr }), 200);
     }));
-    const pgid = child.pid!;
+    const pid = child.pid!;
+    // pulumi starts its plugins (language host, provider) in process groups of their own: the
+    // tree is found by parent pid, recorded before the CLI dies (its children are reparented then).
+    let tree: number[] = [];
+    const descendants = (root: number): number[] => {
+      const { execFileSync } = require("child_process") as typeof import("child_process");
+      const rows = execFileSync("ps", ["-eo", "pid=,ppid="]).toString().trim().split("\n").map((l) => l.trim().split(/\s+/).map(Number));
+      const out: number[] = [];
+      const walk = (p: number) => { for (const [c, pp] of rows) if (pp === p) { out.push(c); walk(c); } };
+      walk(root);
+      return out;
+    };
+    const killAll = (pids: number[]) => { for (const p of pids) { try { process.kill(p, "SIGKILL"); } catch { /* gone */ } } };
     return {
       done,
       running: () => !exited,
-      kill: (what: "all" | "cli") => { try { process.kill(what === "all" ? -pgid : pgid, "SIGKILL"); } catch { /* gone */ } },
-      reap: () => { try { process.kill(-pgid, "SIGKILL"); } catch { /* gone */ } },
+      kill: (what: "all" | "cli") => {
+        tree = descendants(pid);
+        killAll(what === "all" ? [pid, ...tree] : [pid]);
+      },
+      reap: () => killAll([pid, ...tree]),
     };
   }
 
