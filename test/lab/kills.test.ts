@@ -1,5 +1,5 @@
 // Moves killed at random moments (not only at the named fault points of movefaults.test.ts):
-// each move's `pulumi up` is killed with SIGKILL at a random time, and so are the two runs that
+// each move's `pulumi up` is killed with SIGKILL at a random time, and so are the four runs that
 // resume it; then `pulumi up` runs until it converges, and again for the next move, until 10
 // kills. Some kills take the whole process group (a lost machine), others only the CLI: the
 // killed run's provider goes on working while the next `pulumi up` starts at once, and must wait
@@ -72,13 +72,13 @@ head -c 2000000 /dev/urandom > d/e/big; ln d/f-1 d/e/hl; ln -s ../f-2 d/e/sym; s
     })();
   });
 
-  it("moves (host-1 -> 2 -> 3 -> 1 ...) each killed three times at random moments, then converged with the data intact, until 10 kills", async () => {
+  it("moves (host-1 -> 2 -> 3 ...) each killed five times at random moments, then converged with the data intact, until 10 kills", async () => {
     const orphans: (() => void)[] = [];
     for (let i = 0, to = 1; kills < 10 && i < 8; i++, to = (to + 1) % hosts.length) {
-      for (let k = 0; k < 3; k++) {
+      for (let k = 0; k < 5; k++) {
         // Some kills leave the killed run's provider working: the next run starts at once and must wait for it.
         const mode: "all" | "cli" = (i + k) % 3 === 1 ? "cli" : "all";
-        const at = 2 + rnd() * 18;
+        const at = 3 + rnd() * 20;
         const run = stack.start(["up", "--yes", "--skip-preview"], { input: input(to) });
         const t0 = Date.now();
         while (run.running() && Date.now() - t0 < at * 1000) await sleep(200);
@@ -121,7 +121,7 @@ head -c 2000000 /dev/urandom > d/e/big; ln d/f-1 d/e/hl; ln -s ../f-2 d/e/sym; s
     await poller;
     process.stderr.write(`[kills] ${kills} kills, ${samples} mount samples, seed ${seed}\n`);
     expect(kills).to.be.at.least(10);
-    expect(samples).to.be.greaterThan(100);
+    expect(samples).to.be.greaterThan(30);
     expect(doubleMounts, "samples with two read-write hosts").to.equal(0);
   });
 
