@@ -124,7 +124,7 @@ function same(a: unknown, b: unknown): boolean {
 export async function diff(_id: string, olds: Props, news: Props) {
   // Fields added later: a state without them had their default (no diff for existing stacks).
   const added: Record<string, unknown> = { leaseDuration: DEFAULT_LEASE_SECONDS, forceDespiteLiveLease: false };
-  const changes: string[] = INPUT_FIELDS.filter((f) => !same(olds[f] ?? added[f], news[f]));
+  const changes: string[] = INPUT_FIELDS.filter((f) => !same(olds[f] ?? added[f], news[f] ?? added[f]));
   // An unfinished move (to finish or undo) or an old host to clean is work for an update too.
   if (isSet(olds.unfinishedMove) || isSet(olds.pendingCleanup)) changes.push("host");
   else if (!changes.length && olds.repository && olds.host) {

@@ -110,6 +110,9 @@ describe("leases and diff", () => {
     const vg = await diff("v", base, { ...base, volumeGroup: "vg0" });
     expect(vg.replaces).to.deep.equal([]);
     expect((await diff("v", base, { ...base })).changes).to.equal(false);
+    // A state from before leaseDuration existed had its default: no diff for existing stacks.
+    expect((await diff("v", base, { ...base, leaseDuration: 600, forceDespiteLiveLease: false })).changes).to.equal(false);
+    expect((await diff("v", base, { ...base, leaseDuration: 120 })).changes).to.equal(true);
     // Bookkeeping inputs set by the Volume class are not changes.
     expect((await diff("v", base, { ...base, owner: { project: "p", stack: "s", name: "n" }, volumeIdFrom: { stack: "s", name: "n" } })).changes).to.equal(false);
   });
