@@ -89,7 +89,7 @@ async function mountStaging(r: Remote, l: VolumeLayout) {
 mountpoint -q ${q(staging(l))} || mount -t ${q(l.filesystem)} ${q(l.device)} ${q(staging(l))}`);
 }
 
-async function unmountStaging(r: Remote, l: VolumeLayout) {
+export async function unmountStaging(r: Remote, l: VolumeLayout) {
   await r.run(`mountpoint -q ${q(staging(l))} && umount ${q(staging(l))}; true`);
 }
 

@@ -10,7 +10,7 @@ import { quote as q } from "../host/shell";
 import { Remote, withRemote } from "../remote/ssh";
 import { hostName, Lease, MoveState, readLease, sameHost, updateLease } from "../storage/lease";
 import { hostRef, leaseS3, ownsLease } from "./lease";
-import { sameMachine } from "./move";
+import { sameMachine, unmountStaging } from "./move";
 import * as steps from "./steps";
 
 type Lock = <T>(r: Remote, l: VolumeLayout, fn: () => Promise<T>) => Promise<T>;
@@ -56,7 +56,7 @@ export async function undoMove(back: VolumeInputs, target: VolumeInputs, log: (m
         if ((await sameMachine(r, t, back.volumeId)).same) {
           throw new UserError(`host: ${t.name} is the very machine volume ${back.volumeId} lives on (${r.name}): not removing anything there`);
         }
-        await t.run(`d=/run/dboxed-volumes/${lTarget.volumeId}/staging; mountpoint -q "$d" && umount "$d"; rmdir "$d" 2>/dev/null; true`);
+        await unmountStaging(t, lTarget); // teardown removes /run/dboxed-volumes/<id> with it
         await steps.teardown(t, lTarget);
         log(`removed the volume's staging and storage from ${t.name}`);
       } else if (m && !NEVER_SERVED.includes(m.phase)) {

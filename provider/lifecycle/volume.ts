@@ -327,15 +327,18 @@ async function forgetMove(v: VolumeInputs): Promise<void> {
  */
 function unfinished(id: string, olds: Props, news: Props, origin: VolumeInputs, e: Error, phase: string, since: string): Error {
   const v = news as VolumeInputs;
-  const reason = e.message.split("\n")[0].slice(0, 500);
-  const err = new Error(`${e.message}\nThe move of ${v.volumeId} from ${origin.host.address}:${origin.host.port} to ${v.host.address}:${v.host.port} ` +
-    `is unfinished (phase ${phase}): run pulumi up again to finish it, or set host back to ${origin.host.address}:${origin.host.port} to undo it.`) as Error & Props;
-  err.id = id;
-  err.reasons = [err.message]; // what the engine prints for a partial failure
-  err.properties = plain({ ...olds, ...news,
-    unfinishedMove: { from: `${origin.host.address}:${origin.host.port}`, to: `${v.host.address}:${v.host.port}`, phase, reason, since },
-    pendingCleanup: {}, moveOrigin: originOf(origin) });
-  return err;
+  const [from, to] = [hostName(hostRef(origin)), hostName(hostRef(v))];
+  return partialFailure(id, `${e.message}\nThe move of ${v.volumeId} from ${from} to ${to} is unfinished (phase ${phase}): ` +
+    `run pulumi up again to finish it, or set host back to ${from} to undo it.`, { ...olds, ...news,
+    unfinishedMove: { from, to, phase, reason: firstLine(e), since }, pendingCleanup: {}, moveOrigin: originOf(origin) });
+}
+
+const firstLine = (e: Error) => e.message.split("\n")[0].slice(0, 500);
+
+/** An error Pulumi records as a partial failure: the run fails, and the state takes `properties`. */
+function partialFailure(id: string, message: string, properties: Props): Error {
+  // reasons: what the engine prints for a partial failure; plain: no undefined in the reply.
+  return Object.assign(new Error(message), { id, reasons: [message], properties: plain(properties) });
 }
 
 async function moveTo(id: string, o: VolumeInputs, olds: Props, news: Props, log: (m: string) => void) {
@@ -352,20 +355,16 @@ async function moveTo(id: string, o: VolumeInputs, olds: Props, news: Props, log
     if (m && sameHost(m.from, hostRef(o)) && sameHost(m.to, hostRef(v))) {
       if (m.phase !== "switched") throw unfinished(id, olds, news, o, e as Error, m.phase, m.startedAt);
       // Switched: the volume lives on the new host; only the old host's cleanup is left.
-      const err = new Error(`${(e as Error).message}\nVolume ${v.volumeId} lives on ${v.host.address}:${v.host.port} now; ` +
-        "the next pulumi up cleans the old host.") as Error & Props;
-      err.id = id;
-      err.reasons = [err.message];
-      err.properties = plain({ ...olds, ...news, unfinishedMove: {}, moveOrigin: originOf(o),
-        pendingCleanup: { host: `${o.host.address}:${o.host.port}`, reason: (e as Error).message.split("\n")[0].slice(0, 500) } });
-      throw err;
+      throw partialFailure(id, `${(e as Error).message}\nVolume ${v.volumeId} lives on ${hostName(hostRef(v))} now; ` +
+        "the next pulumi up cleans the old host.", { ...olds, ...news, unfinishedMove: {}, moveOrigin: originOf(o),
+        pendingCleanup: { host: hostName(hostRef(o)), reason: firstLine(e as Error) } });
     }
     throw e;
   }
   log(`moved from ${report.from} to ${report.to}: downtime ${report.downtimeSeconds} s (${report.warm ? "warm" : "cold"}); ` +
     Object.entries(report.phases).map(([k, t]) => `${k} ${t} s`).join(", "));
   const pending = report.pendingCleanup
-    ? { pendingCleanup: { host: `${o.host.address}:${o.host.port}`, reason: report.pendingCleanup }, moveOrigin: originOf(o) }
+    ? { pendingCleanup: { host: hostName(hostRef(o)), reason: report.pendingCleanup }, moveOrigin: originOf(o) }
     : { pendingCleanup: {}, moveOrigin: null };
   const lastMove = { ...report } as Record<string, unknown>;
   delete lastMove.pendingCleanup;
@@ -383,7 +382,7 @@ export async function update(id: string, olds: Props, news: Props) {
   // Where the volume is coming from, while a move is unfinished or its old host not cleaned.
   const origin = isSet(olds.moveOrigin) ? { ...(olds as VolumeInputs), ...(olds.moveOrigin as MoveOrigin) } : undefined;
   const lock = <T>(r: Remote, lay: VolumeLayout, fn: () => Promise<T>) => exclusive(r, lay, log, fn);
-  const hostText = (h: VolumeInputs["host"]) => `${h.address}:${h.port}`;
+  const hostText = (h: VolumeInputs["host"]) => hostName(h);
   if (origin && isSet(olds.unfinishedMove)) {
     if (sameHost(hostRef(origin), hostRef(v))) {
       // host set back to where the volume came from: undo the move. The old host keeps its own

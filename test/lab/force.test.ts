@@ -5,9 +5,8 @@
 import { expect } from "chai";
 import * as crypto from "crypto";
 import { freezeHost } from "../../lab/lab";
-import { lab, onHost, Stack, stepByStep } from "./harness";
+import { lab, labLease, onHost, Stack, stepByStep } from "./harness";
 import { manifest, Manifest } from "./manifest";
-import { readLease } from "../../provider/storage/lease";
 
 describe("force recovery from a lost host (real pulumi, lab hosts)", function () {
   stepByStep(this);
@@ -22,11 +21,7 @@ describe("force recovery from a lost host (real pulumi, lab hosts)", function ()
   let rescue: Stack;
   let atSnapshot: Manifest;
   let frozen = false;
-  const lease = () => {
-    const s = lab().s3;
-    return readLease({ endpoint: s.endpoint, region: s.region, bucket: s.bucket, prefix, forcePathStyle: true,
-      accessKeyId: s.accessKeyId, secretAccessKey: s.secretAccessKey }, volumeId);
-  };
+  const lease = () => labLease(prefix, volumeId);
 
   it("a volume on host-2 is backed up, then written to, then its host is lost", async () => {
     const h = lab().hosts[1];

@@ -6,6 +6,7 @@ import * as path from "path";
 import type { LabHost, LabJson } from "../../lab/lab";
 import { hostTarget, REPO } from "../../lab/lab";
 import { Remote } from "../../provider/remote/ssh";
+import { readLease } from "../../provider/storage/lease";
 
 let current: LabJson | undefined;
 export function setLab(lab: LabJson) { current = lab; }
@@ -15,6 +16,13 @@ export function lab(): LabJson {
 }
 
 export { hostTarget };
+
+/** A volume's lease in the lab's S3 server, as the provider reads it. */
+export function labLease(prefix: string, volumeId: string) {
+  const s = lab().s3;
+  return readLease({ endpoint: s.endpoint, region: s.region, bucket: s.bucket, prefix, forcePathStyle: true,
+    accessKeyId: s.accessKeyId, secretAccessKey: s.secretAccessKey }, volumeId);
+}
 
 /** Runs a script as root on a lab host and returns stdout; throws on a non-zero exit. */
 export async function onHost(h: LabHost, script: string, opts: { allowFailure?: boolean; timeoutMs?: number } = {}) {

@@ -9,10 +9,9 @@ import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
-import { lab, onHost, Stack, stepByStep } from "./harness";
+import { lab, labLease, onHost, Stack, stepByStep } from "./harness";
 import { manifest, Manifest } from "./manifest";
 import type { LabHost } from "../../lab/lab";
-import { readLease } from "../../provider/storage/lease";
 
 const prefix = `undo-${crypto.randomBytes(3).toString("hex")}`;
 const volumeId = `un-${crypto.randomBytes(3).toString("hex")}`;
@@ -32,11 +31,7 @@ async function neverTwoWriters(h1: LabHost, h2: LabHost) {
   return states;
 }
 
-function lease() {
-  const s = lab().s3;
-  return readLease({ endpoint: s.endpoint, region: s.region, bucket: s.bucket, prefix, forcePathStyle: true,
-    accessKeyId: s.accessKeyId, secretAccessKey: s.secretAccessKey }, volumeId);
-}
+const lease = () => labLease(prefix, volumeId);
 
 describe("undoing a move by setting host back (real pulumi, lab hosts)", function () {
   let stack: Stack;
