@@ -187,7 +187,7 @@ finish_backup() {
   local rc=$1
   trap - EXIT
   set +e
-  remove_snapshot
+  [ "${SNAP_GONE:-0}" = 1 ] || remove_snapshot
   if [ "$rc" -eq 0 ]; then
     echo "steps: $STEPS"
     write_status ok "$SNAPSHOT_ID" "backup ok"
@@ -211,6 +211,7 @@ backup() {
   timing lock
   trap 'finish_backup $?' EXIT
   renew_lease
+  timing lease
   [ -e "$STATE_DIR/initialized" ] || die "volume $VOLUME_ID is not initialised yet (restore pending): refusing to back up"
   mountpoint -q "$MOUNT_PATH" || die "volume $VOLUME_ID is not mounted at $MOUNT_PATH"
   remove_snapshot # leftovers of an interrupted run
@@ -245,6 +246,7 @@ backup() {
     local opts=ro
     [ "$FILESYSTEM" = xfs ] && opts=ro,nouuid
     step "mounting the snapshot" /dev/null mount -t "$FILESYSTEM" -o "$opts" "/dev/$VG/$SNAP_LV" "$SNAP_MNT"
+    timing mount
     src=$SNAP_MNT
   fi
   echo "backing up $MOUNT_PATH as host $RUSTIC_HOST"
@@ -272,6 +274,8 @@ backup() {
   [ -n "$SNAPSHOT_ID" ] || die "rustic reported no snapshot id"
   echo "snapshot $SNAPSHOT_ID saved"
   remove_snapshot
+  SNAP_GONE=1
+  timing release
   if [ "$FINAL" = 1 ]; then
     # A final backup is on the critical path of a move or delete: retention waits for the next run.
     echo "backup of $VOLUME_ID done (final)"

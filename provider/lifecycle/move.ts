@@ -93,16 +93,6 @@ export async function unmountStaging(r: Remote, l: VolumeLayout) {
   await r.run(`mountpoint -q ${q(staging(l))} && umount ${q(staging(l))}; true`);
 }
 
-/** Stops the units that use the volume on the old host (steps.usersOf); returns them. */
-async function stopUsers(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void): Promise<string[]> {
-  const units = await steps.usersOf(r, v, l);
-  if (units.length) {
-    log(`stopping ${units.join(", ")} on ${r.name}`);
-    await r.runArgv(["systemctl", "stop", "--", ...units]);
-  }
-  return units;
-}
-
 /** Records the move's phase (compare-and-swap on the old host holding it); `token` replaces the lease's token. */
 async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState, token?: string): Promise<Lease> {
   return updateLease(leaseS3(v), v.volumeId, (cur) => {
@@ -191,10 +181,10 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         }
         downtimeStart = Date.now();
         await timed("stop old", async () => {
-          const users = await stopUsers(oldR!, olds, lOld, log);
-          await oldR!.runArgv(["systemctl", "stop", lOld.units.timer]);
+          const users = await steps.usersOf(oldR!, olds, lOld);
+          if (users.length) log(`stopping ${users.join(", ")} on ${oldR!.name}`);
           // Read-only and stopped until cleaned or given back, reboots included.
-          await steps.fence(oldR!, lOld, [...new Set([...users, ...olds.stopUnits])]);
+          await steps.fence(oldR!, lOld, [...new Set([...users, ...olds.stopUnits])], { stopFirst: users });
           await steps.quiesce(oldR!, lOld);
         });
         log(`final backup on ${oldR!.name}`);
@@ -230,11 +220,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       }
       if (!reached(m, "switched")) {
         await timed("switch", async () => {
-          await unmountStaging(newR, lNew);
-          await steps.startVolume(newR, lNew);
-          await newR.run(`touch ${q(lNew.stateDir + "/initialized")}`);
-          await steps.startTimer(newR, lNew);
-          if (news.stopUnits.length) await newR.runArgv(["systemctl", "start", "--", ...news.stopUnits], { allowFailure: true });
+          await steps.switchOn(newR, lNew, staging(lNew), news.stopUnits);
         });
         downtimeEnd = Date.now();
         m = { ...m!, phase: "switched" };
@@ -251,7 +237,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
           });
         } catch (e) {
           // Disabled too: after a reboot the new host must not mount what it does not hold.
-          await newR.run(`systemctl disable --now -- ${[...news.stopUnits, lNew.units.timer, lNew.units.renewTimer, lNew.units.mount].map(q).join(" ")} 2>/dev/null; true`, { allowFailure: true });
+          await newR.run(`systemctl disable --now --no-reload -- ${[...news.stopUnits, lNew.units.timer, lNew.units.renewTimer, lNew.units.mount].map(q).join(" ")} 2>/dev/null; true`, { allowFailure: true });
           throw e;
         }
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);

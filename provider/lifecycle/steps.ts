@@ -104,14 +104,16 @@ function curlConfig(v: VolumeInputs): string {
 
 /** Writes volume.env and the root-only rustic profile and curl config (secrets travel on stdin). */
 export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout, leaseToken: string): Promise<void> {
-  await r.run(`install -d -m 0700 ${q(l.configDir)} && install -d -m 0700 ${q(l.stateDir)} /var/cache/dboxed-volumes`);
   const lease = { token: leaseToken, region: v.repository.region, seconds: v.leaseDuration,
     url: leaseUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.volumeId, v.repository.forcePathStyle) };
-  await r.writeFile(l.envFile, volumeEnv(l, { sizeBytes: v.size, snapshotSpaceBytes: v.snapshotSpace, retention: v.retention, lease }), "0600");
-  await r.writeFile(`${l.configDir}/s3.curl`, curlConfig(v), "0600");
   const repo = { ...v.repository, accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey };
   const masterKey = await repositoryMasterKey(v.rustic, { ...repo, endpoint: v.repository.localEndpoint, password: v.password });
-  await r.writeFile(`${l.profile}.toml`, profileToml({ ...repo, masterKey }), "0600");
+  // The directories first (root-only), then every file in one round trip.
+  await r.writeFiles([
+    { path: l.envFile, content: volumeEnv(l, { sizeBytes: v.size, snapshotSpaceBytes: v.snapshotSpace, retention: v.retention, lease }), mode: "0600" },
+    { path: `${l.configDir}/s3.curl`, content: curlConfig(v), mode: "0600" },
+    { path: `${l.profile}.toml`, content: profileToml({ ...repo, masterKey }), mode: "0600" },
+  ], { before: `install -d -m 0700 ${q(l.configDir)} ${q(l.stateDir)} /var/cache/dboxed-volumes` });
 }
 
 export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
@@ -124,15 +126,16 @@ export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout)
 
 /** Writes the units (nothing started). */
 export async function writeUnits(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
-  for (const [name, text] of Object.entries(unitFiles(l, v.backupSchedule, v.leaseDuration))) {
-    await r.writeFile(`${UNIT_DIR}/${name}`, text, "0644");
-  }
-  await r.runArgv(["systemctl", "daemon-reload"]);
+  await r.writeFiles(Object.entries(unitFiles(l, v.backupSchedule, v.leaseDuration))
+    .map(([name, text]) => ({ path: `${UNIT_DIR}/${name}`, content: text, mode: "0644" })), { after: "systemctl daemon-reload" });
 }
+
+// enable/disable with --no-reload: the unit files were loaded when written (writeUnits), and a
+// daemon-reload costs seconds on a busy host; one explicit reload follows where files change.
 
 /** Starts (and enables for boot) the device and the mount. */
 export async function startVolume(r: Remote, l: VolumeLayout): Promise<void> {
-  await r.runArgv(["systemctl", "enable", "--now", "--quiet", l.units.device, l.units.mount],
+  await r.runArgv(["systemctl", "enable", "--now", "--no-reload", "--quiet", l.units.device, l.units.mount],
     { hint: `see: journalctl -u ${l.units.device} -u ${l.units.mount}` });
 }
 
@@ -214,7 +217,21 @@ export async function verifyRestored(r: Remote, l: VolumeLayout, snapshotId: str
 }
 
 export async function startTimer(r: Remote, l: VolumeLayout): Promise<void> {
-  await r.runArgv(["systemctl", "enable", "--now", "--quiet", l.units.timer, l.units.renewTimer]);
+  await r.runArgv(["systemctl", "enable", "--now", "--no-reload", "--quiet", l.units.timer, l.units.renewTimer]);
+}
+
+/**
+ * The new host takes over after a move, in one round trip: the staging mount released, the
+ * volume mounted and scheduled, the user's units started (their failure is theirs to report).
+ */
+export async function switchOn(r: Remote, l: VolumeLayout, stagingDir: string, users: string[]): Promise<void> {
+  await r.run(`set -e
+if mountpoint -q ${q(stagingDir)}; then umount ${q(stagingDir)}; fi
+systemctl enable --now --no-reload --quiet ${q(l.units.device)} ${q(l.units.mount)}
+touch ${q(`${l.stateDir}/initialized`)}
+systemctl enable --now --no-reload --quiet ${q(l.units.timer)} ${q(l.units.renewTimer)}
+${users.length ? `systemctl start -- ${users.map(q).join(" ")} || true` : "true"}`,
+  { hint: `see: journalctl -u ${l.units.device} -u ${l.units.mount}` });
 }
 
 export interface BackupStatus {
@@ -378,15 +395,18 @@ const fenceDropIn = (l: VolumeLayout, unit: string) => `${UNIT_DIR}/${unit}.d/db
  * cleaned or given back: a drop-in mounts it read-only, the timer is disabled, each user unit
  * gets a condition on the fence file, and the agent refuses periodic backups while it exists.
  */
-export async function fence(r: Remote, l: VolumeLayout, users: string[]): Promise<void> {
-  const lines = [`set -e`, `mkdir -p ${q(`${UNIT_DIR}/${l.units.mount}.d`)}`,
-    `printf '[Mount]\\nOptions=ro\\n' > ${q(fenceDropIn(l, l.units.mount))}`];
+export async function fence(r: Remote, l: VolumeLayout, users: string[], opts: { stopFirst?: string[] } = {}): Promise<void> {
+  const lines = [`set -e`];
+  // The users stopped, then the schedule, in the same round trip (on a move's downtime path).
+  if (opts.stopFirst?.length) lines.push(`systemctl stop -- ${opts.stopFirst.map(q).join(" ")}`);
+  lines.push(`systemctl stop ${q(l.units.timer)}`, `mkdir -p ${q(`${UNIT_DIR}/${l.units.mount}.d`)}`,
+    `printf '[Mount]\\nOptions=ro\\n' > ${q(fenceDropIn(l, l.units.mount))}`);
   for (const u of users) {
     lines.push(`mkdir -p ${q(`${UNIT_DIR}/${u}.d`)}`,
       `printf '[Unit]\\nConditionPathExists=!%s\\n' ${q(fenceFile(l))} > ${q(fenceDropIn(l, u))}`);
   }
-  lines.push(`touch ${q(fenceFile(l))}`, `systemctl disable --now --quiet ${q(l.units.renewTimer)} 2>/dev/null || true`,
-    `systemctl disable --quiet ${q(l.units.timer)} 2>/dev/null || true`, "systemctl daemon-reload");
+  lines.push(`touch ${q(fenceFile(l))}`, `systemctl disable --now --no-reload --quiet ${q(l.units.renewTimer)} 2>/dev/null || true`,
+    `systemctl disable --no-reload --quiet ${q(l.units.timer)} 2>/dev/null || true`, "systemctl daemon-reload");
   await r.run(lines.join("\n"));
 }
 
@@ -423,28 +443,28 @@ mountpoint -q ${q(l.mountPath)} && mount -o remount,rw ${q(l.mountPath)}; true`)
 /** Stops and removes units, unmounts, removes the LV/image and the volume's files on the host. */
 export async function teardown(r: Remote, l: VolumeLayout): Promise<void> {
   const u = l.units;
-  await r.run(`
-systemctl disable --now --quiet ${q(u.timer)} 2>/dev/null || true
+  // One round trip. Unmounted for good, the markers go before the storage, so storage that is
+  // half removed never counts as formatted or initialised (a later create would refuse to
+  // format it, or skip its restore).
+  const res = await r.run(`
+systemctl disable --now --no-reload --quiet ${q(u.timer)} 2>/dev/null || true
 systemctl stop ${q(u.backup)} 2>/dev/null || true
-systemctl disable --now --quiet ${q(u.mount)} 2>/dev/null || true
+systemctl disable --now --no-reload --quiet ${q(u.mount)} 2>/dev/null || true
 mountpoint -q ${q(l.mountPath)} && umount ${q(l.mountPath)}
-systemctl disable --now --quiet ${q(u.device)} 2>/dev/null || true
-true`);
-  const still = await r.run(`mountpoint -q ${q(l.mountPath)}`, { allowFailure: true });
-  if (still.code === 0) throw new UserError(`cannot unmount ${l.mountPath} on ${r.name}: it is busy; stop the programs that use it`);
-  // Unmounted for good: the markers go before the storage, so storage that is half removed never
-  // counts as formatted or initialised (a later create would refuse to format it, or skip its restore).
-  await r.run(`rm -f ${q(`${l.stateDir}/initialized`)} ${q(`${l.stateDir}/formatted`)}`);
-  if ((await r.run(`test -e ${q(l.envFile)}`, { allowFailure: true })).code === 0) {
-    await r.runArgv([AGENT_PATH, "detach", l.volumeId], { allowFailure: true });
-  }
-  await r.run(removeStorageScript(l));
-  await r.run(`rm -f ${Object.values(u).map((n) => q(`${UNIT_DIR}/${n}`)).join(" ")} ${UNIT_DIR}/*.d/dboxed-fence-${l.volumeId}.conf
+systemctl disable --now --no-reload --quiet ${q(u.device)} 2>/dev/null || true
+if mountpoint -q ${q(l.mountPath)}; then exit 50; fi
+rm -f ${q(`${l.stateDir}/initialized`)} ${q(`${l.stateDir}/formatted`)}
+if [ -e ${q(l.envFile)} ]; then ${command([AGENT_PATH, "detach", l.volumeId])} || true; fi
+( ${removeStorageScript(l)} ) || exit $?
+rm -f ${Object.values(u).map((n) => q(`${UNIT_DIR}/${n}`)).join(" ")} ${UNIT_DIR}/*.d/dboxed-fence-${l.volumeId}.conf
 systemctl daemon-reload
 systemctl reset-failed ${Object.values(u).map(q).join(" ")} 2>/dev/null || true
 rm -rf ${q(l.configDir)} ${q(l.stateDir)} ${q(`/run/dboxed-volumes/${l.volumeId}`)}
 rm -f ${q(`${METRICS_DIR}/dboxed_volume_${l.volumeId}.prom`)}
-rmdir ${q(l.mountPath)} 2>/dev/null || true`);
+rmdir ${q(l.mountPath)} 2>/dev/null || true
+exit 0`, { allowFailure: true });
+  if (res.code === 50) throw new UserError(`cannot unmount ${l.mountPath} on ${r.name}: it is busy; stop the programs that use it`);
+  if (res.code !== 0) throw new CommandError(r.name, "remove the volume", res.code, res.signal, res.stdout, res.stderr);
 }
 
 /**

@@ -22,9 +22,9 @@ type Lock = <T>(r: Remote, l: VolumeLayout, fn: () => Promise<T>) => Promise<T>;
 export async function giveBack(r: Remote, l: VolumeLayout, users: string[], strict = false): Promise<void> {
   if (strict) await steps.unfence(r, l);
   else await steps.unfence(r, l).catch(() => undefined);
-  await r.run(`systemctl enable --now --quiet ${q(l.units.device)} ${q(l.units.mount)} 2>/dev/null || true`, { allowFailure: true });
+  await r.run(`systemctl enable --now --no-reload --quiet ${q(l.units.device)} ${q(l.units.mount)} 2>/dev/null || true`, { allowFailure: true });
   await steps.unquiesce(r, l).catch(() => undefined);
-  await r.run(`systemctl enable --now --quiet ${q(l.units.timer)} ${q(l.units.renewTimer)} 2>/dev/null || true`, { allowFailure: true });
+  await r.run(`systemctl enable --now --no-reload --quiet ${q(l.units.timer)} ${q(l.units.renewTimer)} 2>/dev/null || true`, { allowFailure: true });
   if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
 }
 

@@ -67,6 +67,7 @@ export class Remote {
     const pinned = parseHostKey(target.hostKey);
     let delay = opts.retryDelayMs ?? 2000;
     let lastError: unknown;
+    const t0 = Date.now();
     for (let attempt = 1; attempt <= attempts; attempt++) {
       let mismatch: string | undefined;
       const ssh = new NodeSSH();
@@ -85,6 +86,7 @@ export class Remote {
             return false;
           },
         });
+        trace(name, "connect", t0);
         return new Remote(ssh, target, name);
       } catch (err) {
         ssh.dispose();
@@ -115,6 +117,7 @@ export class Remote {
     let channel: { close(): void; signal?(s: string): void } | undefined;
     let timedOut = false;
     let partial = "";
+    const t0 = Date.now();
     const timer = setTimeout(() => {
       timedOut = true;
       try { channel?.signal?.("KILL"); } catch { /* best effort */ }
@@ -143,6 +146,7 @@ export class Remote {
       return res;
     } finally {
       clearTimeout(timer);
+      trace(this.name, script, t0);
     }
   }
 
@@ -162,6 +166,24 @@ export class Remote {
     );
   }
 
+  /**
+   * Writes several files in one round trip, each atomically (temporary name, then rename),
+   * between the scripts `before` and `after` (e.g. a daemon-reload). Contents travel on stdin, one base64 line per file, and
+   * reach the files through shell builtins: never on a command line.
+   */
+  async writeFiles(files: { path: string; content: string | Buffer; mode: string }[], opts: { before?: string; after?: string } = {}): Promise<void> {
+    const tag = `${process.pid}-${require("crypto").randomBytes(4).toString("hex")}`;
+    const lines = ["set -e", "umask 077", opts.before ?? "true"];
+    for (const f of files) {
+      const tmp = `${f.path}.tmp-${tag}`;
+      lines.push(`mkdir -p "$(dirname ${quote(f.path)})"`, `IFS= read -r line`,
+        `printf '%s' "$line" | base64 -d > ${quote(tmp)}`, `chmod ${quote(f.mode)} ${quote(tmp)}`, `mv -f ${quote(tmp)} ${quote(f.path)}`);
+    }
+    lines.push("line=", opts.after ?? "true");
+    const stdin = files.map((f) => (Buffer.isBuffer(f.content) ? f.content : Buffer.from(f.content, "utf8")).toString("base64")).join("\n") + "\n";
+    await this.run(lines.join("\n"), { stdin });
+  }
+
   /** Reads a file as root; undefined when it does not exist. */
   async readFile(path: string): Promise<string | undefined> {
     const res = await this.run(`if [ -e ${quote(path)} ]; then cat ${quote(path)}; else exit 3; fi`, { allowFailure: true });
@@ -174,7 +196,9 @@ export class Remote {
   async putFile(localPath: string, remotePath: string, mode = "0755"): Promise<void> {
     const tag = `${process.pid}-${require("crypto").randomBytes(4).toString("hex")}`;
     const tmp = `/tmp/.upload-${tag}`;
+    const t0 = Date.now();
     await this.ssh.putFile(localPath, tmp);
+    trace(this.name, `sftp ${localPath}`, t0);
     // Installed beside the target, then renamed: a concurrent user never sees a half-written file.
     const beside = `${remotePath}.tmp-${tag}`;
     await this.run(`set -e; install -D -m ${quote(mode)} ${quote(tmp)} ${quote(beside)}; mv -f ${quote(beside)} ${quote(remotePath)}; rm -f ${quote(tmp)}`);
@@ -239,6 +263,17 @@ function keyType(blob: Buffer): string {
 function toStream(data: string | Buffer) {
   const { Readable } = require("stream") as typeof import("stream");
   return Readable.from([Buffer.isBuffer(data) ? data : Buffer.from(data, "utf8")]);
+}
+
+/**
+ * With DBOXED_VOLUMES_TRACE=<file>, every dial and command appends its duration to that file
+ * (scripts only, never stdin: secrets travel there), to see where an operation's time goes.
+ */
+function trace(name: string, what: string, t0: number): void {
+  const file = process.env.DBOXED_VOLUMES_TRACE;
+  if (!file) return;
+  const line = `${new Date().toISOString()} ${((Date.now() - t0) / 1000).toFixed(2)}s ${name} ${what.replace(/\s+/g, " ").slice(0, 160)}\n`;
+  try { require("fs").appendFileSync(file, line); } catch { /* tracing is best effort */ }
 }
 
 export function sleep(ms: number): Promise<void> {
