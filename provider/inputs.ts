@@ -70,6 +70,9 @@ export const scheduleSchema = z.string().min(1).max(100)
     return i === tokens.length && i > 0;
   }, "must be a systemd OnCalendar expression such as \"*:0/5\" (every 5 minutes), \"hourly\" or \"Mon..Fri 02:00\"");
 
+/** Every value that reaches a file or a config line on a host: no newline can start a new directive. */
+const oneLine = z.string().regex(/^[^\x00-\x08\x0a-\x1f\x7f]*$/, "must be one line without control characters");
+
 const printable = (what: string) => z.string().min(1, `must not be empty`).max(4096)
   .regex(/^[\x20-\x7e]+$/, `${what} must be printable ASCII on one line`);
 
@@ -100,14 +103,17 @@ export const retentionSchema = z.object({
 export const rusticSourceSchema = z.union([
   z.object({ localPath: z.string().min(1).regex(/^[^\0\n]+$/, "must be a path to a rustic binary on the machine that runs pulumi") }).strict(),
   z.object({
-    url: z.string().url().regex(/^https?:\/\/[A-Za-z0-9._~:/?#[\]@!$&()*+,;=%-]+$/, "must be a plain http(s) URL"),
+    url: z.string().url().regex(/^https?:\/\/[A-Za-z0-9._~:/?#[\]@!$&()*+,;=%-]+$/, "must be a plain http(s) URL")
+      // It is stored in plain state and reaches the host: credentials must not ride in it.
+      .refine((u) => { try { const x = new URL(u); return !x.username && !x.password && !x.search; } catch { return false; } },
+        "must not carry credentials (user:password@ or a query string such as a presigned signature): serve the binary at a plain URL, or use rustic.localPath"),
     sha256: z.string().regex(/^[a-f0-9]{64}$/, "must be the binary's sha256 as 64 lowercase hex digits"),
   }).strict(),
 ]);
 
 export const volumeProviderSchema = z.object({
   s3: s3Schema,
-  password: z.string().min(8, "must be at least 8 characters").max(1024).regex(/^[^\n\r\0]+$/, "must be one line"),
+  password: z.string().min(8, "must be at least 8 characters").max(1024).regex(/^[^\x00-\x08\x0a-\x1f\x7f]+$/, "must be one line without control characters"),
   retention: retentionSchema.default({}),
   rustic: rusticSourceSchema,
 }).strict();
@@ -146,8 +152,8 @@ export const volumeSchema = z.object({
   finalBackupOnDelete: z.boolean().default(true),
   forgetSnapshotsOnDelete: z.boolean().default(false),
   /** Units that use the volume: stopped on the old host before a move, started on the new one. */
-  stopUnits: z.array(z.string().regex(/^[A-Za-z0-9@._:\\-]+\.(service|socket|target|timer|path)$/,
-    "must be systemd unit names such as postgresql.service")).default([]),
+  stopUnits: z.array(z.string().regex(/^[A-Za-z0-9@_:\\][A-Za-z0-9@._:\\-]*\.(service|socket|target|timer|path)$/,
+    "must be systemd unit names such as postgresql.service (not starting with '-' or '.')")).default([]),
   /** Restore the latest periodic snapshot on the new host before stopping the old one (default true). */
   warmMove: z.boolean().default(true),
   /** Take the volume although another host holds its lease (that host is gone for good): only once that lease expired. */
@@ -175,14 +181,14 @@ export const volumeSchema = z.object({
   volumeIdFrom: z.object({ stack: z.string(), name: z.string() }).strict().optional(),
   repository: z.object({
     /** As the hosts reach S3. */
-    endpoint: z.string(),
+    endpoint: oneLine,
     /** As the machine that runs pulumi reaches S3 (leases, move progress). */
-    localEndpoint: z.string(),
-    region: z.string(), bucket: z.string(), prefix: z.string(), forcePathStyle: z.boolean(),
+    localEndpoint: oneLine,
+    region: oneLine, bucket: oneLine, prefix: oneLine, forcePathStyle: z.boolean(),
   }).strict(),
-  accessKeyId: z.string(),
-  secretAccessKey: z.string(),
-  password: z.string(),
+  accessKeyId: oneLine,
+  secretAccessKey: oneLine,
+  password: oneLine,
   retention: retentionSchema,
   rustic: rusticSourceSchema,
 }).strict().superRefine((v, ctx) => {

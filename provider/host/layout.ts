@@ -56,7 +56,8 @@ export function mountUnitName(mountPath: string): string {
   for (let i = 0; i < trimmed.length; i++) {
     const c = trimmed[i];
     if (c === "/") out += "-";
-    else if (c === "-" || (c === "." && (i === 0 || trimmed[i - 1] === "/"))) out += "\\x" + c.charCodeAt(0).toString(16);
+    // As systemd-escape --path: '-' always, '.' only as the very first character.
+    else if (c === "-" || (c === "." && i === 0)) out += "\\x" + c.charCodeAt(0).toString(16);
     else if (/[A-Za-z0-9_.]/.test(c)) out += c;
     else out += "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0");
   }

@@ -97,7 +97,11 @@ chmod 0755 ${q(tmp)}; mv -f ${q(tmp)} ${q(RUSTIC_PATH)}`, { hint: "check rustic.
 }
 
 /** A curl config line: the S3 keys for the lease check, never on a command line. */
-function curlConfig(v: VolumeInputs): string {
+export function curlConfig(v: Pick<VolumeInputs, "accessKeyId" | "secretAccessKey">): string {
+  // A control character (a newline above all) would end the quoted value and start a directive.
+  for (const [field, x] of [["accessKeyId", v.accessKeyId], ["secretAccessKey", v.secretAccessKey]]) {
+    if (/[\x00-\x1f\x7f]/.test(x)) throw new UserError(`s3.${field}: must be one line without control characters`);
+  }
   const esc = (x: string) => x.replace(/\\/g, "\\\\").replace(/"/g, '\\"');
   return `user = "${esc(v.accessKeyId)}:${esc(v.secretAccessKey)}"\n`;
 }

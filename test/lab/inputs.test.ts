@@ -1,6 +1,7 @@
 // Bad inputs fail at preview, through the real CLI, with a message that names the field, and
 // no host is touched.
 import { expect } from "chai";
+import * as fs from "fs";
 import { lab, onHost, Stack } from "./harness";
 
 const bad = "x;$(reboot)`id`|&>y";
@@ -30,6 +31,22 @@ const cases: [string, Record<string, unknown>, Record<string, unknown>, Record<s
   ["unknown argument(s) sise", { sise: "1GiB" }, {}, {}],
 ];
 
+/**
+ * Bad secret inputs: the preview fails naming the field, and prints no secret. The engine
+ * prints the value of a property that a check failure names (a whole `host` or `s3` object for
+ * a misspelt field inside it), so the value itself, and the lab's real key, are looked for.
+ */
+const labKeyLine = () => fs.readFileSync(lab().hosts[0].privateKeyPath, "utf8").split("\n").filter((x) => x.length > 40)[0];
+const secretCases: [string, Record<string, unknown>, Record<string, unknown>, () => string[]][] = [
+  ["password", {}, { password: "Short7!" }, () => ["Short7!"]],
+  ["password", {}, { password: "multi-line-secret-1\nsecond line" }, () => ["multi-line-secret-1"]],
+  ["s3.secretAccessKey", {}, { s3: { secretAccessKey: "SeCrEtKeY-42\nmore" } }, () => ["SeCrEtKeY-42"]],
+  ["unknown field(s) sekret", {}, { s3: { sekret: "x" } }, () => [lab().s3.secretAccessKey]],
+  ["host.privateKey", { privateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nc2VjcmV0LWJ1dC1icm9rZW4ta2V5\n-----END OPENSSH PRIVATE KEY-----\n" }, {},
+    () => ["c2VjcmV0LWJ1dC1icm9rZW4ta2V5"]],
+  ["unknown field(s) passphrase", { passphrase: "PaSsPhRaSe-7" }, {}, () => ["PaSsPhRaSe-7", labKeyLine()]],
+];
+
 async function hostState(): Promise<string[]> {
   return Promise.all(lab().hosts.map(async (h) => (await onHost(h,
     "ls -la /etc/dboxed-volumes /usr/local/lib/dboxed-volumes 2>&1; lvs --noheadings -o vg_name,lv_name -S 'origin=\"\"' 2>&1; " +
@@ -55,6 +72,19 @@ describe("bad inputs (real pulumi preview)", function () {
       const text = res.stdout + res.stderr;
       expect(res.code, text).to.not.equal(0);
       expect(text).to.include(field.startsWith("unknown") ? field : `${field}: `);
+    });
+  }
+
+  for (const [field, hostOverride, provider, secrets] of secretCases) {
+    it(`${field}: a bad secret input fails at preview naming the field, and the output holds no secret`, async () => {
+      const res = await stack.preview({
+        provider,
+        volumes: [{ name: "v", host: 0, hostOverride, args: { volumeId: "bad-input", size: "64MiB", mountPath: "/srv/bad" } }],
+      });
+      const text = res.stdout + res.stderr;
+      expect(res.code, text).to.not.equal(0);
+      expect(text).to.include(field.startsWith("unknown") ? field : `${field}: `);
+      for (const secret of secrets()) expect(text.includes(secret), `the output shows the secret ${secret.slice(0, 6)}...:\n${text}`).to.equal(false);
     });
   }
 

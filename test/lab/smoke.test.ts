@@ -5,6 +5,9 @@ import * as crypto from "crypto";
 import { ListObjectsV2Command, S3Client } from "@aws-sdk/client-s3";
 import { lab, onHost, Stack, hostTarget } from "./harness";
 import { Remote } from "../../provider/remote/ssh";
+import { mountUnitName } from "../../provider/host/layout";
+import { mountPathSchema } from "../../provider/inputs";
+import { quote } from "../../provider/host/shell";
 
 describe("lab smoke", () => {
   it("pulumi up writes a file over SSH with the pinned host key, destroy removes it", async () => {
@@ -32,6 +35,14 @@ describe("lab smoke", () => {
     expect(res.stdout + res.stderr).to.match(/does not match the pinned hostKey/);
     const absent = await onHost(a, "test -e /root/smoke/wrong.txt", { allowFailure: true });
     expect(absent.code).to.equal(1);
+  });
+
+  it("mount unit names equal systemd-escape --path --suffix=mount on a host, for every kind of path the schema admits", async () => {
+    const paths = ["/srv/pgdata", "/srv/my-data/x", "/srv/.hidden", "/.data", "/srv/a_b.c-d", "/srv/A9/b", "/srv/x..y",
+      "/srv/-lead", "/srv/_u", "/data.d/.x-y_z", "/srv/1.2.3", "/srv/trailing.", "/srv/a/b/c/d-e.f"];
+    for (const p of paths) expect(mountPathSchema.safeParse(p).success, p).to.equal(true);
+    const r = await onHost(lab().hosts[0], paths.map((p) => `systemd-escape --path --suffix=mount -- ${quote(p)}`).join("; "));
+    expect(paths.map(mountUnitName)).to.deep.equal(r.stdout.trim().split("\n"));
   });
 
   it("each host has its own host key", () => {

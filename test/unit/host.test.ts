@@ -8,12 +8,23 @@ import { diffManifests, manifestScript, parseManifest } from "../../provider/hos
 import { isMasterKey, parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
 import { leaseUrl, sameHost } from "../../provider/storage/lease";
 import { diff } from "../../provider/lifecycle/volume";
+import { curlConfig } from "../../provider/lifecycle/steps";
 
 describe("host layout and units", () => {
   it("escapes mount paths as systemd-escape --path does", () => {
     expect(mountUnitName("/srv/pgdata")).to.equal("srv-pgdata.mount");
     expect(mountUnitName("/srv/my-data/x")).to.equal("srv-my\\x2ddata-x.mount");
-    expect(mountUnitName("/srv/.hidden")).to.equal("srv-\\x2ehidden.mount");
+    // systemd-escape escapes a '.' only as the very first character (the lab test compares
+    // more paths with the real systemd-escape on a host).
+    expect(mountUnitName("/srv/.hidden")).to.equal("srv-.hidden.mount");
+    expect(mountUnitName("/.data")).to.equal("\\x2edata.mount");
+    expect(mountUnitName("/srv/a_b.c-d")).to.equal("srv-a_b.c\\x2dd.mount");
+  });
+
+  it("writes a curl config line that no value can break out of", () => {
+    expect(curlConfig({ accessKeyId: 'a"b\\', secretAccessKey: "s:t" })).to.equal('user = "a\\"b\\\\:s:t"\n');
+    expect(() => curlConfig({ accessKeyId: "a", secretAccessKey: "s\nurl = file:///etc/shadow" })).to.throw(/s3.secretAccessKey: must be one line/);
+    expect(() => curlConfig({ accessKeyId: "a\r", secretAccessKey: "s" })).to.throw(/s3.accessKeyId/);
   });
 
   it("writes a volume.env that sh reads back value for value", () => {

@@ -60,6 +60,15 @@ const badVolumes: [string, string, unknown][] = [
   ["host.privateKey", "host.privateKey", `not a key ${metachars}`],
   ["host.hostKey", "host.hostKey", `ssh-ed25519 ${metachars}`],
   ["volumeGroup", "volumeGroup", `vg0 ${metachars}`],
+  // Unit names reach systemctl after "--", and must not read as an option even so.
+  ["stopUnits.0", "stopUnits", ["-now.service"]],
+  ["stopUnits.0", "stopUnits", ["--help.service"]],
+  ["stopUnits.0", "stopUnits", [".hidden.service"]],
+  // Values from the VolumeProvider that reach files on the host: a newline would start a new directive.
+  ["password", "password", "pass\nword1"],
+  ["accessKeyId", "accessKeyId", "AKIA\nuser = \"x:y\""],
+  ["secretAccessKey", "secretAccessKey", "s\r\nurl = file:///etc/shadow"],
+  ["repository.endpoint", "repository.endpoint", "http://h:9000\n[repository]"],
 ];
 
 describe("Volume check", () => {
@@ -125,9 +134,30 @@ const badProviders: [string, string, unknown][] = [
   ["password", "password", "short"],
   ["retention.keepLast", "retention.keepLast", 0],
   ["rustic.sha256", "rustic", { url: "https://example.org/rustic", sha256: "abc" }],
+  ["password", "password", "pass\tword\n2nd line"],
+  ["password", "password", "password\r"],
+  // A URL is stored in plain state and reaches the host's command line: no credentials in it.
+  ["rustic.url", "rustic", { url: "https://user:token@example.org/rustic", sha256: "a".repeat(64) }],
+  ["rustic.url", "rustic", { url: "https://bucket.example.org/rustic?X-Amz-Signature=abc", sha256: "a".repeat(64) }],
 ];
 
+describe("check failures reach the engine without a property", () => {
+  it("so that the engine never prints a value (a secret) beside them; each reason names its field", async () => {
+    const { handlers } = await import("../../provider/runtime");
+    const r = await handlers("volumeProvider").check({}, { ...goodProvider(), password: "Short7!" });
+    expect(r.failures).to.deep.equal([{ property: "", reason: "password: must be at least 8 characters" }]);
+    const v = await handlers("volume").check({}, { ...goodVolume(), host: { ...goodVolume().host, typo: 1 } });
+    expect(v.failures.map((f: any) => f.property)).to.deep.equal([""]);
+    expect(v.failures[0].reason).to.match(/^host: unknown field\(s\) typo/);
+  });
+});
+
 describe("VolumeProvider check", () => {
+  it("accepts a plain rustic URL, and a password with a tab (TOML and curl carry it quoted)", async () => {
+    expect((await volumeProvider.check({}, { ...goodProvider(), rustic: { url: "https://example.org/rustic-v0.11", sha256: "a".repeat(64) } })).failures).to.deep.equal([]);
+    expect((await volumeProvider.check({}, { ...goodProvider(), password: "pass\tword1" })).failures).to.deep.equal([]);
+  });
+
   it("accepts a good provider and fills defaults", async () => {
     const r = await volumeProvider.check({}, goodProvider());
     expect(r.failures).to.deep.equal([]);
