@@ -7,9 +7,9 @@ set -euo pipefail
 CACHE="${DBOXED_LAB_CACHE:-$HOME/.cache/pulumi-dboxed-volumes}"
 IMG="$CACHE/image"
 # Bump when the package list or the configuration below changes: it invalidates the cache.
-IMAGE_VERSION=3
+IMAGE_VERSION=4
 MIRROR="${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)}"
-PACKAGES=systemd-sysv,udev,dbus,openssh-server,lvm2,linux-image-cloud-amd64,initramfs-tools,e2fsprogs,xfsprogs,iproute2,curl,kmod,procps,netbase,ca-certificates,attr,acl,util-linux
+PACKAGES=systemd-sysv,udev,dbus,openssh-server,lvm2,linux-image-cloud-amd64,initramfs-tools,e2fsprogs,xfsprogs,iproute2,curl,kmod,procps,netbase,ca-certificates,attr,acl,util-linux,sudo,prometheus-node-exporter
 
 if [ -f "$IMG/done" ] && [ "$(cat "$IMG/done")" = "$IMAGE_VERSION" ]; then
   echo "[image] cached: $IMG (version $IMAGE_VERSION)"; exit 0
@@ -47,7 +47,10 @@ echo 'LABEL=root / ext4 defaults,noatime 0 1' > "$root/etc/fstab"
 : > "$root/etc/machine-id"
 chroot "$root" systemctl enable systemd-networkd ssh >/dev/null 2>&1
 chroot "$root" systemctl set-default multi-user.target >/dev/null 2>&1
-for u in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer; do
+# node-exporter serves the volumes' textfile metrics; its own collector timers only cost CPU here.
+for u in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer \
+  prometheus-node-exporter-apt.timer prometheus-node-exporter-ipmitool-sensor.timer prometheus-node-exporter-mellanox-hca-temp.timer \
+  prometheus-node-exporter-nvme.timer prometheus-node-exporter-smartmon.timer; do
   chroot "$root" systemctl disable "$u" >/dev/null 2>&1 || true
 done
 chroot "$root" systemctl mask systemd-networkd-wait-online.service >/dev/null 2>&1

@@ -28,7 +28,12 @@ const LVM_DISK_SIZE = "4G";
 
 export interface LabHost {
   name: string; address: string; port: number; user: string; privateKeyPath: string; hostKey: string;
+  /** Where the other hosts reach this one's sshd (port 22): a private address the machine running pulumi cannot reach. */
+  peerAddress?: string;
 }
+
+/** The private address (port 22) at which guest i (0-based) is reachable from the other guests. */
+export const peerAddress = (i: number) => `10.0.2.${11 + i}`;
 export interface LabJson {
   dir: string;
   s3: { endpoint: string; hostEndpoint: string; region: string; bucket: string; accessKeyId: string; secretAccessKey: string };
@@ -75,7 +80,10 @@ function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv } = {}
 }
 
 /** The qemu command line: the same for the golden guest and every clone (migration needs that). */
-function qemuArgs(o: { dir: string; root: string; lvm: string; sshPort: number; s3Port: number; incoming?: string }): string[] {
+function qemuArgs(o: { dir: string; root: string; lvm: string; sshPort: number; s3Port: number; incoming?: string; peers?: number[] }): string[] {
+  // Guests are isolated (restrict=on); each reaches the others' sshd only through these forwards
+  // (a private network for bastion tests), and the S3 server.
+  const peers = (o.peers ?? []).map((port, j) => `,guestfwd=tcp:${peerAddress(j)}:22-cmd:socat - TCP:127.0.0.1:${port}`).join("");
   const args = [
     "-accel", "tcg,thread=multi", "-cpu", "max", "-m", String(GUEST_MEM_MB), "-smp", String(GUEST_CPUS),
     "-nographic", "-nodefaults", "-no-user-config",
@@ -85,7 +93,7 @@ function qemuArgs(o: { dir: string; root: string; lvm: string; sshPort: number; 
     "-drive", `file=${o.root},format=qcow2,if=virtio,cache=unsafe,discard=unmap`,
     "-drive", `file=${o.lvm},format=qcow2,if=virtio,cache=unsafe,discard=unmap`,
     "-netdev", `user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:${o.sshPort}-:22,` +
-      `guestfwd=tcp:${GUEST_S3.ip}:${GUEST_S3.port}-cmd:socat - TCP:127.0.0.1:${o.s3Port}`,
+      `guestfwd=tcp:${GUEST_S3.ip}:${GUEST_S3.port}-cmd:socat - TCP:127.0.0.1:${o.s3Port}${peers}`,
     "-device", "virtio-net-pci,netdev=n0,romfile=", "-device", "virtio-rng-pci",
     "-monitor", `unix:${path.join(o.dir, "mon.sock")},server=on,wait=off`,
     "-pidfile", path.join(o.dir, "qemu.pid"), "-daemonize",
@@ -189,15 +197,16 @@ export async function ensureGolden(): Promise<void> {
 }
 
 /** Starts one clone of the golden guest and makes it a distinct host (clock, ids, keys). */
-async function startHost(labDir: string, name: string, s3Port: number, labKeyPub: string): Promise<{ host: LabHost; state: LabState["hosts"][0] }> {
+async function startHost(labDir: string, index: number, s3Port: number, labKeyPub: string, ports: number[]): Promise<{ host: LabHost; state: LabState["hosts"][0] }> {
+  const name = `host-${index + 1}`;
   const dir = path.join(labDir, "hosts", name);
   fs.mkdirSync(dir, { recursive: true });
   const root = path.join(dir, "root.qcow2");
   const lvm = path.join(dir, "lvm.qcow2");
   run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", path.join(GOLDEN, "root.qcow2"), "-F", "qcow2", root]);
   run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", path.join(GOLDEN, "lvm.qcow2"), "-F", "qcow2", lvm]);
-  const sshPort = await freePort();
-  run("qemu-system-x86_64", qemuArgs({ dir, root, lvm, sshPort, s3Port, incoming: `exec:zstd -dc ${path.join(GOLDEN, "state.zst")}` }));
+  const sshPort = ports[index];
+  run("qemu-system-x86_64", qemuArgs({ dir, root, lvm, sshPort, s3Port, peers: ports, incoming: `exec:zstd -dc ${path.join(GOLDEN, "state.zst")}` }));
   const pid = Number(fs.readFileSync(path.join(dir, "qemu.pid"), "utf8"));
   await waitFor(`${name}: restore of the saved state`, 120000, async () =>
     /Migration status: completed/.test(await hmp(dir, "info migrate")));
@@ -220,7 +229,7 @@ async function startHost(labDir: string, name: string, s3Port: number, labKeyPub
     );
     const hostKey = res.stdout.trim().split(/\s+/).slice(0, 2).join(" ");
     return {
-      host: { name, address: "127.0.0.1", port: sshPort, user: "root", privateKeyPath: path.join(labDir, "id_ed25519"), hostKey },
+      host: { name, address: "127.0.0.1", port: sshPort, user: "root", privateKeyPath: path.join(labDir, "id_ed25519"), hostKey, peerAddress: peerAddress(index) },
       state: { name, pid, dir, sshPort },
     };
   } finally {
@@ -289,12 +298,15 @@ export async function up(labDir: string, hosts: number): Promise<LabJson> {
     state.s3 = s3.state;
     saveState();
     const labKeyPub = fs.readFileSync(keyPath + ".pub", "utf8");
+    // Every host's port first: each guest forwards to all of them (peerAddress).
+    const ports: number[] = [];
+    while (ports.length < hosts) { const p = await freePort(); if (!ports.includes(p)) ports.push(p); }
     const started = await timed(`${hosts} host(s) started`, async () => {
       const res = [];
       // Restores run two at a time: the machine has two cores.
       for (let i = 1; i <= hosts; i += 2) {
-        const batch = [startHost(labDir, `host-${i}`, s3.state.port, labKeyPub)];
-        if (i + 1 <= hosts) batch.push(startHost(labDir, `host-${i + 1}`, s3.state.port, labKeyPub));
+        const batch = [startHost(labDir, i - 1, s3.state.port, labKeyPub, ports)];
+        if (i + 1 <= hosts) batch.push(startHost(labDir, i, s3.state.port, labKeyPub, ports));
         for (const r of await Promise.all(batch)) {
           res.push(r);
           state.hosts.push(r.state);

@@ -119,25 +119,70 @@ export const volumeProviderSchema = z.object({
 }).strict();
 export type VolumeProviderInputs = z.infer<typeof volumeProviderSchema>;
 
-export const hostSchema = z.object({
-  address: z.string().regex(/^[A-Za-z0-9]([A-Za-z0-9.:-]{0,252})$/, "must be a host name or an IP address"),
-  port: z.number().int().min(1).max(65535).default(22),
-  user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/, "must be a Unix user name (root, or a user with passwordless sudo)").default("root"),
-  privateKey: z.string().min(1).refine((k) => parsesAsKey(k), "must be an unencrypted OpenSSH or PEM private key (the content, not a path)"),
-  hostKey: z.string().refine((k) => { try { parseHostKey(k); return true; } catch { return false; } },
-    "must be the host's public key as \"ssh-ed25519 AAAA...\" (from /etc/ssh/ssh_host_ed25519_key.pub or ssh-keyscan)"),
-}).strict();
-export type HostInputs = z.infer<typeof hostSchema>;
+const hostKeySchema = z.string().refine((k) => { try { parseHostKey(k); return true; } catch { return false; } },
+  "must be the host's public key as \"ssh-ed25519 AAAA...\" (ed25519, ecdsa or rsa: a line of /etc/ssh/ssh_host_*_key.pub or of ssh-keyscan)");
+const userSchema = z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/, "must be a Unix user name (root, or a user with passwordless sudo)");
+const addressSchema = z.string().regex(/^[A-Za-z0-9]([A-Za-z0-9.:-]{0,252})$/, "must be a host name or an IP address");
+/** How a connection authenticates: a private key (encrypted ones with privateKeyPassword) and/or an SSH agent. */
+const authFields = {
+  /** The private key's content (a secret). Without it, the SSH agent is used. */
+  privateKey: z.string().min(1).max(65536).optional(),
+  /** The passphrase of an encrypted privateKey (a secret). */
+  privateKeyPassword: z.string().max(1024).optional(),
+  /** The SSH agent's socket (default: SSH_AUTH_SOCK of the process that runs pulumi). */
+  agentSocketPath: z.string().regex(/^\/[^\0\n]{0,4095}$/, "must be the absolute path of the SSH agent's socket").optional(),
+};
 
-function parsesAsKey(k: string): boolean {
+/** A private key that parses (with its passphrase); otherwise the message for the field. */
+export function keyProblem(key: string, passphrase?: string): string | undefined {
   try {
     const { utils } = require("ssh2") as typeof import("ssh2");
-    const parsed = utils.parseKey(k);
-    return !(parsed instanceof Error) && !(Array.isArray(parsed) && parsed.length === 0);
+    const parsed = utils.parseKey(key, passphrase);
+    if (parsed instanceof Error) {
+      if (/encrypted|passphrase/i.test(parsed.message)) {
+        return passphrase === undefined ? "is encrypted: set privateKeyPassword to its passphrase" : "cannot be decrypted with privateKeyPassword";
+      }
+      return "must be an OpenSSH or PEM private key (the content, not a path)";
+    }
+    if (Array.isArray(parsed) && parsed.length === 0) return "must be an OpenSSH or PEM private key (the content, not a path)";
+    return undefined;
   } catch {
-    return false;
+    return "must be an OpenSSH or PEM private key (the content, not a path)";
   }
 }
+
+function refineAuth(h: { privateKey?: string; privateKeyPassword?: string; agentSocketPath?: string }, ctx: z.RefinementCtx) {
+  if (h.privateKey !== undefined) {
+    const problem = keyProblem(h.privateKey, h.privateKeyPassword);
+    if (problem) ctx.addIssue({ code: "custom", path: [h.privateKeyPassword !== undefined && /decrypted/.test(problem) ? "privateKeyPassword" : "privateKey"], message: problem });
+  } else if (h.agentSocketPath === undefined && !process.env.SSH_AUTH_SOCK) {
+    ctx.addIssue({ code: "custom", path: ["privateKey"], message: "is required unless an SSH agent is used (agentSocketPath, or SSH_AUTH_SOCK where pulumi runs)" });
+  }
+}
+
+/** A bastion the host is reached through (as remote.Connection's proxy). */
+export const proxySchema = z.object({
+  address: addressSchema,
+  port: z.number().int().min(1).max(65535).default(22),
+  user: userSchema.default("root"),
+  ...authFields,
+  hostKey: hostKeySchema,
+}).strict().superRefine(refineAuth);
+
+export const hostSchema = z.object({
+  address: addressSchema,
+  port: z.number().int().min(1).max(65535).default(22),
+  user: userSchema.default("root"),
+  ...authFields,
+  hostKey: hostKeySchema,
+  /** Reach the host through this bastion (its own address, user, key and pinned host key). */
+  proxy: proxySchema.optional(),
+  /** Dial attempts before an operation gives up (default 5). */
+  dialErrorLimit: z.number().int().min(1, "must be at least 1").max(100).optional(),
+  /** Seconds one dial may take (default 20). */
+  perDialTimeout: z.number().int().min(1).max(600).optional(),
+}).strict().superRefine(refineAuth);
+export type HostInputs = z.infer<typeof hostSchema>;
 
 export const volumeSchema = z.object({
   volumeId: volumeIdSchema,

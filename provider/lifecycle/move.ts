@@ -32,12 +32,15 @@ function staging(l: VolumeLayout): string {
   return `/run/dboxed-volumes/${l.volumeId}/staging`;
 }
 
-/** Checks the new host before anything on the old one stops: reachable, pinned key, room, free mount path, rustic. */
-async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
-  await steps.preflight(r, v, l);
+/**
+ * Checks the new host before anything on the old one stops: reachable, pinned key, room, free
+ * mount path, commands. `readOnly` (a preview): changes nothing on the host.
+ */
+async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout, opts: { readOnly?: boolean } = {}): Promise<void> {
+  await steps.preflight(r, v, l, opts);
   const need = l.ownVg ? imageBytes(v.size) : v.size + (v.snapshotSpace ?? snapshotBytes(v.size));
   const res = await r.run(l.ownVg
-    ? `test -e ${q(l.image)} && echo have || { mkdir -p /var/lib/dboxed-volumes; df -B1 --output=avail /var/lib/dboxed-volumes | tail -n1; }`
+    ? `test -e ${q(l.image)} && echo have || { d=/var/lib/dboxed-volumes; [ -d "$d" ] || d=/var/lib; df -B1 --output=avail "$d" | tail -n1; }`
     : `lvs ${q(`${l.vg}/${l.lv}`)} >/dev/null 2>&1 && echo have || vgs --noheadings --units b --nosuffix -o vg_free ${q(l.vg)}`, { allowFailure: true });
   const out = res.stdout.trim();
   if (out !== "have") {
@@ -49,6 +52,15 @@ async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout): Promis
         "The volume stays where it is.");
     }
   }
+}
+
+/**
+ * What a preview of a move checks on the new host, read-only: the pre-flight that the move runs
+ * first (so a reviewer sees at preview that it would fail, and why).
+ */
+export async function checkMoveTarget(news: VolumeInputs): Promise<void> {
+  const l = steps.layout(news);
+  await withRemote(news.host, (r) => preflightNew(r, news, l, { readOnly: true }), { attempts: 2 });
 }
 
 /**

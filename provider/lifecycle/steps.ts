@@ -32,7 +32,7 @@ function agentScript(): string {
 const sha256 = (data: string | Buffer) => crypto.createHash("sha256").update(data).digest("hex");
 
 /** Checks the host can carry the volume before anything is changed on it. */
-export async function preflight(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+export async function preflight(r: Remote, v: VolumeInputs, l: VolumeLayout, opts: { readOnly?: boolean } = {}): Promise<void> {
   const mkfs = v.filesystem === "xfs" ? "mkfs.xfs" : "mkfs.ext4";
   // attr and acl: the manifests that verify moves read xattrs and ACLs with them.
   const pkgs = v.filesystem === "xfs" ? "lvm2 xfsprogs attr acl" : "lvm2 e2fsprogs attr acl";
@@ -40,13 +40,14 @@ export async function preflight(r: Remote, v: VolumeInputs, l: VolumeLayout): Pr
 missing=""
 for c in lvcreate losetup blkid systemctl mount flock findmnt getfattr getfacl ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
+  ${opts.readOnly ? "exit 0 # apt-get installs them on the real run" : ""}
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${pkgs} >/dev/null 2>&1 || true
   missing=""
   for c in lvcreate losetup blkid systemctl mount flock findmnt getfattr getfacl ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
 fi
 [ -z "$missing" ] || { echo "missing commands:$missing (install ${pkgs})"; exit 31; }
-modprobe dm_snapshot >/dev/null 2>&1 || true
-modprobe loop >/dev/null 2>&1 || true
+${opts.readOnly ? "" : `modprobe dm_snapshot >/dev/null 2>&1 || true
+modprobe loop >/dev/null 2>&1 || true`}
 grep -q device-mapper /proc/misc || { echo "the kernel has no device-mapper"; exit 32; }
 systemd-analyze calendar -- ${q(v.backupSchedule)} >/dev/null 2>&1 || { echo "systemd rejects the schedule"; exit 33; }
 if mountpoint -q ${q(v.mountPath)}; then
@@ -69,31 +70,62 @@ exit 0`, { allowFailure: true });
   }
 }
 
-/** Installs the host agent and the rustic binary when missing or different. */
+/** Installs in progress in this process, by host: volumes created together on one host share one. */
+const installing = new Map<string, Promise<void>>();
+
+/**
+ * Installs the host agent and the rustic binary when missing or different. Volumes on one host
+ * share these files: one install runs at a time per host (a host-wide lock, also across pulumi
+ * processes), each file is renamed into place whole, and concurrent callers in this process wait
+ * for the same install instead of uploading the binary again.
+ */
 export async function installTools(r: Remote, v: VolumeInputs, log: Log): Promise<void> {
+  const key = `${r.name} ${"localPath" in v.rustic ? v.rustic.localPath : v.rustic.sha256}`;
+  let p = installing.get(key);
+  if (!p) {
+    p = installToolsNow(r, v, log).finally(() => installing.delete(key));
+    installing.set(key, p);
+  }
+  await p;
+}
+
+async function installToolsNow(r: Remote, v: VolumeInputs, log: Log): Promise<void> {
   const agent = agentScript();
-  const have = await r.run(`sha256sum ${q(AGENT_PATH)} ${q(RUSTIC_PATH)} 2>/dev/null; true`);
-  const sums = new Map(have.stdout.trim().split("\n").filter(Boolean).map((l) => { const [s, p] = l.split(/\s+/); return [p, s]; }));
-  if (sums.get(AGENT_PATH) !== sha256(agent)) await r.writeFile(AGENT_PATH, agent, "0755");
+  let data: Buffer | undefined;
   if ("localPath" in v.rustic) {
-    let data: Buffer;
     try {
       data = fs.readFileSync(v.rustic.localPath);
     } catch (e) {
       throw new UserError(`rustic.localPath: cannot read ${v.rustic.localPath} (${(e as Error).message})`);
     }
-    if (sums.get(RUSTIC_PATH) !== sha256(data)) {
-      log(`installing rustic (${formatSize(Math.ceil(data.length / 1048576) * 1048576)}) on ${r.name}`);
-      await r.putFile(v.rustic.localPath, RUSTIC_PATH, "0755");
-    }
-  } else if (sums.get(RUSTIC_PATH) !== v.rustic.sha256) {
-    log(`downloading rustic on ${r.name}`);
-    const tmp = `${RUSTIC_PATH}.download`;
-    await r.run(`set -e; mkdir -p "$(dirname ${q(RUSTIC_PATH)})"; curl -fsSL --retry 3 -o ${q(tmp)} ${q(v.rustic.url)}
-echo ${q(`${v.rustic.sha256}  ${tmp}`)} | sha256sum -c --quiet
-chmod 0755 ${q(tmp)}; mv -f ${q(tmp)} ${q(RUSTIC_PATH)}`, { hint: "check rustic.url and rustic.sha256, and that the host can download from that URL" });
   }
-  await r.run(`${q(RUSTIC_PATH)} --version >/dev/null`, { hint: "the rustic binary does not run on this host (wrong architecture or libc?)" });
+  const wantRustic = data ? sha256(data) : (v.rustic as { sha256: string }).sha256;
+  const current = async () => {
+    const have = await r.run(`sha256sum ${q(AGENT_PATH)} ${q(RUSTIC_PATH)} 2>/dev/null; true`);
+    return new Map(have.stdout.trim().split("\n").filter(Boolean).map((l) => { const [s, p] = l.split(/\s+/); return [p, s]; }));
+  };
+  let sums = await current();
+  if (sums.get(AGENT_PATH) !== sha256(agent) || sums.get(RUSTIC_PATH) !== wantRustic) {
+    const release = await r.holdLock("/run/dboxed-volumes/tools.lock", `the host tools on ${r.name}`, 900, log);
+    try {
+      sums = await current(); // another process may have installed them meanwhile
+      if (sums.get(AGENT_PATH) !== sha256(agent)) await r.writeFile(AGENT_PATH, agent, "0755");
+      if (data && sums.get(RUSTIC_PATH) !== wantRustic) {
+        log(`installing rustic (${formatSize(Math.ceil(data.length / 1048576) * 1048576)}) on ${r.name}`);
+        await r.putFile((v.rustic as { localPath: string }).localPath, RUSTIC_PATH, "0755");
+      } else if (!data && sums.get(RUSTIC_PATH) !== wantRustic) {
+        const src = v.rustic as { url: string; sha256: string };
+        log(`downloading rustic on ${r.name}`);
+        const tmp = `${RUSTIC_PATH}.download-${crypto.randomBytes(4).toString("hex")}`;
+        await r.run(`set -e; mkdir -p "$(dirname ${q(RUSTIC_PATH)})"; curl -fsSL --retry 3 -o ${q(tmp)} ${q(src.url)}
+echo ${q(`${src.sha256}  ${tmp}`)} | sha256sum -c --quiet
+chmod 0755 ${q(tmp)}; mv -f ${q(tmp)} ${q(RUSTIC_PATH)}`, { hint: "check rustic.url and rustic.sha256, and that the host can download from that URL" });
+      }
+      await r.run(`${q(RUSTIC_PATH)} --version >/dev/null`, { hint: "the rustic binary does not run on this host (wrong architecture or libc?)" });
+    } finally {
+      release();
+    }
+  }
 }
 
 /** A curl config line: the S3 keys for the lease check, never on a command line. */

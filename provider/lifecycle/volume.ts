@@ -13,7 +13,8 @@ import { checkInputs } from "./check";
 import { progress } from "./progress";
 import * as steps from "./steps";
 import { claim, hostRef, leaseS3, otherInstance, ownsLease, release, setRebuild } from "./lease";
-import { move, MoveReport } from "./move";
+import { checkMoveTarget, move, MoveReport } from "./move";
+import { containsUnknown } from "./unknowns";
 import { giveBack, undoMove } from "./undo";
 import { DEFAULT_LEASE_SECONDS, Lease, MovePhase, readLease, sameHost, hostName, newToken, ownerName, updateLease } from "../storage/lease";
 
@@ -81,7 +82,16 @@ function logger(v: { volumeId: string }) {
   return (msg: string) => { void progress(`volume ${v.volumeId}`, msg); };
 }
 
+/** A connection given as an Output arrives with its absent fields as null (see resources/volume.ts). */
+function withoutNulls(h: unknown): unknown {
+  if (!h || typeof h !== "object" || Array.isArray(h)) return h;
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(h)) if (v !== null && v !== undefined) out[k] = k === "proxy" ? withoutNulls(v) : v;
+  return out;
+}
+
 export async function check(olds: Props, news: Props) {
+  if (news && news.host) news = { ...news, host: withoutNulls(news.host) };
   const res = checkInputs(volumeSchema, news);
   if (res.value && olds && typeof olds.volumeId === "string" && olds.volumeId !== res.value.volumeId) {
     const from = res.value.volumeIdFrom;
@@ -121,7 +131,8 @@ function same(a: unknown, b: unknown): boolean {
   return JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
 }
 
-export async function diff(_id: string, olds: Props, news: Props) {
+/** What diff decides, without touching a host: the changes, and whether they move the volume to another machine. */
+export async function planDiff(olds: Props, news: Props) {
   // Fields added later: a state without them had their default (no diff for existing stacks).
   const added: Record<string, unknown> = { leaseDuration: DEFAULT_LEASE_SECONDS, forceDespiteLiveLease: false };
   const changes: string[] = INPUT_FIELDS.filter((f) => !same(olds[f] ?? added[f], news[f] ?? added[f]));
@@ -136,9 +147,19 @@ export async function diff(_id: string, olds: Props, news: Props) {
     // ... or finished it elsewhere: the update says where the volume is.
     else if (cur && ownsLease(cur, olds as VolumeInputs) && !sameHost(cur.holder, hostRef(olds as VolumeInputs))) changes.push("host");
   }
+  const move = changes.includes("host") && !isSet(olds.unfinishedMove) && !isSet(olds.pendingCleanup) && !!olds.host && !!news.host &&
+    !containsUnknown(news) && !sameHost(hostRef(olds as VolumeInputs), hostRef(news as VolumeInputs));
   // A new host is a move, a new filesystem or volumeGroup a rebuild: both are updates that carry
   // the data over under the volume's lease, never a delete and create that could lose it.
-  return { changes: changes.length > 0, replaces: [] as string[], deleteBeforeReplace: false, stables: [] as string[] };
+  return { changes: changes.length > 0, replaces: [] as string[], deleteBeforeReplace: false, stables: [] as string[], move };
+}
+
+export async function diff(_id: string, olds: Props, news: Props) {
+  const { move, ...result } = await planDiff(olds, news);
+  // A move to another machine: its new host's read-only pre-flight runs now, so that a preview
+  // fails, naming the reason, when the move would (no connection when nothing moves).
+  if (move) await checkMoveTarget(news as VolumeInputs);
+  return result;
 }
 
 function iso(sec?: number): string {

@@ -4,13 +4,31 @@ import type { NodeSSH } from "node-ssh";
 import { command, quote } from "../host/shell";
 import { CommandError, UserError } from "../errors";
 
+/** How to reach a host, as remote.Connection of @pulumi/command describes it. */
 export interface SshTarget {
   address: string;
   port: number;
   user: string;
-  privateKey: string;
-  /** Pinned host key, "ssh-ed25519 AAAA..." as in known_hosts (without the host name). */
+  /** The private key's content; without it the SSH agent is used. */
+  privateKey?: string;
+  /** Passphrase of an encrypted privateKey. */
+  privateKeyPassword?: string;
+  /** The SSH agent's socket (default SSH_AUTH_SOCK). */
+  agentSocketPath?: string;
+  /** Pinned host key, "ssh-ed25519 AAAA..." as in known_hosts (without the host name): ed25519, ecdsa or rsa. */
   hostKey: string;
+  /** A bastion the host is reached through. */
+  proxy?: Omit<SshTarget, "proxy" | "dialErrorLimit" | "perDialTimeout">;
+  /** Dial attempts (default 5). */
+  dialErrorLimit?: number;
+  /** Seconds per dial (default 20). */
+  perDialTimeout?: number;
+}
+
+/** The host key algorithms that present a key of this type: the server then offers exactly the pinned key. */
+export function hostKeyAlgorithms(type: string): string[] {
+  if (type === "ssh-rsa") return ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"];
+  return [type];
 }
 
 export interface RunResult {
@@ -57,13 +75,15 @@ export class Remote {
     private readonly ssh: NodeSSH,
     readonly target: SshTarget,
     readonly name: string,
+    /** The bastion's connection the host is reached through, closed with this one. */
+    private readonly via?: Remote,
   ) {}
 
   /** Connects, verifying the pinned host key; retries dial failures but never a key mismatch. */
   static async connect(target: SshTarget, opts: ConnectOptions = {}): Promise<Remote> {
     const { NodeSSH } = require("node-ssh") as typeof import("node-ssh");
-    const name = `${target.user}@${target.address}:${target.port}`;
-    const attempts = opts.attempts ?? 5;
+    const name = `${target.user}@${target.address}:${target.port}${target.proxy ? ` (via ${target.proxy.address}:${target.proxy.port})` : ""}`;
+    const attempts = opts.attempts ?? target.dialErrorLimit ?? 5;
     const pinned = parseHostKey(target.hostKey);
     let delay = opts.retryDelayMs ?? 2000;
     let lastError: unknown;
@@ -71,13 +91,28 @@ export class Remote {
     for (let attempt = 1; attempt <= attempts; attempt++) {
       let mismatch: string | undefined;
       const ssh = new NodeSSH();
+      let via: Remote | undefined;
       try {
+        const auth: Record<string, unknown> = {};
+        if (target.privateKey !== undefined) {
+          auth.privateKey = target.privateKey;
+          if (target.privateKeyPassword !== undefined) auth.passphrase = target.privateKeyPassword;
+        }
+        const agent = target.agentSocketPath ?? (target.privateKey === undefined ? process.env.SSH_AUTH_SOCK : undefined);
+        if (agent) auth.agent = agent;
+        let endpoint: Record<string, unknown> = { host: target.address, port: target.port };
+        if (target.proxy) {
+          // The bastion is verified by its own pinned key; the host's connection runs inside a
+          // channel the bastion opens to it.
+          via = await Remote.connect({ ...target.proxy, dialErrorLimit: 1, perDialTimeout: target.perDialTimeout }, { attempts: 1, dialTimeoutMs: opts.dialTimeoutMs });
+          endpoint = { sock: await via.forwardTo(target.address, target.port) };
+        }
         await ssh.connect({
-          host: target.address,
-          port: target.port,
+          ...endpoint,
           username: target.user,
-          privateKey: target.privateKey,
-          readyTimeout: opts.dialTimeoutMs ?? 20000,
+          ...auth,
+          algorithms: { serverHostKey: hostKeyAlgorithms(pinned.type) as any },
+          readyTimeout: opts.dialTimeoutMs ?? (target.perDialTimeout !== undefined ? target.perDialTimeout * 1000 : 20000),
           keepaliveInterval: 10000,
           keepaliveCountMax: 6,
           hostVerifier: (key: Buffer) => {
@@ -87,17 +122,19 @@ export class Remote {
           },
         });
         trace(name, "connect", t0);
-        return new Remote(ssh, target, name);
+        return new Remote(ssh, target, name, via);
       } catch (err) {
         ssh.dispose();
+        via?.dispose();
+        if ((err as { fatal?: boolean }).fatal) throw err; // the bastion's key or login: no retry
         if (mismatch !== undefined) {
-          throw new UserError(
+          throw Object.assign(new UserError(
             `host key of ${name} does not match the pinned hostKey: the host offered "${mismatch}". ` +
               `If the host was reinstalled on purpose, set hostKey to the new key; otherwise do not trust this host.`,
-          );
+          ), { fatal: true });
         }
         if (/authentication methods failed|All configured authentication/i.test(String(err))) {
-          throw new UserError(`SSH login to ${name} was refused: check host.user and host.privateKey (${String(err)})`);
+          throw Object.assign(new UserError(`SSH login to ${name} was refused: check its user, privateKey (and privateKeyPassword) or SSH agent (${String(err)})`), { fatal: true });
         }
         lastError = err;
         if (attempt < attempts) {
@@ -233,11 +270,22 @@ export class Remote {
     return () => { stdin.end(); void done; };
   }
 
+  /** A TCP channel from this host to address:port (this host as a bastion). */
+  forwardTo(address: string, port: number): Promise<import("stream").Duplex> {
+    return new Promise((resolve, reject) => {
+      this.ssh.connection!.forwardOut("127.0.0.1", 0, address, port, (err, stream) => {
+        if (err) reject(new Error(`the bastion ${this.name} cannot reach ${address}:${port}: ${err.message}`));
+        else resolve(stream);
+      });
+    });
+  }
+
   dispose(): void {
     // A host that goes away while the connection closes must not crash the process with an
     // unhandled socket error: the connection is done with either way.
     this.ssh.connection?.on("error", () => undefined);
     this.ssh.dispose();
+    this.via?.dispose();
   }
 }
 

@@ -4,15 +4,62 @@ import { refuseUnknownArgs, shim } from "./shim";
 import { defaultVolumeId } from "../volumeId";
 import { VolumeProvider } from "./volumeProvider";
 
-export interface HostArgs {
+/** A bastion the host is reached through: its own address, login and pinned key. */
+export interface ProxyArgs {
   address: pulumi.Input<string>;
   port?: pulumi.Input<number>;
+  user?: pulumi.Input<string>;
+  /** The private key's content (stored as a secret); without it, the SSH agent is used. */
+  privateKey?: pulumi.Input<string>;
+  /** Passphrase of an encrypted privateKey (stored as a secret). */
+  privateKeyPassword?: pulumi.Input<string>;
+  /** The SSH agent's socket (default: SSH_AUTH_SOCK where pulumi runs). */
+  agentSocketPath?: pulumi.Input<string>;
+  /** Pins the bastion: its public key ("ssh-ed25519 AAAA...", ecdsa or rsa). */
+  hostKey: pulumi.Input<string>;
+}
+
+/** How to reach the host, as remote.Connection of @pulumi/command: address, port and user stay plain, keys are secrets. */
+export interface HostArgs extends ProxyArgs {
   /** root, or a user with passwordless sudo (default root). */
   user?: pulumi.Input<string>;
-  /** The private key's content (stored as a secret). */
-  privateKey: pulumi.Input<string>;
-  /** Pins the host: its public key as "ssh-ed25519 AAAA..."; any other key is refused. */
+  /** Pins the host: its public key as "ssh-ed25519 AAAA..." (or ecdsa, rsa); any other key is refused. */
   hostKey: pulumi.Input<string>;
+  /** Reach the host through this bastion. */
+  proxy?: pulumi.Input<ProxyArgs>;
+  /** Dial attempts before an operation gives up (default 5). */
+  dialErrorLimit?: pulumi.Input<number>;
+  /** Seconds one dial may take (default 20). */
+  perDialTimeout?: pulumi.Input<number>;
+}
+
+const CONNECTION_ARGS = ["address", "port", "user", "privateKey", "privateKeyPassword", "agentSocketPath", "hostKey", "proxy", "dialErrorLimit", "perDialTimeout"];
+
+const SECRET_ARGS = new Set(["privateKey", "privateKeyPassword"]);
+
+/**
+ * The connection with only its keys and passphrases secret: address, port and user read plainly
+ * in diffs, outputs and state. Field by field, so that one secret does not make the whole secret.
+ */
+function connection(h: pulumi.Input<HostArgs> | pulumi.Input<ProxyArgs>, withProxy: boolean): Record<string, unknown> {
+  if (pulumi.Output.isInstance(h) || h instanceof Promise) {
+    // Its shape is known only later: each field lifted (absent ones arrive as null and are
+    // dropped by check); a bastion as a whole secret, since it may hold a key.
+    const o = pulumi.output(h) as pulumi.Output<any>;
+    const out: Record<string, unknown> = {};
+    for (const k of CONNECTION_ARGS) {
+      if (k === "proxy") { if (withProxy) out.proxy = pulumi.secret(o.apply((x) => x.proxy)); continue; }
+      out[k] = SECRET_ARGS.has(k) ? pulumi.secret(o.apply((x) => x[k])) : o.apply((x) => x[k]);
+    }
+    return out;
+  }
+  const x = h as Record<string, any>;
+  const out: Record<string, unknown> = {};
+  for (const k of CONNECTION_ARGS) {
+    if (x[k] === undefined || (k === "proxy" && !withProxy)) continue;
+    out[k] = SECRET_ARGS.has(k) ? pulumi.secret(x[k]) : k === "proxy" ? connection(x[k], false) : x[k];
+  }
+  return out;
 }
 
 export interface VolumeArgs {
@@ -109,7 +156,7 @@ export class Volume extends pulumi.dynamic.Resource {
       volumeIdFrom: args.volumeId === undefined ? { stack: pulumi.getStack(), name } : undefined,
       owner: { project: pulumi.getProject(), stack: pulumi.getStack(), name },
       snapshotSpace: args.snapshotSpace,
-      host: pulumi.secret(args.host),
+      host: connection(args.host, true),
       hostAddress: pulumi.output(args.host).apply((h) => h.address),
       size: args.size,
       filesystem: args.filesystem ?? "ext4",
@@ -144,7 +191,7 @@ export class Volume extends pulumi.dynamic.Resource {
       ...opts,
       dependsOn,
       // moveOrigin: the old host's connection while a move is unfinished or its old host not cleaned.
-      additionalSecretOutputs: ["host", "accessKeyId", "secretAccessKey", "password", "moveOrigin"],
+      additionalSecretOutputs: ["accessKeyId", "secretAccessKey", "password", "moveOrigin"],
     }, "dboxed-volumes", "Volume");
   }
 }

@@ -7,8 +7,9 @@ import { parseLvs } from "../../provider/host/lvm";
 import { diffManifests, manifestScript, parseManifest } from "../../provider/host/manifest";
 import { isMasterKey, parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
 import { leaseUrl, sameHost } from "../../provider/storage/lease";
-import { diff } from "../../provider/lifecycle/volume";
+import { diff, planDiff } from "../../provider/lifecycle/volume";
 import { curlConfig } from "../../provider/lifecycle/steps";
+import { hostKeyAlgorithms } from "../../provider/remote/ssh";
 
 describe("host layout and units", () => {
   it("escapes mount paths as systemd-escape --path does", () => {
@@ -19,6 +20,12 @@ describe("host layout and units", () => {
     expect(mountUnitName("/srv/.hidden")).to.equal("srv-.hidden.mount");
     expect(mountUnitName("/.data")).to.equal("\\x2edata.mount");
     expect(mountUnitName("/srv/a_b.c-d")).to.equal("srv-a_b.c\\x2dd.mount");
+  });
+
+  it("asks the server for the pinned key's type only (a host offering several keys shows the pinned one)", () => {
+    expect(hostKeyAlgorithms("ssh-ed25519")).to.deep.equal(["ssh-ed25519"]);
+    expect(hostKeyAlgorithms("ecdsa-sha2-nistp384")).to.deep.equal(["ecdsa-sha2-nistp384"]);
+    expect(hostKeyAlgorithms("ssh-rsa")).to.deep.equal(["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]);
   });
 
   it("writes a curl config line that no value can break out of", () => {
@@ -111,10 +118,16 @@ describe("leases and diff", () => {
   });
 
   it("a new host is an update (a move); a new filesystem or volumeGroup an update (a rebuild), never a replacement", async () => {
-    const base = { volumeId: "v", host: { address: "a", port: 22 }, filesystem: "ext4", size: 1 };
-    const move = await diff("v", base, { ...base, host: { address: "b", port: 22 } });
+    const hostKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHr9dXpxG0Hk3Zc1s4Hk0a5x0d8hX8cX2v8tQ2x3y4z5";
+    const base = { volumeId: "v", host: { address: "a", port: 22, hostKey }, filesystem: "ext4", size: 1 };
+    // planDiff: what diff decides before it runs the new host's pre-flight (a lab test runs that).
+    const move = await planDiff(base, { ...base, host: { address: "b", port: 22, hostKey: hostKey.replace("Hr9", "Xr9") } });
     expect(move.changes).to.equal(true);
+    expect(move.move).to.equal(true);
     expect(move.replaces).to.deep.equal([]);
+    // The same machine (same pinned key) at another address is no move: no pre-flight.
+    const readdress = await planDiff(base, { ...base, host: { address: "b", port: 2222, hostKey } });
+    expect([readdress.changes, readdress.move]).to.deep.equal([true, false]);
     const fs = await diff("v", base, { ...base, filesystem: "xfs" });
     expect(fs.changes).to.equal(true);
     expect(fs.replaces).to.deep.equal([]);

@@ -141,6 +141,43 @@ const badProviders: [string, string, unknown][] = [
   ["rustic.url", "rustic", { url: "https://bucket.example.org/rustic?X-Amz-Signature=abc", sha256: "a".repeat(64) }],
 ];
 
+describe("connections as remote.Connection describes them", () => {
+  execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "pass phrase", "-f", path.join(dir, "enc")]);
+  const encrypted = fs.readFileSync(path.join(dir, "enc"), "utf8");
+  const bastion = { address: "bastion.example.org", hostKey, privateKey };
+  it("accepts a bastion, an agent socket, an encrypted key with its passphrase, dial limits, ecdsa and rsa pins", async () => {
+    const host = { ...goodVolume().host, privateKey: encrypted, privateKeyPassword: "pass phrase", proxy: bastion, dialErrorLimit: 3, perDialTimeout: 10 };
+    const r = await volume.check({}, { ...goodVolume(), host });
+    expect(r.failures).to.deep.equal([]);
+    expect(r.inputs.host.proxy).to.deep.equal({ ...bastion, port: 22, user: "root" });
+    for (const pin of ["ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBPp", "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABgQC"]) {
+      expect((await volume.check({}, { ...goodVolume(), host: { ...goodVolume().host, hostKey: pin } })).failures, pin).to.deep.equal([]);
+    }
+    const agent = { ...goodVolume().host, privateKey: undefined, agentSocketPath: "/run/user/1000/ssh-agent.sock" };
+    expect((await volume.check({}, { ...goodVolume(), host: agent })).failures).to.deep.equal([]);
+  });
+  it("refuses an encrypted key without or with a wrong passphrase, and no key without an agent, naming the field", async () => {
+    const noPass = await volume.check({}, { ...goodVolume(), host: { ...goodVolume().host, privateKey: encrypted } });
+    expect(noPass.failures.map((f) => f.reason)).to.deep.equal(["host.privateKey: is encrypted: set privateKeyPassword to its passphrase"]);
+    const wrong = await volume.check({}, { ...goodVolume(), host: { ...goodVolume().host, privateKey: encrypted, privateKeyPassword: "nope" } });
+    expect(wrong.failures.map((f) => f.property)).to.deep.equal(["host.privateKeyPassword"]);
+    const saved = process.env.SSH_AUTH_SOCK;
+    delete process.env.SSH_AUTH_SOCK;
+    try {
+      const none = await volume.check({}, { ...goodVolume(), host: { ...goodVolume().host, privateKey: undefined } });
+      expect(none.failures.map((f) => f.reason).join()).to.match(/^host.privateKey: is required unless an SSH agent is used/);
+    } finally {
+      if (saved !== undefined) process.env.SSH_AUTH_SOCK = saved;
+    }
+    const badProxy = await volume.check({}, { ...goodVolume(), host: { ...goodVolume().host, proxy: { ...bastion, hostKey: "nope" } } });
+    expect(badProxy.failures.map((f) => f.property)).to.deep.equal(["host.proxy.hostKey"]);
+  });
+  it("a connection given as an Output arrives with absent fields as null: they are dropped", async () => {
+    const host = { ...goodVolume().host, privateKeyPassword: null, agentSocketPath: null, proxy: null, dialErrorLimit: null };
+    expect((await volume.check({}, { ...goodVolume(), host })).failures).to.deep.equal([]);
+  });
+});
+
 describe("check failures reach the engine without a property", () => {
   it("so that the engine never prints a value (a secret) beside them; each reason names its field", async () => {
     const { handlers } = await import("../../provider/runtime");
