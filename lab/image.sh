@@ -9,7 +9,7 @@ IMG="$CACHE/image"
 # Bump when the package list or the configuration below changes: it invalidates the cache.
 IMAGE_VERSION=4
 MIRROR="${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)}"
-PACKAGES=systemd-sysv,udev,dbus,openssh-server,lvm2,linux-image-cloud-amd64,initramfs-tools,e2fsprogs,xfsprogs,iproute2,curl,kmod,procps,netbase,ca-certificates,attr,acl,util-linux,sudo,prometheus-node-exporter
+PACKAGES=systemd-sysv,udev,dbus,openssh-server,lvm2,linux-image-cloud-amd64,initramfs-tools,e2fsprogs,xfsprogs,iproute2,curl,kmod,procps,netbase,ca-certificates,attr,acl,util-linux,sudo,prometheus-node-exporter,rsync,openssh-client
 
 if [ -f "$IMG/done" ] && [ "$(cat "$IMG/done")" = "$IMAGE_VERSION" ]; then
   echo "[image] cached: $IMG (version $IMAGE_VERSION)"; exit 0
@@ -28,12 +28,13 @@ echo "[image] debootstrap done in $((SECONDS - t0)) s; configuring"
 ssh-keygen -q -t ed25519 -N '' -C lab-admin -f "$IMG/admin_ed25519"
 install -d -m 700 "$root/root/.ssh"
 install -m 600 "$IMG/admin_ed25519.pub" "$root/root/.ssh/authorized_keys"
+# MaxSessions stays at sshd's default (10 channels per connection), as on the hosts users have:
+# the provider shares one connection between the operations on a host.
 cat > "$root/etc/ssh/sshd_config.d/lab.conf" <<'CONF'
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 UseDNS no
 MaxStartups 50:30:100
-MaxSessions 50
 CONF
 cat > "$root/etc/systemd/network/10-lab.network" <<'CONF'
 [Match]

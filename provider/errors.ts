@@ -34,3 +34,12 @@ function shorten(s: string): string {
   const one = s.replace(/\s+/g, " ").trim();
   return one.length > 300 ? one.slice(0, 300) + "..." : one;
 }
+
+/** How to take an existing volume into a stack, since `pulumi import` cannot. */
+export function adoptionHint(what: string, id: string): string {
+  return `${what}: pulumi import cannot adopt volume "${id}" (a volume's state needs its host connection and repository, ` +
+    `which an id does not carry). To adopt it, declare the Volume without the import option, with volumeId: "${id}" and the ` +
+    "host it lives on, and run pulumi up: create finds its logical volume and data and adopts them (it never formats a " +
+    "filesystem that holds data). Its lease must name this resource (the same project, stack and name), as after a lost " +
+    "state or `pulumi state delete`; a volume owned by another resource is refused, naming it.";
+}

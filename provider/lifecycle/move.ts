@@ -12,7 +12,7 @@ import { formatSize, VolumeInputs } from "../inputs";
 import { diffManifests, manifestScript, parseManifest } from "../host/manifest";
 import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
-import { Remote, withRemote } from "../remote/ssh";
+import { acquireRemote, Remote, withRemote } from "../remote/ssh";
 import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, ownerName, readLease, sameHost, updateLease } from "../storage/lease";
 import { hostRef, leaseS3, ownsLease } from "./lease";
 import * as steps from "./steps";
@@ -287,11 +287,12 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       ...(pendingCleanup ? { pendingCleanup } : {}),
     });
     let oldR: Remote | undefined;
+    let releaseOld = () => undefined as void;
     // Once switched, the old host only needs cleaning: one short dial, and a dead host is no error.
     const peek = await readLease(leaseS3(news), news.volumeId).then((x) => x?.lease, () => undefined);
     const onlyCleanup = !!peek && sameHost(peek.holder, to) && (!peek.move || peek.move.phase === "switched");
     try {
-      oldR = await Remote.connect(olds.host, onlyCleanup ? { log, attempts: 1, dialTimeoutMs: 15_000 } : { log, attempts: 4 });
+      ({ remote: oldR, release: releaseOld } = await acquireRemote(olds.host, onlyCleanup ? { log, attempts: 1, dialTimeoutMs: 15_000 } : { log, attempts: 4 }));
     } catch (e) {
       await decide();
       if (!reached(m, "switched")) throw e;
@@ -313,7 +314,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       if (m && e && typeof e === "object") Object.assign(e, { movePhase: m.phase, moveStartedAt: m.startedAt });
       throw e;
     } finally {
-      oldR.dispose();
+      releaseOld();
     }
     return report();
   }), { log });

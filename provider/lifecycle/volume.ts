@@ -2,7 +2,7 @@
 // The dynamic-provider contract rules every step: if create fails, the volume must be able to be
 // created again by the next `pulumi up` (every host step is resumable); if delete fails, the
 // volume is still there, with its data.
-import { UserError } from "../errors";
+import { adoptionHint, UserError } from "../errors";
 import { parseSize, volumeSchema, VolumeInputs, formatSize } from "../inputs";
 import { legacyDefaultVolumeId } from "../volumeId";
 import { VolumeLayout } from "../host/layout";
@@ -247,6 +247,9 @@ export async function create(inputs: Props) {
 }
 
 export async function read(id: string, props: Props) {
+  if (!props || !props.host || !props.repository) {
+    throw new UserError(adoptionHint("read", id));
+  }
   const v = props as VolumeInputs;
   const l = steps.layout(v);
   return withRemote(v.host, async (r) => {

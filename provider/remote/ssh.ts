@@ -270,7 +270,16 @@ export class Remote {
     return () => { stdin.end(); void done; };
   }
 
-  /** A TCP channel from this host to address:port (this host as a bastion). */
+  /** Calls fn once when the connection closes or fails (it is of no use then). */
+  onClose(fn: () => void): void {
+    let done = false;
+    const once = () => { if (!done) { done = true; fn(); } };
+    this.ssh.connection?.on("close", once);
+    this.ssh.connection?.on("end", once);
+    this.ssh.connection?.on("error", once);
+  }
+
+    /** A TCP channel from this host to address:port (this host as a bastion). */
   forwardTo(address: string, port: number): Promise<import("stream").Duplex> {
     return new Promise((resolve, reject) => {
       this.ssh.connection!.forwardOut("127.0.0.1", 0, address, port, (err, stream) => {
@@ -289,13 +298,72 @@ export class Remote {
   }
 }
 
-/** Connects, runs fn, and always closes the connection. */
-export async function withRemote<T>(target: SshTarget, fn: (r: Remote) => Promise<T>, opts?: ConnectOptions): Promise<T> {
-  const r = await Remote.connect(target, opts);
+/**
+ * Connections shared by the operations of one provider process (one `pulumi up`): one per host
+ * while at most OPS_PER_CONNECTION operations use it, since each may hold its lock channel, the
+ * host-tools lock and a command at once, and sshd allows 10 sessions per connection by default.
+ * An idle connection closes after a while; a dead one is dropped and the next operation dials anew.
+ */
+const OPS_PER_CONNECTION = 3;
+const IDLE_MS = 20_000;
+interface Pooled { key: string; ready: Promise<Remote>; ops: number; dead: boolean; idle?: NodeJS.Timeout }
+const pool = new Map<string, Pooled[]>();
+
+function poolKey(t: SshTarget): string {
+  const { createHash } = require("crypto") as typeof import("crypto");
+  return createHash("sha256").update(JSON.stringify([t.address, t.port, t.user, t.hostKey, t.privateKey ?? "", t.privateKeyPassword ?? "",
+    t.agentSocketPath ?? "", t.proxy ?? null, t.dialErrorLimit ?? null, t.perDialTimeout ?? null])).digest("hex");
+}
+
+function drop(p: Pooled): void {
+  p.dead = true;
+  const list = (pool.get(p.key) ?? []).filter((x) => x !== p);
+  if (list.length) pool.set(p.key, list); else pool.delete(p.key);
+}
+
+/** A connection to target from the pool (dialled when none has room); `release` when done with it. */
+export async function acquireRemote(target: SshTarget, opts?: ConnectOptions): Promise<{ remote: Remote; release: () => void }> {
+  const key = poolKey(target);
+  let p = (pool.get(key) ?? []).find((x) => !x.dead && x.ops < OPS_PER_CONNECTION);
+  if (!p) {
+    const entry: Pooled = { key, ready: Remote.connect(target, opts), ops: 0, dead: false };
+    pool.set(key, [...(pool.get(key) ?? []), entry]);
+    // A connection that closes (a lost host, a cut link) leaves the pool, its bastion's with it.
+    entry.ready.then((r) => r.onClose(() => { drop(entry); r.dispose(); }), () => drop(entry));
+    p = entry;
+  }
+  const entry = p;
+  entry.ops++;
+  if (entry.idle) { clearTimeout(entry.idle); entry.idle = undefined; }
+  let remote: Remote;
   try {
-    return await fn(r);
+    remote = await entry.ready;
+  } catch (e) {
+    entry.ops--;
+    throw e;
+  }
+  let released = false;
+  return {
+    remote,
+    release: () => {
+      if (released) return;
+      released = true;
+      entry.ops--;
+      if (entry.ops === 0 && !entry.dead) {
+        entry.idle = setTimeout(() => { drop(entry); remote.dispose(); }, IDLE_MS);
+        entry.idle.unref();
+      }
+    },
+  };
+}
+
+/** Runs fn with a (shared) connection to target. */
+export async function withRemote<T>(target: SshTarget, fn: (r: Remote) => Promise<T>, opts?: ConnectOptions): Promise<T> {
+  const { remote, release } = await acquireRemote(target, opts);
+  try {
+    return await fn(remote);
   } finally {
-    r.dispose();
+    release();
   }
 }
 

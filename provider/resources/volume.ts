@@ -1,6 +1,7 @@
 import * as pulumi from "@pulumi/pulumi";
 import { retentionSchema, S3_DEFAULTS } from "../inputs";
 import { refuseUnknownArgs, shim } from "./shim";
+import { adoptionHint } from "../errors";
 import { defaultVolumeId } from "../volumeId";
 import { VolumeProvider } from "./volumeProvider";
 
@@ -108,6 +109,7 @@ const VOLUME_ARGS = ["volumeProvider", "host", "size", "filesystem", "mountPath"
 
 export { defaultVolumeId } from "../volumeId";
 
+
 /** A persistent volume on an SSH host: lvm2 + scheduled crash-consistent rustic backups to S3. */
 export class Volume extends pulumi.dynamic.Resource {
   public readonly volumeId!: pulumi.Output<string>;
@@ -139,6 +141,11 @@ export class Volume extends pulumi.dynamic.Resource {
 
   constructor(name: string, args: VolumeArgs, opts?: pulumi.CustomResourceOptions) {
     refuseUnknownArgs(`Volume "${name}"`, args, VOLUME_ARGS);
+    if (opts?.import !== undefined) {
+      // An import reads a resource from its id alone; a volume's state needs its host connection
+      // and repository, which an id does not carry. Adoption goes through create instead.
+      throw new Error(adoptionHint(`Volume "${name}"`, String(opts.import)));
+    }
     const settings = args.volumeProvider.settings;
     const s3 = settings.apply((s) => s.s3);
     const retention = settings.apply((s) => {

@@ -104,11 +104,15 @@ systemctl start dboxed-volume-${id}-backup.service`);
   });
 
   it("a preview of both moves shows the addresses in plain text and runs each new host's pre-flight", async () => {
-    const res = await stack.preview(input([0, {}], [2, behindBastion()]));
+    // --diff: the property-level diff a reviewer reads.
+    const res = await stack.run(["preview", "--diff"], { input: input([0, {}], [2, behindBastion()]) });
     const text = res.stdout + res.stderr;
     expect(res.code, text).to.equal(0);
-    expect(text).to.include(peerAddress(2));
-    expect(text).to.include(String(lab().hosts[0].port));
+    if (process.env.DBOXED_TEST_VERBOSE) process.stderr.write(text);
+    // a: 10.0.2.13:22 (deploy, via host-1) -> 127.0.0.1:<host-1>; b: 127.0.0.1:<host-2> -> 10.0.2.13:22.
+    expect(text).to.match(new RegExp(`address\\s*:\\s*"${peerAddress(2).replace(/\./g, "\\.")}"\\s*=>\\s*"127\\.0\\.0\\.1"`));
+    expect(text).to.match(new RegExp(`port\\s*:\\s*22\\s*=>\\s*${lab().hosts[0].port}`));
+    expect(text).to.match(new RegExp(`port\\s*:\\s*${lab().hosts[1].port}\\s*=>\\s*22`));
     expect(text).to.not.match(/host\s*:\s*\[secret\]/);
   });
 

@@ -3,7 +3,7 @@
 // create are in final.test.ts.
 import { expect } from "chai";
 import * as crypto from "crypto";
-import { lab, onHost, Stack, stepByStep } from "./harness";
+import { lab, labLease, onHost, Stack, stepByStep } from "./harness";
 import { manifest } from "./manifest";
 import { restartS3, stopS3 } from "../../lab/lab";
 import { parseSnapshots } from "../../provider/host/rustic";
@@ -181,5 +181,24 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     const state = await onHost(h1, `findmnt -n -o FSTYPE ${mountPath}; systemctl is-active dboxed-volume-${volumeId}-backup.timer`);
     expect(state.stdout.trim().split("\n")).to.deep.equal([cur.filesystem ?? "ext4", "active"]);
     expect((await manifest(h1, mountPath)).entries).to.deep.equal(before.entries);
+  });
+
+  it("the import option fails at preview saying how to adopt the volume; nothing changes", async () => {
+    const res = await stack.preview(volumeInput([{ ...vol(), import: volumeId }]));
+    expect(res.code).to.not.equal(0);
+    expect(res.stdout + res.stderr).to.match(new RegExp(`pulumi import cannot adopt volume "${volumeId}".*declare the Volume without the import option`, "s"));
+  });
+
+  it("a volume whose state was lost is adopted by declaring it again: same data and lease token, nothing formatted", async () => {
+    const before = await manifest(h1, mountPath);
+    const token = (await labLease(prefix, volumeId))!.lease.token;
+    const urn = JSON.parse((await stack.ok(["stack", "export"])).stdout).deployment.resources.find((x: any) => x.urn.endsWith("::a")).urn;
+    await stack.ok(["state", "delete", "--yes", "--force", urn]);
+    const res = await stack.up(volumeInput([vol()]));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect((await manifest(h1, mountPath)).entries).to.deep.equal(before.entries);
+    expect((await labLease(prefix, volumeId))!.lease.token).to.equal(token);
+    const o = (await stack.outputs()).volumes.a;
+    expect([o.mounted, o.lastBackupStatus]).to.deep.equal([true, "ok"]);
   });
 });
