@@ -1,6 +1,7 @@
 // Twelve volumes on three hosts, created, moved and deleted in single `pulumi up` runs (real
 // pulumi, lab hosts): volumes on one host share its tools and do not trip over each other, and
-// every volume's data arrives whole.
+// every volume's data arrives whole. Its own script (npm run scale): it needs about ten minutes
+// of lab time, beyond the suite's budget.
 import { expect } from "chai";
 import * as crypto from "crypto";
 import { lab, onHost, Stack, stepByStep } from "./harness";
