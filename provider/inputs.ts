@@ -105,8 +105,12 @@ export const rusticSourceSchema = z.union([
   z.object({
     url: z.string().url().regex(/^https?:\/\/[A-Za-z0-9._~:/?#[\]@!$&()*+,;=%-]+$/, "must be a plain http(s) URL")
       // It is stored in plain state and reaches the host: credentials must not ride in it.
-      .refine((u) => { try { const x = new URL(u); return !x.username && !x.password && !x.search; } catch { return false; } },
-        "must not carry credentials (user:password@ or a query string such as a presigned signature): serve the binary at a plain URL, or use rustic.localPath"),
+      .refine((u) => {
+        try {
+          const x = new URL(u);
+          return !x.username && !x.password && ![...x.searchParams.keys()].some((k) => /sig|token|key|secret|pass|cred|auth/i.test(k));
+        } catch { return false; }
+      }, "must not carry credentials (user:password@, or a query parameter such as a presigned signature or token): serve the binary at a plain URL, or use rustic.localPath"),
     sha256: z.string().regex(/^[a-f0-9]{64}$/, "must be the binary's sha256 as 64 lowercase hex digits"),
   }).strict(),
 ]);
@@ -178,9 +182,9 @@ export const hostSchema = z.object({
   /** Reach the host through this bastion (its own address, user, key and pinned host key). */
   proxy: proxySchema.optional(),
   /** Dial attempts before an operation gives up (default 5). */
-  dialErrorLimit: z.number().int().min(1, "must be at least 1").max(100).optional(),
+  dialErrorLimit: z.number().int().min(1, "must be at least 1").max(20).optional(),
   /** Seconds one dial may take (default 20). */
-  perDialTimeout: z.number().int().min(1).max(600).optional(),
+  perDialTimeout: z.number().int().min(1).max(300).optional(),
 }).strict().superRefine(refineAuth);
 export type HostInputs = z.infer<typeof hostSchema>;
 

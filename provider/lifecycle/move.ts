@@ -60,7 +60,7 @@ async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout, opts: {
  */
 export async function checkMoveTarget(news: VolumeInputs): Promise<void> {
   const l = steps.layout(news);
-  await withRemote(news.host, (r) => preflightNew(r, news, l, { readOnly: true }), { attempts: 2 });
+  await withRemote(news.host, (r) => preflightNew(r, news, l, { readOnly: true }));
 }
 
 /**

@@ -40,15 +40,14 @@ export async function preflight(r: Remote, v: VolumeInputs, l: VolumeLayout, opt
 missing=""
 for c in lvcreate losetup blkid systemctl mount flock findmnt getfattr getfacl ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
-  ${opts.readOnly ? "exit 0 # apt-get installs them on the real run" : ""}
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${pkgs} >/dev/null 2>&1 || true
+${opts.readOnly ? `  missing="" # read-only: apt-get installs them on the real run; the other checks go on` : `  DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${pkgs} >/dev/null 2>&1 || true
   missing=""
-  for c in lvcreate losetup blkid systemctl mount flock findmnt getfattr getfacl ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
+  for c in lvcreate losetup blkid systemctl mount flock findmnt getfattr getfacl ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done`}
 fi
 [ -z "$missing" ] || { echo "missing commands:$missing (install ${pkgs})"; exit 31; }
 ${opts.readOnly ? "" : `modprobe dm_snapshot >/dev/null 2>&1 || true
 modprobe loop >/dev/null 2>&1 || true`}
-grep -q device-mapper /proc/misc || { echo "the kernel has no device-mapper"; exit 32; }
+grep -q device-mapper /proc/misc ${opts.readOnly ? "|| modinfo dm_mod >/dev/null 2>&1 " : ""}|| { echo "the kernel has no device-mapper"; exit 32; }
 systemd-analyze calendar -- ${q(v.backupSchedule)} >/dev/null 2>&1 || { echo "systemd rejects the schedule"; exit 33; }
 if mountpoint -q ${q(v.mountPath)}; then
   src=$(findmnt -n -o SOURCE --target ${q(v.mountPath)})
@@ -476,6 +475,14 @@ export async function unquiesce(r: Remote, l: VolumeLayout): Promise<void> {
 mountpoint -q ${q(l.mountPath)} && mount -o remount,rw ${q(l.mountPath)}; true`);
 }
 
+/**
+ * Runs a script that relies on `set -e` inside a larger one and stops that one when it fails.
+ * Not `( ... ) || exit`: on the left of `||` the shell ignores `set -e`, the subshell's too.
+ */
+export function mustSucceed(script: string): string {
+  return `(\n${script}\n)\nrc=$?; [ "$rc" -eq 0 ] || exit "$rc"`;
+}
+
 /** Stops and removes units, unmounts, removes the LV/image and the volume's files on the host. */
 export async function teardown(r: Remote, l: VolumeLayout): Promise<void> {
   const u = l.units;
@@ -489,9 +496,9 @@ systemctl disable --now --no-reload --quiet ${q(u.mount)} 2>/dev/null || true
 mountpoint -q ${q(l.mountPath)} && umount ${q(l.mountPath)}
 systemctl disable --now --no-reload --quiet ${q(u.device)} 2>/dev/null || true
 if mountpoint -q ${q(l.mountPath)}; then exit 50; fi
-rm -f ${q(`${l.stateDir}/initialized`)} ${q(`${l.stateDir}/formatted`)}
+rm -f ${q(`${l.stateDir}/initialized`)} ${q(`${l.stateDir}/formatted`)} || exit 51
 if [ -e ${q(l.envFile)} ]; then ${command([AGENT_PATH, "detach", l.volumeId])} || true; fi
-( ${removeStorageScript(l)} ) || exit $?
+${mustSucceed(removeStorageScript(l))}
 rm -f ${Object.values(u).map((n) => q(`${UNIT_DIR}/${n}`)).join(" ")} ${UNIT_DIR}/*.d/dboxed-fence-${l.volumeId}.conf
 systemctl daemon-reload
 systemctl reset-failed ${Object.values(u).map(q).join(" ")} 2>/dev/null || true

@@ -77,7 +77,13 @@ export class Remote {
     readonly name: string,
     /** The bastion's connection the host is reached through, closed with this one. */
     private readonly via?: Remote,
-  ) {}
+  ) {
+    // A connection that fails later (a reset link) must not crash the process with an unhandled
+    // 'error': the command it carried fails, and the pool drops it (onClose).
+    ssh.connection?.on("error", () => undefined);
+    // The host's connection runs inside the bastion's: when that goes, so does this one.
+    via?.onClose(() => { try { ssh.connection?.end(); } catch { /* already gone */ } });
+  }
 
   /** Connects, verifying the pinned host key; retries dial failures but never a key mismatch. */
   static async connect(target: SshTarget, opts: ConnectOptions = {}): Promise<Remote> {
@@ -133,7 +139,12 @@ export class Remote {
               `If the host was reinstalled on purpose, set hostKey to the new key; otherwise do not trust this host.`,
           ), { fatal: true });
         }
-        if (/authentication methods failed|All configured authentication/i.test(String(err))) {
+        const pinnedType = /no matching host key/i.test(String(err));
+        if (pinnedType) {
+          throw Object.assign(new UserError(`${name} offers no ${pinned.type} host key, the type of the pinned hostKey: pin one of the keys it has ` +
+            `(ssh-keyscan shows them)`), { fatal: true });
+        }
+        if (/authentication methods failed|All configured authentication|Too many authentication failures/i.test(String(err))) {
           throw Object.assign(new UserError(`SSH login to ${name} was refused: check its user, privateKey (and privateKeyPassword) or SSH agent (${String(err)})`), { fatal: true });
         }
         lastError = err;

@@ -43,10 +43,18 @@ const SECRET_ARGS = new Set(["privateKey", "privateKeyPassword"]);
  * in diffs, outputs and state. Field by field, so that one secret does not make the whole secret.
  */
 function connection(h: pulumi.Input<HostArgs> | pulumi.Input<ProxyArgs>, withProxy: boolean): Record<string, unknown> {
+  const known = withProxy ? CONNECTION_ARGS : CONNECTION_ARGS.filter((k) => !["proxy", "dialErrorLimit", "perDialTimeout"].includes(k));
+  // Only known fields are copied: a misspelt one (privatekey) must fail, not vanish.
+  const refuseUnknown = (x: Record<string, unknown>) => {
+    const unknown = Object.keys(x ?? {}).filter((k) => !known.includes(k) && x[k] !== undefined);
+    if (unknown.length) {
+      throw new Error(`${withProxy ? "host" : "host.proxy"}: unknown field(s) ${unknown.join(", ")}: check the spelling (known: ${known.join(", ")})`);
+    }
+  };
   if (pulumi.Output.isInstance(h) || h instanceof Promise) {
     // Its shape is known only later: each field lifted (absent ones arrive as null and are
     // dropped by check); a bastion as a whole secret, since it may hold a key.
-    const o = pulumi.output(h) as pulumi.Output<any>;
+    const o = (pulumi.output(h) as pulumi.Output<any>).apply((x) => { refuseUnknown(x); return x; });
     const out: Record<string, unknown> = {};
     for (const k of CONNECTION_ARGS) {
       if (k === "proxy") { if (withProxy) out.proxy = pulumi.secret(o.apply((x) => x.proxy)); continue; }
@@ -55,6 +63,7 @@ function connection(h: pulumi.Input<HostArgs> | pulumi.Input<ProxyArgs>, withPro
     return out;
   }
   const x = h as Record<string, any>;
+  refuseUnknown(x);
   const out: Record<string, unknown> = {};
   for (const k of CONNECTION_ARGS) {
     if (x[k] === undefined || (k === "proxy" && !withProxy)) continue;

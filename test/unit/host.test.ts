@@ -8,7 +8,7 @@ import { diffManifests, manifestScript, parseManifest } from "../../provider/hos
 import { isMasterKey, parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
 import { leaseUrl, sameHost } from "../../provider/storage/lease";
 import { diff, planDiff } from "../../provider/lifecycle/volume";
-import { curlConfig } from "../../provider/lifecycle/steps";
+import { curlConfig, mustSucceed } from "../../provider/lifecycle/steps";
 import { hostKeyAlgorithms } from "../../provider/remote/ssh";
 
 describe("host layout and units", () => {
@@ -26,6 +26,16 @@ describe("host layout and units", () => {
     expect(hostKeyAlgorithms("ssh-ed25519")).to.deep.equal(["ssh-ed25519"]);
     expect(hostKeyAlgorithms("ecdsa-sha2-nistp384")).to.deep.equal(["ecdsa-sha2-nistp384"]);
     expect(hostKeyAlgorithms("ssh-rsa")).to.deep.equal(["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]);
+  });
+
+  it("mustSucceed stops the enclosing script when the inner one fails under its own set -e (not so with `( ... ) || exit`)", () => {
+    const inner = "set -e\nfalse\necho inner-went-on";
+    const run = (script: string) => spawnSync("sh", ["-c", script], { encoding: "utf8" });
+    const ok = run(`${mustSucceed(inner)}\necho outer-went-on`);
+    expect([ok.status, ok.stdout]).to.deep.equal([1, ""]);
+    // The form it replaces: set -e is ignored on the left of ||, the failure is lost.
+    const old = run(`( ${inner} ) || exit $?\necho outer-went-on`);
+    expect(old.stdout).to.equal("inner-went-on\nouter-went-on\n");
   });
 
   it("writes a curl config line that no value can break out of", () => {

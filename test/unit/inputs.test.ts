@@ -139,6 +139,7 @@ const badProviders: [string, string, unknown][] = [
   // A URL is stored in plain state and reaches the host's command line: no credentials in it.
   ["rustic.url", "rustic", { url: "https://user:token@example.org/rustic", sha256: "a".repeat(64) }],
   ["rustic.url", "rustic", { url: "https://bucket.example.org/rustic?X-Amz-Signature=abc", sha256: "a".repeat(64) }],
+  ["rustic.url", "rustic", { url: "https://example.org/rustic?access_token=abc", sha256: "a".repeat(64) }],
 ];
 
 describe("connections as remote.Connection describes them", () => {
@@ -192,6 +193,8 @@ describe("check failures reach the engine without a property", () => {
 describe("VolumeProvider check", () => {
   it("accepts a plain rustic URL, and a password with a tab (TOML and curl carry it quoted)", async () => {
     expect((await volumeProvider.check({}, { ...goodProvider(), rustic: { url: "https://example.org/rustic-v0.11", sha256: "a".repeat(64) } })).failures).to.deep.equal([]);
+    // A query that carries no credential (existing stacks may use one) stays accepted.
+    expect((await volumeProvider.check({}, { ...goodProvider(), rustic: { url: "https://example.org/rustic?raw=true", sha256: "a".repeat(64) } })).failures).to.deep.equal([]);
     expect((await volumeProvider.check({}, { ...goodProvider(), password: "pass\tword1" })).failures).to.deep.equal([]);
   });
 
