@@ -69,7 +69,15 @@ if [ -e ${q(l.image)} ]; then
     vgremove -q -f -y ${q(l.vg)} >/dev/null
   fi
   pvremove -q -y "$dev" >/dev/null 2>&1 || true
-  while dev=$(losetup -j ${q(l.image)} -n -O NAME | head -n1) && [ -n "$dev" ]; do losetup -d "$dev"; done
+  # Attaching the image wakes lvm's autoactivation (udev): the loop device may be busy for a
+  # moment, or already gone (autoclear) when detached. Retry for a while, then say so.
+  n=0
+  while dev=$(losetup -j ${q(l.image)} -n -O NAME | head -n1) && [ -n "$dev" ]; do
+    losetup -d "$dev" 2>/dev/null || true
+    n=$((n + 1))
+    [ "$n" -lt 60 ] || { echo "the loop device $dev of ${l.image} stays attached: not removing the image" >&2; exit 22; }
+    sleep 0.5
+  done
   rm -f ${q(l.image)}
 fi
 `;
