@@ -132,20 +132,20 @@ export class Remote {
       } catch (err) {
         ssh.dispose();
         via?.dispose();
-        if ((err as { fatal?: boolean }).fatal) throw err; // the bastion's key or login: no retry
+        if ((err as { noRetry?: boolean }).noRetry) throw err; // the bastion's key or login: no retry (ssh2 sets its own `fatal`)
         if (mismatch !== undefined) {
           throw Object.assign(new UserError(
             `host key of ${name} does not match the pinned hostKey: the host offered "${mismatch}". ` +
               `If the host was reinstalled on purpose, set hostKey to the new key; otherwise do not trust this host.`,
-          ), { fatal: true });
+          ), { noRetry: true });
         }
         const pinnedType = /no matching host key/i.test(String(err));
         if (pinnedType) {
           throw Object.assign(new UserError(`${name} offers no ${pinned.type} host key, the type of the pinned hostKey: pin one of the keys it has ` +
-            `(ssh-keyscan shows them)`), { fatal: true });
+            `(ssh-keyscan shows them)`), { noRetry: true });
         }
         if (/authentication methods failed|All configured authentication|Too many authentication failures/i.test(String(err))) {
-          throw Object.assign(new UserError(`SSH login to ${name} was refused: check its user, privateKey (and privateKeyPassword) or SSH agent (${String(err)})`), { fatal: true });
+          throw Object.assign(new UserError(`SSH login to ${name} was refused: check its user, privateKey (and privateKeyPassword) or SSH agent (${String(err)})`), { noRetry: true });
         }
         lastError = err;
         if (attempt < attempts) {
