@@ -165,20 +165,19 @@ function refineAuth(h: { privateKey?: string; privateKeyPassword?: string; agent
 }
 
 /** A bastion the host is reached through (as remote.Connection's proxy). */
-export const proxySchema = z.object({
+/** What a host and its bastion are both reached with. */
+const endpointFields = {
   address: addressSchema,
   port: z.number().int().min(1).max(65535).default(22),
   user: userSchema.default("root"),
   ...authFields,
   hostKey: hostKeySchema,
-}).strict().superRefine(refineAuth);
+};
+
+export const proxySchema = z.object(endpointFields).strict().superRefine(refineAuth);
 
 export const hostSchema = z.object({
-  address: addressSchema,
-  port: z.number().int().min(1).max(65535).default(22),
-  user: userSchema.default("root"),
-  ...authFields,
-  hostKey: hostKeySchema,
+  ...endpointFields,
   /** Reach the host through this bastion (its own address, user, key and pinned host key). */
   proxy: proxySchema.optional(),
   /** Dial attempts before an operation gives up (default 5). */

@@ -205,13 +205,7 @@ export class Remote {
 
   /** Writes a file atomically as root with the given mode; content travels on stdin. */
   async writeFile(path: string, content: string | Buffer, mode = "0644"): Promise<void> {
-    // Unique per call: one provider process writes the shared host tools for many volumes at once.
-    const tmp = `${path}.tmp-${process.pid}-${require("crypto").randomBytes(4).toString("hex")}`;
-    await this.run(
-      `set -e; umask 077; mkdir -p "$(dirname ${quote(path)})"; cat > ${quote(tmp)}; ` +
-        `chmod ${quote(mode)} ${quote(tmp)}; mv -f ${quote(tmp)} ${quote(path)}`,
-      { stdin: content },
-    );
+    await this.writeFiles([{ path, content, mode }]);
   }
 
   /**
