@@ -259,8 +259,11 @@ function spawnS3(labDir: string, port: number, accessKeyId: string, secretAccess
   const dir = path.join(labDir, "s3");
   const out = fs.openSync(path.join(dir, "versitygw.log"), "a");
   // Credentials reach versitygw through its environment, not its command line.
+  // --iam-dir: S3 users besides the root one (the rotation test creates and deletes them).
+  fs.mkdirSync(path.join(dir, "iam"), { recursive: true });
   const child = spawn(path.join(BIN, "versitygw"),
-    ["--port", `127.0.0.1:${port}`, "--health", "/health", "posix", "--sidecar", path.join(dir, "meta"), path.join(dir, "data")],
+    ["--port", `127.0.0.1:${port}`, "--health", "/health", "--iam-dir", path.join(dir, "iam"),
+      "posix", "--sidecar", path.join(dir, "meta"), path.join(dir, "data")],
     { detached: true, stdio: ["ignore", out, out], env: { ...process.env, ROOT_ACCESS_KEY: accessKeyId, ROOT_SECRET_KEY: secretAccessKey } });
   child.unref();
   fs.closeSync(out);

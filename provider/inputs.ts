@@ -91,6 +91,33 @@ export const s3Schema = z.object({
   createBucket: z.boolean().default(false),
 }).strict();
 
+/** A duration as seconds, or "90s", "10m", "1h", "1d"; the result in seconds. */
+function durationSchema(dflt: number | undefined, min: number, max: number, range: string) {
+  const base = z.union([z.number(), z.string()]);
+  return (dflt === undefined ? base : base.default(dflt)).transform((x, ctx) => {
+    const m = typeof x === "number" ? [String(x), String(x), "s"] : /^(\d+)\s*(s|m|h|d)?$/.exec(x.trim());
+    const secs = m ? Number(m[1]) * ({ s: 1, m: 60, h: 3600, d: 86400 } as Record<string, number>)[m[2] ?? "s"] : NaN;
+    if (!Number.isInteger(secs) || secs < min || secs > max) {
+      ctx.addIssue({ code: "custom", message: `must be ${range}, as seconds or as "90s", "10m", "1h", "1d"` });
+      return z.NEVER;
+    }
+    return secs;
+  });
+}
+
+/**
+ * Repository-wide maintenance, run by whichever host first takes the repository's maintenance
+ * lease for the task (a conditional write in S3): prune at most every pruneInterval, a check
+ * that reads 1/checkSubsets of the data (a different part each time) every checkInterval.
+ */
+export const maintenanceSchema = z.object({
+  pruneInterval: durationSchema(86400, 0, 365 * 86400, "0 (never) to 365 days"),
+  checkInterval: durationSchema(7 * 86400, 0, 365 * 86400, "0 (never) to 365 days"),
+  checkSubsets: z.number().int().min(1).max(1000).default(10),
+  /** How long prune keeps packs it marked unused before deleting them (protects backups in progress). */
+  keepDelete: durationSchema(23 * 3600, 300, 30 * 86400, "5 minutes to 30 days (longer than the longest backup)"),
+}).strict();
+
 export const retentionSchema = z.object({
   keepLast: z.number().int().min(1, "must be at least 1: the latest snapshot is what a move or a restore needs").default(2),
   keepHourly: z.number().int().min(0).default(6),
@@ -119,6 +146,7 @@ export const volumeProviderSchema = z.object({
   s3: s3Schema,
   password: z.string().min(8, "must be at least 8 characters").max(1024).regex(/^[^\x00-\x08\x0a-\x1f\x7f]+$/, "must be one line without control characters"),
   retention: retentionSchema.default({}),
+  maintenance: maintenanceSchema.default({}),
   rustic: rusticSourceSchema,
 }).strict();
 export type VolumeProviderInputs = z.infer<typeof volumeProviderSchema>;
@@ -212,15 +240,27 @@ export const volumeSchema = z.object({
    * How long the holder's lease lasts without renewal (seconds, or "90s", "10m", "1h"; 60 s to
    * 7 days, default 10m). The holding host renews it every third of that; force waits for it to run out.
    */
-  leaseDuration: z.union([z.number(), z.string()]).default(600).transform((x, ctx) => {
-    const m = typeof x === "number" ? [String(x), String(x), "s"] : /^(\d+)\s*(s|m|h|d)?$/.exec(x.trim());
-    const secs = m ? Number(m[1]) * ({ s: 1, m: 60, h: 3600, d: 86400 } as Record<string, number>)[m[2] ?? "s"] : NaN;
-    if (!Number.isInteger(secs) || secs < 60 || secs > 7 * 86400) {
-      ctx.addIssue({ code: "custom", message: 'must be 60 seconds to 7 days, as seconds or as "90s", "10m", "1h", "1d"' });
-      return z.NEVER;
-    }
-    return secs;
-  }),
+  leaseDuration: durationSchema(600, 60, 7 * 86400, "60 seconds to 7 days"),
+  /**
+   * Each backup starts up to this long after its scheduled time (seconds or "2m"; 0 to 1 day), a
+   * fixed offset per volume and host: volumes sharing a schedule and a repository do not all
+   * start in the same second. Must be shorter than the schedule's interval. Unset: 2 minutes,
+   * or half the interval if that is shorter (see effectiveRandomDelay).
+   */
+  backupRandomDelay: durationSchema(undefined, 0, 86400, "0 seconds to 1 day").optional(),
+  /**
+   * A new volume starts from another volume's snapshot in the same repository: "latest", a
+   * snapshot id (at least 8 hex digits) or a time (the newest snapshot at or before it). Used
+   * only while the volume has no snapshots of its own.
+   */
+  source: z.object({
+    volumeId: volumeIdSchema,
+    snapshot: z.string().default("latest").refine(
+      // A time names its zone (Z or an offset): without one, machines in other zones would pick other snapshots.
+      (x) => x === "latest" || /^[0-9a-f]{8,64}$/.test(x) ||
+        (/^\d{4}-\d\d-\d\d([T ]\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:?\d\d))?$/.test(x) && !isNaN(Date.parse(x))),
+      'must be "latest", a snapshot id (8 to 64 hex digits) or a time with its zone such as "2026-11-28T10:00:00Z"'),
+  }).strict().optional(),
   /** Copy-on-write space of a backup's lvm2 snapshot in a shared volumeGroup (default: a quarter of size, at least 64MiB). */
   snapshotSpace: z.union([z.string(), z.number()]).optional(),
   /** The resource that declares the volume (set by the Volume class): one owner per volume id. */
@@ -238,6 +278,7 @@ export const volumeSchema = z.object({
   secretAccessKey: oneLine,
   password: oneLine,
   retention: retentionSchema,
+  maintenance: maintenanceSchema.default({}),
   rustic: rusticSourceSchema,
 }).strict().superRefine((v, ctx) => {
   let bytes: number;
@@ -250,6 +291,9 @@ export const volumeSchema = z.object({
   if (bytes % EXTENT !== 0) {
     const down = Math.floor(bytes / EXTENT) * EXTENT, up = down + EXTENT;
     ctx.addIssue({ code: "custom", path: ["size"], message: `${bytes} bytes is not a multiple of 4 MiB (LVM's extent size): use ${formatSize(up)} or ${formatSize(down)}` });
+  }
+  if (v.source && v.source.volumeId === v.volumeId) {
+    ctx.addIssue({ code: "custom", path: ["source", "volumeId"], message: `is this volume's own id (${v.volumeId}): name the volume to clone from, or remove source` });
   }
   const min = MIN_SIZE[v.filesystem];
   if (bytes < min) ctx.addIssue({ code: "custom", path: ["size"], message: `${v.filesystem} needs at least ${formatSize(min)}` });

@@ -3,13 +3,14 @@
 #   dboxed-volume attach ID   make the volume's block device available (loop + VG activation)
 #   dboxed-volume detach ID   release it again (after the mount unit is stopped)
 #   dboxed-volume backup ID   crash-consistent backup: lvm2 snapshot -> rustic -> S3, retention
+#   dboxed-volume maintain ID repository prune and check, when due and this host takes their lease
 #   dboxed-volume check-lease ID   exit 0 only if this host still holds the volume's lease
 #   dboxed-volume renew ID    move the lease's expiry on (only while this host holds it)
 # Per-volume settings come from /etc/dboxed-volumes/ID/volume.env (written by the provider,
 # every value quoted); the repository secrets sit in the root-only rustic profile next to it.
 set -euo pipefail
 umask 077
-AGENT_VERSION=4
+AGENT_VERSION=5
 EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 
 die() {
@@ -292,23 +293,191 @@ backup() {
   else
     touch "$STATE_DIR/retention-started"
   fi
-  # Lock-less prune (packs are only marked; removed a day later), at most once a day per volume,
-  # the first a day after the volume came to this host (a new volume has nothing to prune yet).
-  if [ ! -e "$STATE_DIR/last-prune" ]; then
-    touch "$STATE_DIR/last-prune"
-  elif [ -z "$(find "$STATE_DIR/last-prune" -mmin -1440 2>/dev/null)" ]; then
-    echo "pruning unused data"
-    step "rustic prune" /dev/null rustic_ prune
-    touch "$STATE_DIR/last-prune"
-    timing prune
-  fi
+  # Repository maintenance runs in a unit of its own, so that a long prune or check never holds
+  # this volume's backups (or a move's final backup, which waits for a running backup) back.
+  if [ -n "${MAINT_URL:-}" ]; then systemctl start --no-block "dboxed-volume-$VOLUME_ID-maintain.service" 2>/dev/null || true; fi
   echo "backup of $VOLUME_ID done"
 }
+
+# Repository maintenance: prune and check are for the whole repository, run at most once per
+# interval by whichever host first takes the task's lease in S3 (a conditional write: If-None-Match
+# for a new lease object, If-Match on its ETag after). The holder renews the lease while the task
+# runs; a host that dies mid-task blocks it only until the lease expires (MAINT_TTL).
+MAINT_TTL=${MAINT_TTL:-300}
+
+s3_get() { # s3_get URL DIR: body in DIR/b, headers in DIR/h; prints the HTTP code
+  curl -sS -m 60 --retry 2 -D "$2/h" -o "$2/b" -w '%{http_code}' -H "x-amz-content-sha256: $EMPTY_SHA256" \
+    --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$1" 2>/dev/null || echo 000
+}
+
+s3_put_cas() { # s3_put_cas URL FILE ETAG DIR: PUT only if the object still has ETAG ("" = absent); its new ETag in DIR/etag
+  local cond code
+  if [ -n "$3" ]; then cond="If-Match: $3"; else cond="If-None-Match: *"; fi
+  code=$(curl -sS -m 60 -D "$4/ph" -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$2" -H "Content-Type: application/json" \
+    -H "$cond" -H "x-amz-content-sha256: $(sha256sum < "$2" | cut -c1-64)" \
+    --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$1" 2>/dev/null) || code=000
+  tr -d '\r' < "$4/ph" 2>/dev/null | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1 > "$4/etag" || true
+  echo "$code"
+}
+
+# mfield NAME FILE: a field of a maintenance lease (one field per line, as maint_json writes them).
+mfield() { sed -n "s/^  \"$1\": \"\{0,1\}\([^\"]*\)\"\{0,1\},\{0,1\}\$/\1/p" "$2" | head -n1 | sed 's/,$//'; }
+num() { if [[ "${1:-}" =~ ^[0-9]+$ ]]; then echo "$1"; else echo 0; fi; }
+clean() { printf '%s' "$1" | tr -c 'A-Za-z0-9 .,:;_/()=+@%-' ' ' | cut -c1-300; }
+
+maint_json() { # holder expiresAt runs lastRunAt lastResult lastMessage lastHolder lastDurationSeconds lastSubset
+  printf '{\n  "holder": "%s",\n  "expiresAt": %s,\n  "runs": %s,\n  "lastRunAt": %s,\n  "lastResult": "%s",\n  "lastMessage": "%s",\n  "lastHolder": "%s",\n  "lastDurationSeconds": %s,\n  "lastSubset": "%s"\n}\n' "$@"
+}
+
+maint_metric() { # maint_metric TASK OK DURATION
+  local f; f="$METRICS_DIR/dboxed_repository_$1_$(printf '%s' "$REPOSITORY" | sha256sum | cut -c1-12).prom"
+  install -d -m 0755 "$METRICS_DIR"
+  {
+    echo "# HELP dboxed_repository_maintenance_success 1 if the last repository prune or check that this host ran succeeded."
+    echo "# TYPE dboxed_repository_maintenance_success gauge"
+    echo "dboxed_repository_maintenance_success{task=\"$1\",repository=\"$REPOSITORY\"} $2"
+    echo "# HELP dboxed_repository_maintenance_last_run_timestamp_seconds When this host last finished the task."
+    echo "# TYPE dboxed_repository_maintenance_last_run_timestamp_seconds gauge"
+    echo "dboxed_repository_maintenance_last_run_timestamp_seconds{task=\"$1\",repository=\"$REPOSITORY\"} $(date +%s)"
+    echo "# HELP dboxed_repository_maintenance_duration_seconds How long the task took."
+    echo "# TYPE dboxed_repository_maintenance_duration_seconds gauge"
+    echo "dboxed_repository_maintenance_duration_seconds{task=\"$1\",repository=\"$REPOSITORY\"} $3"
+  } > "$f.tmp"
+  chmod 0644 "$f.tmp"
+  mv -f "$f.tmp" "$f"
+}
+
+# srv_offset HEADERS: the S3 server's clock minus this host's, from a response's Date header
+# (every expiry is reckoned on the server's clock, so skewed host clocks cannot share a lease).
+srv_offset() {
+  local d; d=$(tr -d '\r' < "$1" 2>/dev/null | sed -n 's/^[Dd]ate: *//p' | tail -n1)
+  local t; t=$(date -d "$d" +%s 2>/dev/null) || { echo 0; return 0; }
+  echo $(( t - $(date +%s) ))
+}
+
+# maint_renew URL ME NOW_OFFSET FIELDS...: one renewal by compare-and-swap on DIR/cur; 0 when
+# renewed, 1 when the lease was lost (someone else wrote it), 2 when S3 did not answer.
+maint_renew() {
+  local url=$1 dir=$2 off=$3; shift 3
+  maint_json "$me" $(( $(date +%s) + off + MAINT_TTL )) "$@" > "$dir/r/n"
+  local c; c=$(s3_put_cas "$url" "$dir/r/n" "$(cat "$dir/cur")" "$dir/r")
+  case "$c" in
+    200) [ -s "$dir/r/etag" ] || return 2; cp "$dir/r/etag" "$dir/cur"; return 0 ;;
+    412|409)
+      # Our write may have landed with its answer lost: the lease is still ours if it names us.
+      c=$(s3_get "$url" "$dir/r")
+      if [ "$c" = 200 ] && [ "$(mfield holder "$dir/r/b")" = "$me" ]; then
+        tr -d '\r' < "$dir/r/h" | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1 > "$dir/cur"; return 2
+      fi
+      [ "$c" = 200 ] && return 1
+      return 2 ;;
+    *) return 2 ;;
+  esac
+}
+
+maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due and this host takes the lease
+  local task=$1 interval=$2; shift 2
+  [ "$(num "$interval")" -gt 0 ] || return 0
+  local url="$MAINT_URL$task.json" dir code etag now off
+  me="$VOLUME_ID@$(hostname)"
+  dir=$(mktemp -d)
+  code=$(s3_get "$url" "$dir")
+  case "$code" in
+    200) etag=$(tr -d '\r' < "$dir/h" | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1) ;;
+    404) etag=""; : > "$dir/b" ;;
+    *) echo "maintenance $task: cannot read its lease (HTTP $code): skipped" >&2; rm -rf "$dir"; return 0 ;;
+  esac
+  off=$(srv_offset "$dir/h")
+  local holder expires runs last_run last_result last_msg last_holder last_dur last_subset
+  holder=$(mfield holder "$dir/b"); expires=$(num "$(mfield expiresAt "$dir/b")"); runs=$(num "$(mfield runs "$dir/b")")
+  last_run=$(num "$(mfield lastRunAt "$dir/b")"); last_result=$(mfield lastResult "$dir/b"); last_msg=$(mfield lastMessage "$dir/b")
+  last_holder=$(mfield lastHolder "$dir/b"); last_dur=$(num "$(mfield lastDurationSeconds "$dir/b")"); last_subset=$(mfield lastSubset "$dir/b")
+  now=$(( $(date +%s) + off ))
+  if [ "$expires" -gt "$now" ]; then echo "maintenance $task: $holder runs it (its lease holds for $((expires - now)) s)"; rm -rf "$dir"; return 0; fi
+  if [ $((last_run + interval)) -gt "$now" ]; then rm -rf "$dir"; return 0; fi
+  runs=$((runs + 1))
+  local subset=""
+  [ "$task" = check ] && subset="$(( (runs - 1) % CHECK_SUBSETS + 1 ))/$CHECK_SUBSETS"
+  local fields=("$runs" "$last_run" "$last_result" "$last_msg" "$last_holder" "$last_dur" "$last_subset")
+  maint_json "$me" $((now + MAINT_TTL)) "${fields[@]}" > "$dir/n"
+  code=$(s3_put_cas "$url" "$dir/n" "$etag" "$dir")
+  case "$code" in
+    200) ;;
+    412|409) echo "maintenance $task: another host took it first"; rm -rf "$dir"; return 0 ;;
+    *) echo "maintenance $task: cannot take its lease (HTTP $code): skipped" >&2; rm -rf "$dir"; return 0 ;;
+  esac
+  if [ ! -s "$dir/etag" ]; then
+    echo "maintenance $task: S3 answered without an ETag, so the lease cannot be renewed: skipped (it expires in $MAINT_TTL s)" >&2
+    rm -rf "$dir"; return 0
+  fi
+  cp "$dir/etag" "$dir/cur"
+  local holds_until=$((now + MAINT_TTL))   # on the server's clock: how long the lease surely holds
+  echo "maintenance $task: run $runs${subset:+ (data part $subset)} by $me, started"
+  mkdir "$dir/r"
+  local err t0 rc=0 lost=""
+  err=$(mktemp)
+  t0=$(date +%s)
+  ( MAINT_SUBSET=$subset "$@" > /dev/null 2> "$err" ) &
+  local task_pid=$! last_renew=$t0
+  # The task runs only while the lease surely holds: renewed every third of it, retried while
+  # S3 does not answer; lost or about to expire unrenewed, the task is stopped.
+  while kill -0 "$task_pid" 2>/dev/null; do
+    sleep 2
+    kill -0 "$task_pid" 2>/dev/null || break
+    [ $(( $(date +%s) - last_renew )) -ge $((MAINT_TTL / 3)) ] || continue
+    local r=0
+    maint_renew "$url" "$dir" "$off" "${fields[@]}" || r=$?
+    if [ "$r" = 0 ]; then last_renew=$(date +%s); holds_until=$(( last_renew + off + MAINT_TTL )); continue; fi
+    if [ "$r" = 1 ]; then lost="another host wrote its lease"
+    elif [ $(( $(date +%s) + off + 20 )) -ge "$holds_until" ]; then lost="its lease could not be renewed before it expired"
+    else continue; fi
+    echo "maintenance $task: $lost: stopping the run" >&2
+    pkill -TERM -P "$task_pid" 2>/dev/null || true
+    kill -TERM "$task_pid" 2>/dev/null || true
+    break
+  done
+  wait "$task_pid" || rc=$?
+  local dur=$(( $(date +%s) - t0 )) result=ok msg=ok
+  if [ -n "$lost" ]; then
+    rm -f "$err"; rm -rf "$dir"
+    echo "maintenance $task: run $runs stopped after $dur s: $lost" >&2
+    return 0
+  fi
+  if [ "$rc" != 0 ]; then
+    result=failed
+    msg=$( { grep -v '^[[:space:]]*$' "$err" || true; } | tail -n 3 | tr '\n' ' ')
+    [ -n "$msg" ] || msg="exit code $rc"
+    cat "$err" >&2
+  fi
+  rm -f "$err"
+  maint_json "" 0 "$runs" $(( $(date +%s) + off )) "$result" "$(clean "$msg")" "$me" "$dur" "$subset" > "$dir/n"
+  code=$(s3_put_cas "$url" "$dir/n" "$(cat "$dir/cur")" "$dir")
+  [ "$code" = 200 ] || echo "maintenance $task: its lease changed while it ran (HTTP $code): this run is not recorded" >&2
+  maint_metric "$task" "$([ "$result" = ok ] && echo 1 || echo 0)" "$dur"
+  rm -rf "$dir"
+  if [ "$result" = ok ]; then echo "maintenance $task: run $runs ok in $dur s"; else echo "maintenance $task: run $runs FAILED in $dur s: $msg" >&2; fi
+}
+
+check_repository() { rustic_ check --read-data --read-data-subset "$MAINT_SUBSET"; }
+
+maintain() {
+  load "$1"
+  [ -n "${MAINT_URL:-}" ] || { echo "volume $VOLUME_ID has no maintenance settings"; return 0; }
+  # One maintenance run per host at a time, whichever volume starts it.
+  exec 8>/run/dboxed-volumes-maintenance.lock
+  flock -n 8 || { echo "another volume's maintenance runs on this host"; return 0; }
+  maintain_task prune "$PRUNE_INTERVAL" rustic_ prune --keep-delete "${KEEP_DELETE}s"
+  maintain_task check "$CHECK_INTERVAL" check_repository
+}
+
+# Sourced (tests of the functions): define, do not dispatch.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 case "${1:-}" in
   attach) attach "${2:?volume id}" ;;
   detach) detach "${2:?volume id}" ;;
   backup) backup "${2:?volume id}" ;;
+  maintain) maintain "${2:?volume id}" ;;
   check-lease) load "${2:?volume id}"; check_lease; echo "volume $VOLUME_ID: this host holds the lease" ;;
   renew) load "${2:?volume id}"; renew_lease; echo "volume $VOLUME_ID: lease renewed for ${LEASE_SECONDS:-?} s" ;;
   version) echo "$AGENT_VERSION" ;;

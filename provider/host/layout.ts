@@ -23,7 +23,7 @@ export interface VolumeLayout {
   mountPath: string;
   filesystem: "ext4" | "xfs";
   rusticHost: string;
-  units: { device: string; mount: string; backup: string; timer: string; renew: string; renewTimer: string };
+  units: { device: string; mount: string; backup: string; timer: string; renew: string; renewTimer: string; maintain: string };
 }
 
 export function layoutFor(v: { volumeId: string; volumeGroup?: string; mountPath: string; filesystem: "ext4" | "xfs" }): VolumeLayout {
@@ -45,6 +45,7 @@ export function layoutFor(v: { volumeId: string; volumeGroup?: string; mountPath
       timer: `dboxed-volume-${id}-backup.timer`,
       renew: `dboxed-volume-${id}-lease.service`,
       renewTimer: `dboxed-volume-${id}-lease.timer`,
+      maintain: `dboxed-volume-${id}-maintain.service`,
     },
   };
 }
@@ -71,6 +72,8 @@ export interface EnvSettings {
   /** The lease token this host holds, and where the lease is: backups check both first. */
   lease: { token: string; url: string; region: string; seconds: number };
   retention: { keepLast: number; keepHourly: number; keepDaily: number; keepWeekly: number; keepMonthly: number; keepYearly: number };
+  /** Repository maintenance: where its leases are, the repository's name (a metric label), the intervals in seconds. */
+  maintenance: { url: string; repository: string; pruneInterval: number; checkInterval: number; checkSubsets: number; keepDelete: number };
 }
 
 /** The volume.env the host agent sources: every value quoted. */
@@ -84,6 +87,8 @@ export function volumeEnv(l: VolumeLayout, s: EnvSettings): string {
     KEEP_WEEKLY: s.retention.keepWeekly, KEEP_MONTHLY: s.retention.keepMonthly, KEEP_YEARLY: s.retention.keepYearly,
     LEASE_TOKEN: s.lease.token, LEASE_URL: s.lease.url, S3_REGION: s.lease.region, CURL_CONFIG: `${l.configDir}/s3.curl`,
     LEASE_SECONDS: s.lease.seconds,
+    MAINT_URL: s.maintenance.url, REPOSITORY: s.maintenance.repository, PRUNE_INTERVAL: s.maintenance.pruneInterval,
+    CHECK_INTERVAL: s.maintenance.checkInterval, CHECK_SUBSETS: s.maintenance.checkSubsets, KEEP_DELETE: s.maintenance.keepDelete,
   };
   return "# Written by pulumi-dboxed-volumes; changes are overwritten.\n" +
     Object.entries(vars).map(([k, v]) => `${k}=${quote(v)}`).join("\n") + "\n";

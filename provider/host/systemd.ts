@@ -57,7 +57,11 @@ Nice=10
 `;
 }
 
-export function backupTimer(l: VolumeLayout, schedule: string): string {
+/**
+ * A fixed random delay per volume and host spreads volumes that share a schedule; Persistent
+ * makes a host that was off (or a timer that was stopped) catch up once when it starts again.
+ */
+export function backupTimer(l: VolumeLayout, schedule: string, randomDelaySec: number): string {
   return `# Written by pulumi-dboxed-volumes.
 [Unit]
 Description=dboxed volume ${l.volumeId}: backup schedule
@@ -65,10 +69,28 @@ Description=dboxed volume ${l.volumeId}: backup schedule
 [Timer]
 OnCalendar=${schedule}
 AccuracySec=1s
-Persistent=false
+RandomizedDelaySec=${randomDelaySec}s
+FixedRandomDelay=true
+Persistent=true
 
 [Install]
 WantedBy=timers.target
+`;
+}
+
+/** Repository prune and check, started by a successful backup; runs only when due and this host takes the task's lease. */
+export function maintainService(l: VolumeLayout): string {
+  return `# Written by pulumi-dboxed-volumes.
+[Unit]
+Description=dboxed volume ${l.volumeId}: repository maintenance (prune, check) when due
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=${AGENT_PATH} maintain ${l.volumeId}
+TimeoutStartSec=24h
+Nice=19
+IOSchedulingClass=idle
 `;
 }
 
@@ -102,13 +124,14 @@ WantedBy=timers.target
 `;
 }
 
-export function unitFiles(l: VolumeLayout, schedule: string, leaseSeconds: number): Record<string, string> {
+export function unitFiles(l: VolumeLayout, schedule: string, leaseSeconds: number, randomDelaySec: number): Record<string, string> {
   return {
     [l.units.renew]: renewService(l),
     [l.units.renewTimer]: renewTimer(l, leaseSeconds),
     [l.units.device]: deviceUnit(l),
     [l.units.mount]: mountUnit(l),
     [l.units.backup]: backupService(l),
-    [l.units.timer]: backupTimer(l, schedule),
+    [l.units.maintain]: maintainService(l),
+    [l.units.timer]: backupTimer(l, schedule, randomDelaySec),
   };
 }

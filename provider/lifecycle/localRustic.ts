@@ -30,18 +30,25 @@ async function localBinary(src: RusticSource): Promise<string> {
   return file;
 }
 
-/** Runs `rustic -P <private profile> <args>` locally and returns stdout. */
-export async function runLocalRustic(src: RusticSource, repo: RepositoryConfig, args: string[]): Promise<string> {
+/**
+ * Runs `rustic -P <private profile> <args>` locally and returns stdout. `newPassword` (for `key
+ * add`) goes to rustic in a file next to the profile, never on its command line.
+ */
+export async function runLocalRustic(src: RusticSource, repo: RepositoryConfig, args: string[], opts: { newPassword?: string } = {}): Promise<string> {
   const bin = await localBinary(src);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "dboxed-volumes-"));
   try {
     fs.chmodSync(dir, 0o700);
     fs.writeFileSync(path.join(dir, "profile.toml"), profileToml(repo), { mode: 0o600 });
+    if (opts.newPassword !== undefined) {
+      fs.writeFileSync(path.join(dir, "new-password"), opts.newPassword, { mode: 0o600 });
+      args = [...args, "--new-password-file", path.join(dir, "new-password")];
+    }
     return await new Promise<string>((resolve, reject) => {
       execFile(bin, ["-P", path.join(dir, "profile"), "--no-progress", "--no-cache", ...args],
         { timeout: 300_000, maxBuffer: 64 * 1024 * 1024, env: { ...process.env, NO_COLOR: "1" } },
         (err, stdout, stderr) => {
-          if (err) reject(new UserError(`rustic ${args[0]} failed on this machine: ${String(stderr || err.message).replace(/\x1b\[[0-9;]*m/g, "").trim().slice(-2000)}`));
+          if (err) reject(new UserError(`rustic ${args[0]} failed on this machine: ${String(stderr || err.message).replace(/\x1b\[[0-9;]*m/g, "").replace(/\n\s*Backtrace:[\s\S]*$/, "").trim().slice(-2000)}`));
           else resolve(stdout);
         });
     });

@@ -5,7 +5,7 @@ import * as fs from "fs";
 import * as path from "path";
 import { CommandError, UserError } from "../errors";
 import { formatSize, VolumeInputs } from "../inputs";
-import { repositoryMasterKey } from "./localRustic";
+import { repositoryMasterKey, runLocalRustic } from "./localRustic";
 import { AGENT_PATH, layoutFor, METRICS_DIR, RUSTIC_PATH, VolumeLayout, volumeEnv } from "../host/layout";
 import { ensureFilesystemScript } from "../host/fs";
 import { ensureStorageScript, growScript, lvsArgv, parseLvs, removeStorageScript } from "../host/lvm";
@@ -13,7 +13,7 @@ import { diffArgs, parseDiff, parseSnapshots, profileToml, restoreArgs, rusticAr
 import { command, quote as q } from "../host/shell";
 import { UNIT_DIR, unitFiles } from "../host/systemd";
 import { Remote } from "../remote/ssh";
-import { leaseUrl } from "../storage/lease";
+import { leaseUrl, maintenanceUrl } from "../storage/lease";
 
 export type Log = (msg: string) => void;
 
@@ -32,6 +32,15 @@ function agentScript(): string {
 const sha256 = (data: string | Buffer) => crypto.createHash("sha256").update(data).digest("hex");
 
 /** Checks the host can carry the volume before anything is changed on it. */
+/** The shortest interval of each host's schedules, as the pre-flight measured it (for the default random delay). */
+const scheduleGaps = new Map<string, number | undefined>();
+
+/** backupRandomDelay, or by default 2 minutes, or half the schedule's shortest interval when that is less. */
+export function effectiveRandomDelay(delay: number | undefined, gapSeconds: number | undefined): number {
+  if (delay !== undefined) return delay;
+  return gapSeconds === undefined ? 120 : Math.min(120, Math.floor(gapSeconds / 2));
+}
+
 export async function preflight(r: Remote, v: VolumeInputs, l: VolumeLayout, opts: { readOnly?: boolean } = {}): Promise<void> {
   const mkfs = v.filesystem === "xfs" ? "mkfs.xfs" : "mkfs.ext4";
   // attr and acl: the manifests that verify moves read xattrs and ACLs with them.
@@ -49,6 +58,11 @@ ${opts.readOnly ? "" : `modprobe dm_snapshot >/dev/null 2>&1 || true
 modprobe loop >/dev/null 2>&1 || true`}
 grep -q device-mapper /proc/misc ${opts.readOnly ? "|| modinfo dm_mod >/dev/null 2>&1 " : ""}|| { echo "the kernel has no device-mapper"; exit 32; }
 systemd-analyze calendar -- ${q(v.backupSchedule)} >/dev/null 2>&1 || { echo "systemd rejects the schedule"; exit 33; }
+# The shortest gap between the next five backups: a random delay must be shorter.
+gap=$(TZ=UTC systemd-analyze calendar --iterations=5 -- ${q(v.backupSchedule)} 2>/dev/null | sed -En 's/^ *(Next elapse|Iter[.] #[0-9]+): //p' |
+  while read -r t; do date -d "$t" +%s; done | awk 'NR > 1 && (min == "" || $1 - prev < min) { min = $1 - prev } { prev = $1 } END { print min }')
+echo "schedule-gap=$gap"
+${v.backupRandomDelay ? `if [ -n "$gap" ] && [ "$gap" -le ${v.backupRandomDelay} ]; then exit 36; fi` : ""}
 if mountpoint -q ${q(v.mountPath)}; then
   src=$(findmnt -n -o SOURCE --target ${q(v.mountPath)})
   [ "$(readlink -f "$src")" = "$(readlink -f ${q(l.device)} 2>/dev/null || echo none)" ] || { echo "$src"; exit 34; }
@@ -56,13 +70,17 @@ elif [ -d ${q(v.mountPath)} ] && [ -n "$(ls -A ${q(v.mountPath)} 2>/dev/null)" ]
   exit 35
 fi
 exit 0`, { allowFailure: true });
-  const out = (res.stdout + res.stderr).trim();
+  const gapMatch = /schedule-gap=(\d*)/.exec(res.stdout);
+  const gap = gapMatch && gapMatch[1] ? Number(gapMatch[1]) : undefined;
+  const out = (res.stdout + res.stderr).replace(/schedule-gap=\d*\n?/, "").trim();
   switch (res.code) {
-    case 0: return;
+    case 0: scheduleGaps.set(`${r.name}|${v.backupSchedule}`, gap); return;
     case 30: throw new UserError(`host ${r.name}: need root or passwordless sudo (host.user)`);
     case 31: throw new UserError(`host ${r.name}: ${out}`);
     case 32: throw new UserError(`host ${r.name}: the kernel has no device-mapper, which lvm2 snapshots need`);
     case 33: throw new UserError(`backupSchedule: systemd on ${r.name} rejects "${v.backupSchedule}" (check with: systemd-analyze calendar '${v.backupSchedule}')`);
+    case 36: throw new UserError(`backupRandomDelay: ${v.backupRandomDelay} s is not shorter than the ${gap} s between backups of ` +
+      `backupSchedule "${v.backupSchedule}": set backupRandomDelay below ${gap} (0 for none)`);
     case 34: throw new UserError(`mountPath: ${v.mountPath} on ${r.name} is already a mount point of ${out}: choose another mountPath`);
     case 35: throw new UserError(`mountPath: ${v.mountPath} on ${r.name} is a directory that is not empty: choose another mountPath or empty it`);
     default: throw new CommandError(r.name, "preflight", res.code, res.signal, res.stdout, res.stderr);
@@ -145,7 +163,9 @@ export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout, l
   const masterKey = await repositoryMasterKey(v.rustic, { ...repo, endpoint: v.repository.localEndpoint, password: v.password });
   // The directories first (root-only), then every file in one round trip.
   await r.writeFiles([
-    { path: l.envFile, content: volumeEnv(l, { sizeBytes: v.size, snapshotSpaceBytes: v.snapshotSpace, retention: v.retention, lease }), mode: "0600" },
+    { path: l.envFile, content: volumeEnv(l, { sizeBytes: v.size, snapshotSpaceBytes: v.snapshotSpace, retention: v.retention, lease,
+      maintenance: { ...v.maintenance, repository: `s3://${v.repository.bucket}/${v.repository.prefix}`,
+        url: maintenanceUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.repository.forcePathStyle) } }), mode: "0600" },
     { path: `${l.configDir}/s3.curl`, content: curlConfig(v), mode: "0600" },
     { path: `${l.profile}.toml`, content: profileToml({ ...repo, masterKey }), mode: "0600" },
   ], { before: `install -d -m 0700 ${q(l.configDir)} ${q(l.stateDir)} /var/cache/dboxed-volumes` });
@@ -161,7 +181,10 @@ export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout)
 
 /** Writes the units (nothing started). */
 export async function writeUnits(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
-  await r.writeFiles(Object.entries(unitFiles(l, v.backupSchedule, v.leaseDuration))
+  const key = `${r.name}|${v.backupSchedule}`;
+  if (v.backupRandomDelay === undefined && !scheduleGaps.has(key)) await preflight(r, v, l, { readOnly: true });
+  const delay = effectiveRandomDelay(v.backupRandomDelay, scheduleGaps.get(key));
+  await r.writeFiles(Object.entries(unitFiles(l, v.backupSchedule, v.leaseDuration, delay))
     .map(([name, text]) => ({ path: `${UNIT_DIR}/${name}`, content: text, mode: "0644" })), { after: "systemctl daemon-reload" });
 }
 
@@ -212,21 +235,57 @@ fi`, { timeoutMs: 6 * 3600_000 });
  * Makes a new volume hold its data: restores the latest snapshot of this volume id when the
  * repository has one, else starts empty. Backups are refused until this has finished.
  */
-export async function initialize(r: Remote, l: VolumeLayout, log: Log, snapshotId?: string): Promise<{ restoredFrom?: string; snapshots?: Snapshot[] }> {
+export async function initialize(r: Remote, l: VolumeLayout, log: Log, snapshotId?: string,
+  clone?: SourceSnapshot): Promise<{ restoredFrom?: string; snapshots?: Snapshot[] }> {
   const marker = `${l.stateDir}/initialized`;
   if ((await r.run(`test -e ${q(marker)}`, { allowFailure: true })).code === 0) return {};
-  const snaps = await listSnapshots(r, l);
-  const chosen = snapshotId ? snaps.find((s) => s.id === snapshotId) : snaps[snaps.length - 1];
+  const snaps = clone?.own ?? await listSnapshots(r, l);
+  // The volume's own history first; a source only for a volume that has none.
+  const chosen = snapshotId ? snaps.find((s) => s.id === snapshotId) : snaps[snaps.length - 1] ?? clone?.snapshot;
   if (snapshotId && !chosen) {
     throw new UserError(`volume ${l.volumeId}: snapshot ${snapshotId.slice(0, 8)} (its final backup) is not in the repository any more; ` +
       "nothing was formatted over data: check the repository");
   }
   if (chosen) {
-    log(`restoring snapshot ${chosen.id.slice(0, 8)} of ${chosen.time} into ${l.mountPath}`);
+    log(`restoring snapshot ${chosen.id.slice(0, 8)} of ${chosen.time}${chosen === clone?.snapshot ? ` (volume ${clone.volumeId})` : ""} into ${l.mountPath}`);
     await restoreInto(r, l, chosen.id, l.mountPath, log);
   }
   await r.run(`touch ${q(marker)}`);
   return { restoredFrom: chosen?.id, snapshots: snaps };
+}
+
+export interface SourceSnapshot { volumeId: string; snapshot?: Snapshot; own: Snapshot[] }
+
+/**
+ * The snapshot a new volume with `source` starts from, chosen from the machine that runs pulumi
+ * before anything is claimed or made (a bad choice fails with nothing changed). No `snapshot`
+ * when the volume has snapshots of its own (a volume recreated under its id keeps its history).
+ */
+export async function sourceSnapshot(v: VolumeInputs): Promise<SourceSnapshot | undefined> {
+  if (!v.source) return undefined;
+  const repo = { ...v.repository, endpoint: v.repository.localEndpoint, accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey, password: v.password };
+  const list = async (id: string) => parseSnapshots(await runLocalRustic(v.rustic, repo, snapshotsArgs(layoutFor({ ...v, volumeId: id }).rusticHost)));
+  const own = await list(v.volumeId);
+  if (own.length) return { volumeId: v.source.volumeId, own };
+  return { volumeId: v.source.volumeId, own, snapshot: pickSnapshot(await list(v.source.volumeId), v.source.volumeId, v.source.snapshot) };
+}
+
+/** "latest", an id or id prefix, or a time (the newest at or before it), from snapshots oldest first. */
+export function pickSnapshot(snaps: Snapshot[], volumeId: string, spec: string): Snapshot {
+  if (!snaps.length) throw new UserError(`source.volumeId: volume ${volumeId} has no snapshots in this repository (is it the right id and VolumeProvider?)`);
+  if (spec === "latest") return snaps[snaps.length - 1];
+  if (/^[0-9a-f]{8,64}$/.test(spec)) {
+    const hits = snaps.filter((s) => s.id.startsWith(spec));
+    if (hits.length === 1) return hits[0];
+    throw new UserError(`source.snapshot: ${hits.length ? `${spec} matches ${hits.length} snapshots of ${volumeId}: give more digits`
+      : `volume ${volumeId} has no snapshot ${spec}`}`);
+  }
+  const at = Date.parse(spec);
+  const before = snaps.filter((s) => Date.parse(s.time) <= at);
+  if (!before.length) {
+    throw new UserError(`source.snapshot: volume ${volumeId} has no snapshot at or before ${spec} (its oldest is of ${snaps[0].time})`);
+  }
+  return before[before.length - 1];
 }
 
 /** Whether the host has this layout's storage holding the volume's data (formatted as l says, initialised). */
@@ -412,9 +471,18 @@ echo "==status"; cat ${q(l.stateDir + "/status.json")} 2>/dev/null || true
  * A busy filesystem is an error that names the processes: they must be stopped first.
  */
 export async function quiesce(r: Remote, l: VolumeLayout): Promise<void> {
-  const res = await r.run(`mountpoint -q ${q(l.mountPath)} || exit 0
-mount -o remount,ro ${q(l.mountPath)} 2>&1 && exit 0
-echo; fuser -vm ${q(l.mountPath)} 2>&1 | tail -n 10; exit 40`, { allowFailure: true });
+  // Who holds it, from /proc (fuser is not on every host): open files, working and root dirs on
+  // the volume's device (by device number: a container sees the volume under its own paths).
+  const res = await r.run(`mp=${q(l.mountPath)}
+mountpoint -q "$mp" || exit 0
+mount -o remount,ro "$mp" 2>&1 && exit 0
+dev=$(stat -c %d "$mp")
+for p in /proc/[0-9]*; do
+  for f in "$p"/cwd "$p"/root "$p"/fd/*; do
+    [ "$(stat -L -c %d "$f" 2>/dev/null)" = "$dev" ] || continue
+    echo "process \${p#/proc/} ($(cat "$p"/comm 2>/dev/null)) uses $(readlink "$f" 2>/dev/null)"; break
+  done
+done | head -n 10; exit 40`, { allowFailure: true });
   if (res.code === 40) {
     throw new UserError(`volume ${l.volumeId} on ${r.name} is in use, so it cannot be made read-only for its final backup; ` +
       `stop the programs that use ${l.mountPath} first:\n${res.stdout.trim()}`);
@@ -490,8 +558,8 @@ export async function teardown(r: Remote, l: VolumeLayout): Promise<void> {
   // half removed never counts as formatted or initialised (a later create would refuse to
   // format it, or skip its restore).
   const res = await r.run(`
-systemctl disable --now --no-reload --quiet ${q(u.timer)} 2>/dev/null || true
-systemctl stop ${q(u.backup)} 2>/dev/null || true
+systemctl disable --now --no-reload --quiet ${q(u.timer)} ${q(u.renewTimer)} 2>/dev/null || true
+systemctl stop ${q(u.backup)} ${q(u.renew)} ${q(u.maintain)} 2>/dev/null || true
 systemctl disable --now --no-reload --quiet ${q(u.mount)} 2>/dev/null || true
 mountpoint -q ${q(l.mountPath)} && umount ${q(l.mountPath)}
 systemctl disable --now --no-reload --quiet ${q(u.device)} 2>/dev/null || true
@@ -503,7 +571,7 @@ rm -f ${Object.values(u).map((n) => q(`${UNIT_DIR}/${n}`)).join(" ")} ${UNIT_DIR
 systemctl daemon-reload
 systemctl reset-failed ${Object.values(u).map(q).join(" ")} 2>/dev/null || true
 rm -rf ${q(l.configDir)} ${q(l.stateDir)} ${q(`/run/dboxed-volumes/${l.volumeId}`)}
-rm -f ${q(`${METRICS_DIR}/dboxed_volume_${l.volumeId}.prom`)}
+rm -f ${q(`${METRICS_DIR}/dboxed_volume_${l.volumeId}.prom`)} ${q(`/var/lib/systemd/timers/stamp-${u.timer}`)}
 rmdir ${q(l.mountPath)} 2>/dev/null || true
 exit 0`, { allowFailure: true });
   if (res.code === 50) throw new UserError(`cannot unmount ${l.mountPath} on ${r.name}: it is busy; stop the programs that use it`);

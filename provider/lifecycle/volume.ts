@@ -33,6 +33,8 @@ export interface VolumeOutputs {
   latestSnapshotId: string;
   snapshotCount: number;
   restoredFrom: string;
+  /** A clone's origin: volumeId, snapshotId, snapshotTime ({} when the volume is no clone). */
+  clonedFrom: Record<string, unknown>;
   lastMove: Record<string, unknown>;
   /** This resource instance's random id, also in the lease: a replaced instance leaves the volume alone. */
   instanceId: string;
@@ -66,7 +68,8 @@ const isSet = (x: unknown) => !!x && typeof x === "object" && Object.keys(x as o
  */
 const INPUT_FIELDS = ["volumeId", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
   "finalBackupOnDelete", "forgetSnapshotsOnDelete", "repository", "accessKeyId", "secretAccessKey", "password",
-  "retention", "rustic", "stopUnits", "warmMove", "force", "snapshotSpace", "forceDespiteLiveLease", "leaseDuration"] as const;
+  "retention", "rustic", "stopUnits", "warmMove", "force", "snapshotSpace", "forceDespiteLiveLease", "leaseDuration",
+  "backupRandomDelay", "source", "maintenance"] as const;
 
 /** One operation at a time per volume and host, for as long as this connection lives. */
 async function exclusive<T>(r: Remote, l: VolumeLayout, log: (m: string) => void, fn: () => Promise<T>): Promise<T> {
@@ -181,6 +184,7 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
     latestSnapshotId: snaps ? latest?.id ?? "" : prev.latestSnapshotId ?? "",
     snapshotCount: snaps ? snaps.length : prev.snapshotCount ?? 0,
     restoredFrom: restoredFrom ?? prev.restoredFrom ?? "",
+    clonedFrom: (prev.clonedFrom as Record<string, unknown>) ?? {},
     lastMove: prev.lastMove ?? {},
     instanceId: prev.instanceId ?? "",
     unfinishedMove: prev.unfinishedMove ?? {},
@@ -191,16 +195,18 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
 
 /** Everything that makes a volume run on a host; each step skips what is already done. */
 async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m: string) => void,
-  restore?: string, preflightDone = false): Promise<{ restoredFrom?: string; snapshots?: Snapshot[] }> {
+  restore?: string, preflightDone = false, clone?: steps.SourceSnapshot): Promise<{ restoredFrom?: string; snapshots?: Snapshot[]; clonedFrom?: Record<string, string> }> {
   const l = steps.layout(v);
   if (!preflightDone) await steps.preflight(r, v, l);
   await steps.installTools(r, v, log);
   await steps.writeConfig(r, v, l, leaseToken);
   await steps.ensureStorage(r, v, l);
   await steps.installUnits(r, v, l);
-  const init = await steps.initialize(r, l, log, restore);
+  const init = await steps.initialize(r, l, log, restore, clone);
   await steps.startTimer(r, l);
-  return init;
+  const cloned = clone?.snapshot && init.restoredFrom === clone.snapshot.id
+    ? { volumeId: clone.volumeId, snapshotId: clone.snapshot.id, snapshotTime: clone.snapshot.time } : undefined;
+  return { ...init, clonedFrom: cloned };
 }
 
 async function snapshotsOrUndefined(r: Remote, l: VolumeLayout): Promise<Snapshot[] | undefined> {
@@ -214,12 +220,15 @@ export async function create(inputs: Props) {
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     log(`creating on ${r.name}: ${formatSize(v.size)} ${v.filesystem} at ${v.mountPath}`);
     const instanceId = newToken();
+    // A clone's snapshot is chosen before anything is claimed or made.
+    const clone = await steps.sourceSnapshot(v);
+    if (clone && !clone.snapshot) log(`volume ${v.volumeId} has snapshots of its own: source (volume ${clone.volumeId}) is not used`);
     const { lease, forcedFrom, fresh } = await claim(v, { instance: instanceId, adoptLegacy: false });
     let touched = false;
     try {
       await steps.preflight(r, v, l);
       touched = true;
-      const init = await converge(r, v, lease.token, log, undefined, true);
+      const init = await converge(r, v, lease.token, log, undefined, true, clone);
       let lastMove: Record<string, unknown> = {};
       if (forcedFrom) {
         const snaps = init.snapshots ?? await steps.listSnapshots(r, l);
@@ -236,7 +245,7 @@ export async function create(inputs: Props) {
       const snaps = init.snapshots && status.snapshotId && !/\bforget=/.test(status.steps ?? "")
         ? [...init.snapshots, { id: status.snapshotId, time: new Date((status.snapshotAt ?? status.finishedAt ?? 0) * 1000).toISOString(), hostname: l.rusticHost }]
         : await steps.listSnapshots(r, l);
-      return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove, instanceId }, init.restoredFrom ?? "") } };
+      return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove, instanceId, clonedFrom: init.clonedFrom ?? {} }, init.restoredFrom ?? "") } };
     } catch (e) {
       // Not created: a lease this create took before anything was made on the host must not keep
       // the id from being created elsewhere. (Once storage exists, the lease stays with it.)
@@ -279,8 +288,8 @@ export async function read(id: string, props: Props) {
  * users started again.
  */
 async function finalBackupVerified(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void,
-  opts: { stopUsers: boolean }): Promise<string> {
-  const users = opts.stopUsers ? await steps.usersOf(r, v, l) : [];
+  opts: { users: string[] }): Promise<string> {
+  const users = opts.users;
   try {
     if (users.length) {
       log(`stopping ${users.join(", ")} on ${r.name}`);
@@ -314,7 +323,7 @@ async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, instanceI
     log(`rebuilding on ${r.name}: ${olds.filesystem}${olds.volumeGroup ? ` in ${olds.volumeGroup}` : ""} -> ` +
       `${v.filesystem}${v.volumeGroup ? ` in ${v.volumeGroup}` : ""}`);
     await r.run(`systemctl start ${q(lOld.units.device)} ${q(lOld.units.mount)}`);
-    snapshotId = await finalBackupVerified(r, olds, lOld, log, { stopUsers: true });
+    snapshotId = await finalBackupVerified(r, olds, lOld, log, { users });
     await setRebuild(v, { snapshotId, startedAt: new Date().toISOString() });
     log(`removing the old ${olds.filesystem} storage from ${r.name}`);
     await steps.teardown(r, lOld);
@@ -491,7 +500,7 @@ export async function update(id: string, olds: Props, news: Props) {
         log(`growing to ${formatSize(v.size)}`);
         await steps.grow(r, v, l);
       }
-      if (o.backupSchedule !== v.backupSchedule) await r.runArgv(["systemctl", "restart", l.units.timer]);
+      if (o.backupSchedule !== v.backupSchedule || o.backupRandomDelay !== v.backupRandomDelay) await r.runArgv(["systemctl", "restart", l.units.timer]);
     }
     const obs = await steps.observe(r, l);
     const snaps = await snapshotsOrUndefined(r, l);
@@ -526,6 +535,7 @@ export async function remove(id: string, props: Props) {
         `started by a pulumi run that was cut off: run pulumi up with host ${hostName(mv.from)} (undoes it) or ${hostName(mv.to)} ` +
         "(finishes it), then delete");
     }
+    let users: string[] = [];
     const fenced = !!lease && (!sameHost(lease.lease.holder, hostRef(v)) || !ownsLease(lease.lease, v) || otherInstance(lease.lease, instanceId));
     if (fenced && sameHost(lease!.lease.holder, hostRef(v))) {
       // The volume here is held by another resource, or by this one's replacement: not ours to remove.
@@ -546,7 +556,10 @@ export async function remove(id: string, props: Props) {
     } else if (v.finalBackupOnDelete && initialized && obs.present) {
       // Not mounted (e.g. a failed boot): mount it so the final backup sees its latest data.
       if (!obs.mounted) await r.runArgv(["systemctl", "start", l.units.device, l.units.mount]);
-      await finalBackupVerified(r, v, l, log, { stopUsers: false });
+      // The declared users (stopUnits, units that require the mount) stop as in a move: the
+      // teardown would stop the latter anyway, and a writer would make the remount fail.
+      users = await steps.usersOf(r, v, l);
+      await finalBackupVerified(r, v, l, log, { users });
     } else if (v.finalBackupOnDelete && !initialized && obs.configured) {
       log("the volume never finished its first restore: no final backup (the repository holds its data)");
     }
@@ -554,9 +567,9 @@ export async function remove(id: string, props: Props) {
     try {
       await steps.teardown(r, l);
     } catch (e) {
-      if (!fenced) await giveBack(r, l, []);
+      if (!fenced) await giveBack(r, l, users);
       throw new UserError(`${(e as Error).message}\nThe volume was left in place on ${r.name}` +
-        `${fenced ? "" : ": mounted read-write and scheduled as before"}; fix the cause and run again.`);
+        `${fenced ? "" : `: mounted read-write and scheduled as before${users.length ? `, ${users.join(", ")} started again` : ""}`}; fix the cause and run again.`);
     }
     await release(v, instanceId);
   }), { log });

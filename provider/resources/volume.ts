@@ -1,5 +1,5 @@
 import * as pulumi from "@pulumi/pulumi";
-import { retentionSchema, S3_DEFAULTS } from "../inputs";
+import { maintenanceSchema, retentionSchema, S3_DEFAULTS } from "../inputs";
 import { refuseUnknownArgs, shim } from "./shim";
 import { adoptionHint } from "../errors";
 import { defaultVolumeId } from "../volumeId";
@@ -84,6 +84,13 @@ export interface VolumeArgs {
   /** systemd OnCalendar expression (default "*:0/5": every five minutes). */
   backupSchedule?: pulumi.Input<string>;
   /**
+   * Each backup starts up to this long after its scheduled time, a fixed offset per volume and
+   * host (seconds or "2m"; 0 for none): volumes on one schedule and repository do not start in
+   * the same second. Shorter than the schedule's interval. Default: 2 minutes, or half the
+   * schedule's interval if that is shorter.
+   */
+  backupRandomDelay?: pulumi.Input<number | string>;
+  /**
    * Identifies the volume's data in the repository (default "<stack>-<name>"). A new Volume with
    * the id of one whose snapshots exist starts from its latest snapshot.
    */
@@ -110,11 +117,18 @@ export interface VolumeArgs {
   forceDespiteLiveLease?: pulumi.Input<boolean>;
   /** How long the holder's lease lasts without renewal: seconds, or "90s", "10m", "1h" (default 10m). */
   leaseDuration?: pulumi.Input<number | string>;
+  /**
+   * Start a new volume from another volume's data in the same repository (a clone with its own id
+   * and history; the source is untouched). snapshot: "latest" (default), a snapshot id (8+ hex
+   * digits), or a time such as "2026-11-28T10:00:00Z" (the newest snapshot at or before it).
+   * Used only while this volume has no snapshots of its own; later changes do nothing.
+   */
+  source?: pulumi.Input<{ volumeId: pulumi.Input<string>; snapshot?: pulumi.Input<string> }>;
 }
 
 const VOLUME_ARGS = ["volumeProvider", "host", "size", "filesystem", "mountPath", "volumeGroup", "backupSchedule",
   "volumeId", "finalBackupOnDelete", "forgetSnapshotsOnDelete", "stopUnits", "warmMove", "force", "snapshotSpace",
-  "forceDespiteLiveLease", "leaseDuration"];
+  "forceDespiteLiveLease", "leaseDuration", "backupRandomDelay", "source"];
 
 export { defaultVolumeId } from "../volumeId";
 
@@ -136,6 +150,8 @@ export class Volume extends pulumi.dynamic.Resource {
   public readonly latestSnapshotId!: pulumi.Output<string>;
   public readonly snapshotCount!: pulumi.Output<number>;
   public readonly restoredFrom!: pulumi.Output<string>;
+  /** A clone's origin: volumeId, snapshotId, snapshotTime ({} when the volume is no clone). */
+  public readonly clonedFrom!: pulumi.Output<Record<string, unknown>>;
   /** The last move or forced takeover: hosts, final snapshot, downtime, and any data-loss window. */
   public readonly lastMove!: pulumi.Output<Record<string, unknown>>;
   /** A random id of this resource instance, also in the volume's lease (a replaced instance leaves the volume to its successor). */
@@ -161,6 +177,10 @@ export class Volume extends pulumi.dynamic.Resource {
       const r = retentionSchema.safeParse(s.retention ?? {});
       return r.success ? r.data : s.retention; // invalid retention is reported by the VolumeProvider
     });
+    const maintenance = settings.apply((s) => {
+      const r = maintenanceSchema.safeParse(s.maintenance ?? {});
+      return r.success ? r.data : s.maintenance;
+    });
     // The volume needs its provider's checks and repository first.
     const extra: any = opts?.dependsOn;
     const dependsOn: any = extra === undefined ? [args.volumeProvider]
@@ -179,6 +199,7 @@ export class Volume extends pulumi.dynamic.Resource {
       mountPath: args.mountPath,
       volumeGroup: args.volumeGroup,
       backupSchedule: args.backupSchedule ?? "*:0/5",
+      backupRandomDelay: args.backupRandomDelay,
       finalBackupOnDelete: args.finalBackupOnDelete ?? true,
       forgetSnapshotsOnDelete: args.forgetSnapshotsOnDelete ?? false,
       stopUnits: args.stopUnits ?? [],
@@ -186,6 +207,7 @@ export class Volume extends pulumi.dynamic.Resource {
       force: args.force ?? false,
       forceDespiteLiveLease: args.forceDespiteLiveLease ?? false,
       leaseDuration: args.leaseDuration ?? 600,
+      source: args.source,
       repository: pulumi.unsecret(s3.apply((x) => ({
         endpoint: x.hostEndpoint ?? x.endpoint,
         localEndpoint: x.endpoint,
@@ -198,10 +220,11 @@ export class Volume extends pulumi.dynamic.Resource {
       secretAccessKey: s3.apply((x) => x.secretAccessKey),
       password: settings.apply((s) => s.password),
       retention: pulumi.unsecret(retention),
+      maintenance: pulumi.unsecret(maintenance),
       rustic: pulumi.unsecret(settings.apply((s) => s.rustic)),
       device: undefined, sizeBytes: undefined, usedBytes: undefined, mounted: undefined, timerActive: undefined,
       lastBackupAt: undefined, lastBackupStatus: undefined, lastBackupMessage: undefined, lastSuccessfulBackupAt: undefined,
-      latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined, lastMove: undefined, instanceId: undefined,
+      latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined, clonedFrom: undefined, lastMove: undefined, instanceId: undefined,
       unfinishedMove: undefined, pendingCleanup: undefined, moveOrigin: undefined,
     }, {
       ...opts,

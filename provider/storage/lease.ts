@@ -108,6 +108,26 @@ export async function readLease(s: S3Settings, volumeId: string): Promise<{ leas
   }
 }
 
+/** A repository maintenance task's lease and its last run, as the hosts' agents write it. */
+export interface MaintenanceRecord {
+  holder: string; expiresAt: number; runs: number; lastRunAt: number; lastResult: string; lastMessage: string;
+  lastHolder: string; lastDurationSeconds: number; lastSubset: string;
+}
+
+export async function readMaintenance(s: S3Settings, task: "prune" | "check"): Promise<MaintenanceRecord | undefined> {
+  const { GetObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
+  const client = s3Client(s);
+  try {
+    const res = await client.send(new GetObjectCommand({ Bucket: s.bucket, Key: maintenanceKey(s.prefix, task) }));
+    return JSON.parse(await res.Body!.transformToString()) as MaintenanceRecord;
+  } catch (err) {
+    if ((err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode === 404) return undefined;
+    throw explainS3Error(err, s, `read the repository's ${task} record`);
+  } finally {
+    client.destroy();
+  }
+}
+
 /** Writes the lease if nobody changed it since `etag` was read (or, without etag, if it does not exist). */
 export async function writeLease(s: S3Settings, lease: Lease, etag: string | undefined): Promise<string> {
   const { PutObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
@@ -219,8 +239,22 @@ export function newToken(): string {
 }
 
 /** The lease object's URL as the hosts reach S3 (path or virtual-host style). */
-export function leaseUrl(endpoint: string, bucket: string, prefix: string, volumeId: string, pathStyle: boolean): string {
+/** Where the repository's maintenance leases live (one object per task), next to the volumes' leases. */
+export function maintenanceKey(prefix: string, task: "prune" | "check"): string {
+  return `${prefix}-meta/maintenance/${task}.json`;
+}
+
+/** The URL of the maintenance leases' folder (ends with "/": the agent appends "<task>.json"). */
+export function maintenanceUrl(endpoint: string, bucket: string, prefix: string, pathStyle: boolean): string {
+  return objectUrl(endpoint, bucket, maintenanceKey(prefix, "prune").replace(/prune\.json$/, ""), pathStyle);
+}
+
+function objectUrl(endpoint: string, bucket: string, key: string, pathStyle: boolean): string {
   const u = new URL(endpoint);
-  const key = leaseKey(prefix, volumeId).split("/").map(encodeURIComponent).join("/");
-  return pathStyle ? `${u.protocol}//${u.host}/${bucket}/${key}` : `${u.protocol}//${bucket}.${u.host}/${key}`;
+  const k = key.split("/").map(encodeURIComponent).join("/");
+  return pathStyle ? `${u.protocol}//${u.host}/${bucket}/${k}` : `${u.protocol}//${bucket}.${u.host}/${k}`;
+}
+
+export function leaseUrl(endpoint: string, bucket: string, prefix: string, volumeId: string, pathStyle: boolean): string {
+  return objectUrl(endpoint, bucket, leaseKey(prefix, volumeId), pathStyle);
 }

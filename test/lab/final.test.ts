@@ -128,7 +128,7 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
   let stack: Stack;
   stepByStep(this, () => stack.run(["destroy", "--yes", "--skip-preview"]));
   let h1: LabHost, h2: LabHost;
-  const base = { volumeId, size: "320MiB", mountPath, backupSchedule: "*:*:0/20", stopUnits: [writer] };
+  const base = { volumeId, size: "320MiB", mountPath, backupSchedule: "*:*:0/20", backupRandomDelay: 3, stopUnits: [writer] };
   const input = (host: number, extra: Record<string, unknown> = {}, hostOverride?: Record<string, unknown>) => ({
     provider: { s3: { prefix } },
     volumes: [{ name: "f", host, hostOverride, args: { ...base, ...extra } }],

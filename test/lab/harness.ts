@@ -78,11 +78,18 @@ export class Stack {
   constructor(readonly name: string, fixture: string, readonly extraEnv: Record<string, string> = {}) {
     this.dir = path.join(lab().dir, "programs", name);
     fs.rmSync(this.dir, { recursive: true, force: true });
-    fs.mkdirSync(path.join(this.dir, "node_modules"), { recursive: true });
+    fs.mkdirSync(this.dir, { recursive: true });
     fs.cpSync(path.join(REPO, "test", "fixtures", fixture), this.dir, { recursive: true });
-    // The program loads this checkout as the installed package, and the one @pulumi/pulumi.
-    fs.symlinkSync(REPO, path.join(this.dir, "node_modules", "pulumi-dboxed-volumes"));
-    fs.symlinkSync(path.join(REPO, "node_modules", "@pulumi"), path.join(this.dir, "node_modules", "@pulumi"));
+    const modules = process.env.DBOXED_TEST_PROGRAM_MODULES;
+    if (modules) {
+      // A user's program (test/sdk-newest.sh): the packed package installed next to the user's SDK.
+      fs.symlinkSync(modules, path.join(this.dir, "node_modules"));
+    } else {
+      // The program loads this checkout as the installed package, and the one @pulumi/pulumi.
+      fs.mkdirSync(path.join(this.dir, "node_modules"));
+      fs.symlinkSync(REPO, path.join(this.dir, "node_modules", "pulumi-dboxed-volumes"));
+      fs.symlinkSync(path.join(REPO, "node_modules", "@pulumi"), path.join(this.dir, "node_modules", "@pulumi"));
+    }
   }
 
   env(): NodeJS.ProcessEnv {

@@ -98,6 +98,8 @@ systemctl kill --signal=SIGCONT ${unit}`, { timeoutMs: 300_000 });
       const res = await stack.up({ provider: { s3: { prefix } }, volumes: [] });
       expect(res.code).to.not.equal(0);
       expect(res.stdout + res.stderr).to.match(/is in use, so it cannot be made read-only/);
+      // The writer is named (from /proc: the image has no fuser).
+      expect(res.stdout + res.stderr).to.match(new RegExp(`process \\d+ \\(sh\\) uses ${mountPath}/busy\\.log`));
       expect(res.stdout + res.stderr).to.match(/left in place .*mounted read-write and scheduled as before/);
       const state = await onHost(h, `findmnt -n -o OPTIONS --mountpoint ${mountPath} | cut -d, -f1; systemctl is-active dboxed-volume-${volumeId}-backup.timer; lvs --noheadings -o lv_name ${vg} | tr -d ' '`);
       expect(state.stdout.trim().split("\n")).to.deep.equal(["rw", "active", `dbv-${volumeId}`]);

@@ -114,7 +114,7 @@ echo kept > ${mountPath}/data/sub/kept.txt; systemctl start ${service}; sync`);
     expect(await neverTwoWriters(h1, h2)).to.deep.equal(["rw", "unmounted"]);
     expect((await onHost(h1, `systemctl is-active ${service}`)).stdout.trim()).to.equal("active");
     await sleep(2500);
-    const beat = await onHost(h1, `echo $(( $(date +%s) - $(cut -d. -f1 ${mountPath}/heartbeat) ))`);
+    const beat = await onHost(h1, `echo $(( $(date +%s) - $(stat -c %Y ${mountPath}/heartbeat) ))`);
     expect(Number(beat.stdout.trim()), "the service writes to the volume again").to.be.lessThan(5);
     expect(await dataOnly(h1)).to.deep.equal(data);
     const left = await onHost(h2, `ls /etc/systemd/system | grep -c dboxed-volume-${volumeId} || true
@@ -148,8 +148,13 @@ ls -d /var/lib/dboxed-volumes/${volumeId} /etc/dboxed-volumes/${volumeId} 2>/dev
     expect((await lease())!.lease.move).to.equal(undefined);
   });
 
-  it("destroy removes it", async () => {
+  it("destroy stops the volume's service (a stopUnit, writing every second) for the final backup and removes it", async () => {
+    await onHost(h2, `systemctl start ${service}`);
+    expect((await onHost(h2, `systemctl is-active ${service}`)).stdout.trim()).to.equal("active");
     const res = await stack.run(["destroy", "--yes", "--skip-preview"]);
     expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(res.stdout).to.match(new RegExp(`stopping ${service}`));
+    expect((await onHost(h2, `systemctl is-active ${service} || true`)).stdout.trim()).to.not.equal("active");
+    expect(await neverTwoWriters(h1, h2)).to.deep.equal(["unmounted", "unmounted"]);
   });
 });

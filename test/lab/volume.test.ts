@@ -36,6 +36,25 @@ chown 1234:2345 data/file-4 && chmod 0640 data/file-4
 sync`);
 }
 
+/** The volume's backup metrics as node-exporter serves them over HTTP on the host. */
+async function scrape(h: LabHost, volumeId: string) {
+  const r = await onHost(h, "curl -fsS http://127.0.0.1:9100/metrics");
+  const one = (name: string) => {
+    const line = r.stdout.split("\n").find((l) => l.startsWith(`${name}{volume="${volumeId}"} `));
+    return line === undefined ? undefined : Number(line.split(" ")[1]);
+  };
+  const err = r.stdout.split("\n").find((l) => l.startsWith("node_textfile_scrape_error "));
+  return {
+    textfileErrors: err === undefined ? undefined : Number(err.split(" ")[1]),
+    values: {
+      success: one("dboxed_volume_backup_success"),
+      lastRun: one("dboxed_volume_backup_last_run_timestamp_seconds"),
+      lastSuccess: one("dboxed_volume_backup_last_success_timestamp_seconds"),
+      duration: one("dboxed_volume_backup_duration_seconds"),
+    },
+  };
+}
+
 describe("Volume lifecycle (real pulumi, lab hosts)", function () {
   let stack: Stack;
   stepByStep(this, () => stack.run(["destroy", "--yes", "--skip-preview"]));
@@ -63,6 +82,9 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     expect(o.sizeBytes).to.equal(128 * 1024 * 1024);
     const m = await onHost(h1, `findmnt -n -o SOURCE,FSTYPE ${mountPath}`);
     expect(m.stdout).to.match(/ext4/);
+    // The default spreads backups over two minutes, each volume at a fixed offset, and catches up after downtime.
+    const t = await onHost(h1, `systemctl show -p RandomizedDelayUSec -p FixedRandomDelay -p Persistent dboxed-volume-${volumeId}-backup.timer`);
+    expect(t.stdout.trim().split("\n").sort()).to.deep.equal(["FixedRandomDelay=yes", "Persistent=yes", "RandomizedDelayUSec=2min"]);
   });
 
   it("the backup service snapshots the data with a fixed host, label and tags; content and metadata match", async () => {
@@ -88,10 +110,21 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
 
   it("the timer fires on its schedule and makes an incremental snapshot that reuses its parent's data", async () => {
     const before = await snapshots(h1, volumeId);
+    // A random delay as long as the interval would skip runs: refused, naming the field; nothing changes.
+    const refused = await stack.up(volumeInput([vol({ backupSchedule: "*:*:0/20", backupRandomDelay: "2m" })]));
+    expect(refused.code).to.not.equal(0);
+    expect(refused.stdout + refused.stderr).to.match(/backupRandomDelay: 120 s is not shorter than the 20 s between backups of backupSchedule "\*:\*:0\/20"/);
+    expect((await onHost(h1, `systemctl cat dboxed-volume-${volumeId}-backup.timer`)).stdout).to.contain("OnCalendar=hourly");
+    // Unset, the delay is half the 20 s interval; set, it is as given.
+    const dflt = await stack.up(volumeInput([vol({ backupSchedule: "*:*:0/20" })]));
+    expect(dflt.code, dflt.stdout + dflt.stderr).to.equal(0);
+    expect((await onHost(h1, `systemctl show -p RandomizedDelayUSec dboxed-volume-${volumeId}-backup.timer`)).stdout.trim()).to.equal("RandomizedDelayUSec=10s");
+    cur = { ...cur, backupRandomDelay: 5 };
     const res = await stack.up(volumeInput([vol({ backupSchedule: "*:*:0/20" })]));
     expect(res.code, res.stdout + res.stderr).to.equal(0);
-    const unit = await onHost(h1, `systemctl cat dboxed-volume-${volumeId}-backup.timer`);
+    const unit = await onHost(h1, `systemctl cat dboxed-volume-${volumeId}-backup.timer; systemctl show -p RandomizedDelayUSec dboxed-volume-${volumeId}-backup.timer`);
     expect(unit.stdout).to.contain("OnCalendar=*:*:0/20");
+    expect(unit.stdout).to.contain("RandomizedDelayUSec=5s");
     await onHost(h1, `echo changed > ${mountPath}/data/sub/deeper/tag.txt`);
     const t0 = Math.floor(Date.now() / 1000);
     // The new schedule may fire while `up` still runs (before the change was written): wait
@@ -142,8 +175,11 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
       const status = JSON.parse((await onHost(h1, `cat /var/lib/dboxed-volumes/${volumeId}/status.json`)).stdout);
       expect(status.status).to.equal("failed");
       expect(status.message).to.match(/cannot read the lease|rustic backup failed/);
-      const metric = await onHost(h1, `cat /var/lib/prometheus/node-exporter/dboxed_volume_${volumeId}.prom`);
-      expect(metric.stdout).to.contain(`dboxed_volume_backup_success{volume="${volumeId}"} 0`);
+      // As Prometheus sees it: scraped from the host's node-exporter (its textfile collector).
+      const m = await scrape(h1, volumeId);
+      expect(m.textfileErrors).to.equal(0);
+      expect(m.values).to.deep.equal({ success: 0, lastRun: status.finishedAt, lastSuccess: status.lastSuccessAt, duration: status.finishedAt - status.startedAt });
+      expect(status.lastSuccessAt).to.be.greaterThan(0);
       const leftovers = await onHost(h1, `lvs --noheadings -o lv_name dbv-${volumeId}; mountpoint -q /run/dboxed-volumes/${volumeId}/snapshot && echo MOUNTED || true`);
       expect(leftovers.stdout.trim().split(/\s+/)).to.deep.equal(["data"]);
       const refresh = await stack.run(["refresh", "--yes", "--skip-preview"]);
@@ -159,12 +195,16 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     expect(refresh.code, refresh.stdout + refresh.stderr).to.equal(0);
     const o = await stack.resourceOutputs("a");
     expect(o.lastBackupStatus).to.equal("ok");
-    const metric = await onHost(h1, `cat /var/lib/prometheus/node-exporter/dboxed_volume_${volumeId}.prom`);
-    expect(metric.stdout).to.contain(`dboxed_volume_backup_success{volume="${volumeId}"} 1`);
+    const status = JSON.parse((await onHost(h1, `cat /var/lib/dboxed-volumes/${volumeId}/status.json`)).stdout);
+    const m = await scrape(h1, volumeId);
+    expect(m.values).to.deep.equal({ success: 1, lastRun: status.finishedAt, lastSuccess: status.finishedAt, duration: status.finishedAt - status.startedAt });
   });
 
-  it("after a host reboot the volume is mounted again and the timer is active", async () => {
+  it("after a host reboot the volume is mounted again, the timer is active and catches up once on a missed run", async () => {
     const before = await manifest(h1, mountPath);
+    // As if the host had been off for two hours: the hourly timer's last run was before the last full hour.
+    const timer = `dboxed-volume-${volumeId}-backup.timer`;
+    await onHost(h1, `touch -d '-2 hours' /var/lib/systemd/timers/stamp-${timer}`);
     await onHost(h1, "systemctl reboot", { allowFailure: true });
     await new Promise((r) => setTimeout(r, 5000));
     let up = false;
@@ -180,6 +220,16 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     await onHost(h1, `date -s @${Math.floor(Date.now() / 1000)} >/dev/null`);
     const state = await onHost(h1, `findmnt -n -o FSTYPE ${mountPath}; systemctl is-active dboxed-volume-${volumeId}-backup.timer`);
     expect(state.stdout.trim().split("\n")).to.deep.equal([cur.filesystem ?? "ext4", "active"]);
+    expect((await manifest(h1, mountPath)).entries).to.deep.equal(before.entries);
+    // The missed run is made up once, right after boot (within the 5 s random delay), then the hourly schedule resumes.
+    const runs = () => onHost(h1, `journalctl -b -u dboxed-volume-${volumeId}-backup.service --no-pager -o cat | grep -c "backup of ${volumeId} done" || true`)
+      .then((r) => Number(r.stdout.trim()));
+    for (let i = 0; i < 60 && await runs() < 1; i++) await new Promise((r) => setTimeout(r, 2000));
+    expect(await runs(), "the missed backup was made up after boot").to.equal(1);
+    await new Promise((r) => setTimeout(r, 10000));
+    expect(await runs(), "made up once, not again").to.equal(1);
+    const next = await onHost(h1, `systemctl show -p NextElapseUSecRealtime --value ${timer} | xargs -I{} date -d {} +%s`);
+    expect(Number(next.stdout.trim()) % 3600, "the next run is at the full hour plus the volume's fixed offset").to.be.lessThan(5);
     expect((await manifest(h1, mountPath)).entries).to.deep.equal(before.entries);
   });
 

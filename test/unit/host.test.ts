@@ -6,12 +6,21 @@ import { layoutFor, mountUnitName, volumeEnv } from "../../provider/host/layout"
 import { parseLvs } from "../../provider/host/lvm";
 import { diffManifests, manifestScript, parseManifest } from "../../provider/host/manifest";
 import { isMasterKey, parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
-import { leaseUrl, sameHost } from "../../provider/storage/lease";
+import { leaseUrl, maintenanceUrl, sameHost } from "../../provider/storage/lease";
 import { diff, planDiff } from "../../provider/lifecycle/volume";
-import { curlConfig, mustSucceed } from "../../provider/lifecycle/steps";
+import { curlConfig, mustSucceed, pickSnapshot } from "../../provider/lifecycle/steps";
 import { hostKeyAlgorithms } from "../../provider/remote/ssh";
+import { backupTimer } from "../../provider/host/systemd";
 
 describe("host layout and units", () => {
+  it("the backup timer spreads its start by a fixed random delay and catches up once after downtime", () => {
+    const t = backupTimer(layoutFor({ volumeId: "pg", mountPath: "/srv/pg", filesystem: "ext4" }), "*:0/5", 120);
+    expect(t).to.match(/^OnCalendar=\*:0\/5$/m);
+    expect(t).to.match(/^RandomizedDelaySec=120s$/m);
+    expect(t).to.match(/^FixedRandomDelay=true$/m);
+    expect(t).to.match(/^Persistent=true$/m);
+  });
+
   it("escapes mount paths as systemd-escape --path does", () => {
     expect(mountUnitName("/srv/pgdata")).to.equal("srv-pgdata.mount");
     expect(mountUnitName("/srv/my-data/x")).to.equal("srv-my\\x2ddata-x.mount");
@@ -50,6 +59,7 @@ describe("host layout and units", () => {
       sizeBytes: 1 << 30,
       retention: { keepLast: 2, keepHourly: 6, keepDaily: 7, keepWeekly: 4, keepMonthly: 6, keepYearly: 1 },
       lease: { token: "tok'en$(id)", url: "http://h:9000/b/p-meta/volumes/v1/lease.json", region: "us-east-1", seconds: 600 },
+      maintenance: { url: "http://h:9000/b/p-meta/maintenance/", repository: "s3://b/p", pruneInterval: 86400, checkInterval: 604800, checkSubsets: 10, keepDelete: 82800 },
     });
     const out = execFileSync("sh", ["-c", `${env}\nprintf '%s|%s|%s' "$VG" "$LEASE_TOKEN" "$MOUNT_PATH"`]).toString();
     expect(out).to.equal("dbv-v1|tok'en$(id)|/srv/a");
@@ -80,6 +90,27 @@ describe("rustic", () => {
     expect(parseSnapshots(JSON.stringify([a, b])).map((s) => s.id)).to.deep.equal(["b", "a"]);
     expect(parseSnapshots(JSON.stringify([[{ hostname: "h" }, [a, b]]])).map((s) => s.id)).to.deep.equal(["b", "a"]);
     expect(parseSnapshots("")).to.deep.equal([]);
+  });
+});
+
+describe("clone sources", () => {
+  const snaps = [
+    { id: "aaaaaaaa1111" + "0".repeat(52), time: "2026-11-27T10:00:00Z", hostname: "dboxed-volume-src" },
+    { id: "aaaaaaaa2222" + "0".repeat(52), time: "2026-11-28T10:00:00Z", hostname: "dboxed-volume-src" },
+    { id: "bbbb3333" + "0".repeat(56), time: "2026-11-29T10:00:00Z", hostname: "dboxed-volume-src" },
+  ];
+  it("picks the latest, an id by unique prefix, or the newest at or before a time", () => {
+    expect(pickSnapshot(snaps, "src", "latest").id).to.match(/^bbbb3333/);
+    expect(pickSnapshot(snaps, "src", "aaaaaaaa2222").id).to.match(/^aaaaaaaa2222/);
+    expect(pickSnapshot(snaps, "src", "2026-11-28T10:00:00Z").id).to.match(/^aaaaaaaa2222/);
+    expect(pickSnapshot(snaps, "src", "2026-11-28T09:59:59Z").id).to.match(/^aaaaaaaa1111/);
+    expect(pickSnapshot(snaps, "src", "2026-12-01").id).to.match(/^bbbb3333/);
+  });
+  it("fails naming the field when nothing or more than one snapshot matches", () => {
+    expect(() => pickSnapshot(snaps, "src", "aaaaaaaa")).to.throw(/source\.snapshot: aaaaaaaa matches 2 snapshots of src: give more digits/);
+    expect(() => pickSnapshot(snaps, "src", "cccc4444")).to.throw(/source\.snapshot: volume src has no snapshot cccc4444/);
+    expect(() => pickSnapshot(snaps, "src", "2026-11-01T00:00:00Z")).to.throw(/source\.snapshot: .*no snapshot at or before .*oldest is of 2026-11-27/);
+    expect(() => pickSnapshot([], "src", "latest")).to.throw(/source\.volumeId: volume src has no snapshots/);
   });
 });
 
@@ -125,6 +156,7 @@ describe("leases and diff", () => {
     expect(sameHost({ address: "a", port: 22 }, { address: "a", port: 2222 })).to.equal(false);
     expect(leaseUrl("http://10.0.2.100:9000", "bkt", "p/q", "v1", true)).to.equal("http://10.0.2.100:9000/bkt/p/q-meta/volumes/v1/lease.json");
     expect(leaseUrl("https://s3.example.org", "bkt", "p", "v1", false)).to.equal("https://bkt.s3.example.org/p-meta/volumes/v1/lease.json");
+    expect(maintenanceUrl("http://10.0.2.100:9000", "bkt", "p/q", true)).to.equal("http://10.0.2.100:9000/bkt/p/q-meta/maintenance/");
   });
 
   it("a new host is an update (a move); a new filesystem or volumeGroup an update (a rebuild), never a replacement", async () => {

@@ -1,6 +1,10 @@
 // Who a volume belongs to and which machine it is on: default ids, host identity by pinned key,
 // lease ownership, and the check that keeps volume ids stable.
 import { expect } from "chai";
+import { execFileSync } from "child_process";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
 import { defaultVolumeId, legacyDefaultVolumeId } from "../../provider/volumeId";
 import { normalizeHostKey, sameHost, sameOwner, Lease } from "../../provider/storage/lease";
 import { claimedLease, otherInstance, ownsLease } from "../../provider/lifecycle/lease";
@@ -53,10 +57,20 @@ describe("default volume ids", () => {
   });
 });
 
+// A key from ssh-keygen: about 1 in 250 ed25519 keys from ssh2's generateKeyPairSync fail
+// ssh2's own parser ("Malformed OpenSSH private key"), which made this file flaky.
+const PRIVATE_KEY = (() => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "identity-test-"));
+  execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", path.join(dir, "k")]);
+  const key = fs.readFileSync(path.join(dir, "k"), "utf8");
+  fs.rmSync(dir, { recursive: true, force: true });
+  return key;
+})();
+
 function baseInputs() {
   return {
     volumeId: "v1", host: { address: "10.0.0.1", port: 22, user: "root", hostKey: KEY_A,
-      privateKey: require("ssh2").utils.generateKeyPairSync("ed25519").private },
+      privateKey: PRIVATE_KEY },
     size: "64MiB", mountPath: "/srv/a",
     repository: { endpoint: "http://s3:9000", localEndpoint: "http://127.0.0.1:9000", region: "us-east-1", bucket: "bkt", prefix: "p", forcePathStyle: true },
     accessKeyId: "a", secretAccessKey: "s", password: "password1",

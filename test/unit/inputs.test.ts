@@ -7,6 +7,7 @@ import * as path from "path";
 import * as volume from "../../provider/lifecycle/volume";
 import * as volumeProvider from "../../provider/lifecycle/volumeProvider";
 import { formatSize, parseSize } from "../../provider/inputs";
+import { effectiveRandomDelay } from "../../provider/lifecycle/steps";
 import { UNKNOWN } from "../../provider/lifecycle/unknowns";
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "inputs-test-"));
@@ -69,6 +70,13 @@ const badVolumes: [string, string, unknown][] = [
   ["accessKeyId", "accessKeyId", "AKIA\nuser = \"x:y\""],
   ["secretAccessKey", "secretAccessKey", "s\r\nurl = file:///etc/shadow"],
   ["repository.endpoint", "repository.endpoint", "http://h:9000\n[repository]"],
+  ["source.volumeId", "source", { volumeId: `v${metachars}` }],
+  ["source.volumeId", "source", { volumeId: "pgdata" }],
+  ["source.snapshot", "source", { volumeId: "other", snapshot: "yesterday" }],
+  ["source.snapshot", "source", { volumeId: "other", snapshot: "abc" }],
+  ["source.snapshot", "source", { volumeId: "other", snapshot: `2026-11-28${metachars}` }],
+  // A time without its zone would pick another snapshot on a machine in another zone.
+  ["source.snapshot", "source", { volumeId: "other", snapshot: "2026-11-28T10:00:00" }],
 ];
 
 describe("Volume check", () => {
@@ -93,6 +101,20 @@ describe("Volume check", () => {
     for (const bad of ["5s", "8d", "ten minutes", 59.5]) {
       const r = await volume.check({}, { ...goodVolume(), leaseDuration: bad });
       expect(r.failures.map((f) => f.reason).join()).to.match(/^leaseDuration: must be 60 seconds to 7 days/);
+    }
+  });
+
+  it("takes backupRandomDelay as seconds or with a unit (unset: a default the host's schedule decides), and refuses what is out of range", async () => {
+    expect((await volume.check({}, goodVolume())).inputs.backupRandomDelay).to.equal(undefined);
+    expect(effectiveRandomDelay(undefined, 300)).to.equal(120);
+    expect(effectiveRandomDelay(undefined, 20)).to.equal(10);
+    expect(effectiveRandomDelay(undefined, undefined)).to.equal(120);
+    expect(effectiveRandomDelay(0, 20)).to.equal(0);
+    expect((await volume.check({}, { ...goodVolume(), backupRandomDelay: "3m" })).inputs.backupRandomDelay).to.equal(180);
+    expect((await volume.check({}, { ...goodVolume(), backupRandomDelay: 0 })).inputs.backupRandomDelay).to.equal(0);
+    for (const bad of [-1, "2d", "soon", 1.5]) {
+      const r = await volume.check({}, { ...goodVolume(), backupRandomDelay: bad });
+      expect(r.failures.map((f) => f.reason).join()).to.match(/^backupRandomDelay: must be 0 seconds to 1 day/);
     }
   });
 

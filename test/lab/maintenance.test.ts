@@ -1,0 +1,227 @@
+// Repository maintenance lease: the agent's own functions (sourced from agent.sh, run by bash on
+// this machine) against the lab's real S3 server: compare-and-swap, not due, held, expiry and
+// takeover, many hosts racing, renewal during a long task, a lease written by another host or
+// not renewable (S3 stopped) stops the run, failed tasks (with and without a message). Then on
+// a lab host: a backup starts maintenance, refresh shows the last prune and check as outputs of
+// the VolumeProvider, and node-exporter serves the host's maintenance metrics.
+import { expect } from "chai";
+import { execFile } from "child_process";
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import { lab, onHost, Stack, stepByStep } from "./harness";
+import { restartS3, stopS3 } from "../../lab/lab";
+import { maintenanceUrl, readMaintenance } from "../../provider/storage/lease";
+
+const AGENT = path.join(__dirname, "..", "..", "provider", "host", "agent.sh");
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+describe("repository maintenance lease (agent functions against the lab's S3 server)", function () {
+  const prefix = `maint-${crypto.randomBytes(3).toString("hex")}`;
+  let dir: string;
+  let env: NodeJS.ProcessEnv;
+  const s3 = () => ({ ...lab().s3, prefix, forcePathStyle: true });
+  const record = () => readMaintenance(s3(), "prune");
+
+  /** Runs `maintain_task prune INTERVAL work` as host `me`; work logs to the shared log, sleeps, and fails if told to. */
+  function runTask(me: string, opts: { interval?: number; ttl?: number; workSeconds?: number; fail?: boolean; quiet?: boolean } = {}) {
+    const failure = opts.quiet ? "return 3" : 'echo "pack 1234 is damaged" >&2; return 3';
+    const script = `. ${JSON.stringify(AGENT)}
+work() { echo "${me} start $(date +%s.%N)" >> "$LOG"; sleep ${opts.workSeconds ?? 0}; echo "${me} end $(date +%s.%N)" >> "$LOG"; ${opts.fail ? failure : "true"}; }
+hostname() { echo host-${me}; }
+maintain_task prune ${opts.interval ?? 3600} work`;
+    return new Promise<{ code: number; out: string }>((resolve) => {
+      execFile("bash", ["-c", script], { env: { ...env, VOLUME_ID: me, MAINT_TTL: String(opts.ttl ?? 300) } }, (err, stdout, stderr) =>
+        resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr }));
+    });
+  }
+  const log = () => fs.existsSync(path.join(dir, "log")) ? fs.readFileSync(path.join(dir, "log"), "utf8").trim().split("\n").filter(Boolean) : [];
+  const put = async (body: Record<string, unknown>) => {
+    const { PutObjectCommand } = await import("@aws-sdk/client-s3");
+    const { s3Client } = await import("../../provider/storage/s3");
+    const c = s3Client(s3());
+    await c.send(new PutObjectCommand({ Bucket: s3().bucket, Key: `${prefix}-meta/maintenance/prune.json`, Body: JSON.stringify(body, null, 2) }));
+    c.destroy();
+  };
+  const now = () => Math.floor(Date.now() / 1000);
+
+  before(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "maint-"));
+    fs.writeFileSync(path.join(dir, "s3.curl"), `user = "${lab().s3.accessKeyId}:${lab().s3.secretAccessKey}"\n`, { mode: 0o600 });
+    fs.mkdirSync(path.join(dir, "metrics"));
+    env = { ...process.env, LOG: path.join(dir, "log"), CURL_CONFIG: path.join(dir, "s3.curl"), S3_REGION: lab().s3.region,
+      MAINT_URL: maintenanceUrl(lab().s3.endpoint, lab().s3.bucket, prefix, true), METRICS_DIR: path.join(dir, "metrics"),
+      REPOSITORY: `s3://${lab().s3.bucket}/${prefix}`, CHECK_SUBSETS: "10" };
+  });
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it("the first host creates the lease (If-None-Match), runs the task once and records it; the lease is free again", async () => {
+    const r = await runTask("a");
+    expect(r.code, r.out).to.equal(0);
+    expect(log().map((l) => l.split(" ").slice(0, 2).join(" "))).to.deep.equal(["a start", "a end"]);
+    const m = (await record())!;
+    expect([m.holder, m.expiresAt, m.runs, m.lastResult, m.lastHolder]).to.deep.equal(["", 0, 1, "ok", "a@host-a"]);
+    expect(Math.abs(m.lastRunAt - now())).to.be.lessThan(30);
+    const metric = fs.readdirSync(path.join(dir, "metrics")).map((f) => fs.readFileSync(path.join(dir, "metrics", f), "utf8")).join();
+    expect(metric).to.contain(`dboxed_repository_maintenance_success{task="prune",repository="s3://${lab().s3.bucket}/${prefix}"} 1`);
+  });
+
+  it("a task that is not due does not run", async () => {
+    const r = await runTask("b", { interval: 3600 });
+    expect(r.code, r.out).to.equal(0);
+    expect(log().length).to.equal(2);
+    expect((await record())!.runs).to.equal(1);
+  });
+
+  it("a lease held by a live holder is respected; an expired one is taken over", async () => {
+    const last = now() - 7200;
+    await put({ holder: "x@host-x", expiresAt: now() + 120, runs: 7, lastRunAt: last, lastResult: "ok", lastMessage: "ok", lastHolder: "x@host-x", lastDurationSeconds: 3, lastSubset: "" });
+    const held = await runTask("c", { interval: 60 });
+    expect(held.out).to.match(/maintenance prune: x@host-x runs it/);
+    expect(log().length).to.equal(2);
+    expect((await record())!.holder).to.equal("x@host-x");
+    await put({ holder: "x@host-x", expiresAt: now() - 1, runs: 7, lastRunAt: last, lastResult: "ok", lastMessage: "ok", lastHolder: "x@host-x", lastDurationSeconds: 3, lastSubset: "" });
+    const taken = await runTask("c", { interval: 60 });
+    expect(taken.code, taken.out).to.equal(0);
+    expect(log().slice(2).map((l) => l.split(" ").slice(0, 2).join(" "))).to.deep.equal(["c start", "c end"]);
+    const m = (await record())!;
+    expect([m.holder, m.runs, m.lastHolder, m.lastResult]).to.deep.equal(["", 8, "c@host-c", "ok"]);
+  });
+
+  it("of eight hosts racing for a due task exactly one runs it (compare-and-swap)", async () => {
+    await put({ holder: "", expiresAt: 0, runs: 8, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "c@host-c", lastDurationSeconds: 0, lastSubset: "" });
+    fs.rmSync(path.join(dir, "log"));
+    const rs = await Promise.all([1, 2, 3, 4, 5, 6, 7, 8].map((i) => runTask(`r${i}`, { interval: 60, workSeconds: 3 })));
+    for (const r of rs) expect(r.code, r.out).to.equal(0);
+    const starts = log().filter((l) => / start /.test(l));
+    expect(starts.length, log().join("\n")).to.equal(1);
+    expect((await record())!.runs).to.equal(9);
+  });
+
+  it("a task longer than the lease is renewed while it runs, so no other host starts it meanwhile", async () => {
+    await put({ holder: "", expiresAt: 0, runs: 9, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    fs.rmSync(path.join(dir, "log"));
+    // A 12 s lease renewed every 4 s; the task takes 20 s; others try at 6, 13 and 17 s (past the first expiry).
+    const long = runTask("long", { interval: 60, ttl: 12, workSeconds: 20 });
+    const tries: Promise<{ code: number; out: string }>[] = [];
+    for (const at of [6000, 7000, 4000]) { await sleep(at); tries.push(runTask(`late${at}`, { interval: 60, ttl: 12 })); }
+    const l = await long;
+    expect(l.code, l.out).to.equal(0);
+    for (const t of await Promise.all(tries)) expect(t.out).to.match(/long@host-long runs it/);
+    expect(log().filter((x) => / start /.test(x)).length, log().join("\n")).to.equal(1);
+    const m = (await record())!;
+    expect([m.holder, m.runs, m.lastHolder]).to.deep.equal(["", 10, "long@host-long"]);
+    expect(m.lastDurationSeconds).to.be.at.least(20);
+  });
+
+  it("a holder whose lease was taken meanwhile does not overwrite the new holder's record", async () => {
+    await put({ holder: "", expiresAt: 0, runs: 10, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    const slow = runTask("slow", { interval: 60, workSeconds: 6 });
+    await sleep(3000);
+    await put({ holder: "thief@host-t", expiresAt: now() + 600, runs: 11, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    const r = await slow;
+    expect(r.out).to.match(/its lease changed while it ran \(HTTP 412\): this run is not recorded/);
+    expect((await record())!.holder).to.equal("thief@host-t");
+  });
+
+  it("a holder whose lease another host wrote stops its run at the next renewal", async () => {
+    await put({ holder: "", expiresAt: 0, runs: 20, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    fs.rmSync(path.join(dir, "log"), { force: true });
+    const run = runTask("robbed", { interval: 60, ttl: 12, workSeconds: 20 });
+    await sleep(2000);
+    await put({ holder: "thief@host-t", expiresAt: now() + 600, runs: 21, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    const t0 = Date.now();
+    const r = await run;
+    expect(r.out).to.match(/maintenance prune: another host wrote its lease: stopping the run/);
+    expect(Date.now() - t0, "stopped long before its 20 s of work").to.be.lessThan(12_000);
+    expect(log().filter((l) => / end /.test(l)), "the work did not finish").to.deep.equal([]);
+    expect((await record())!.holder).to.equal("thief@host-t");
+  });
+
+  it("a holder that cannot reach S3 to renew stops its run before the lease expires", async () => {
+    await put({ holder: "", expiresAt: 0, runs: 30, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    fs.rmSync(path.join(dir, "log"), { force: true });
+    const run = runTask("cut", { interval: 60, ttl: 30, workSeconds: 60 });
+    await sleep(2000);
+    await stopS3(lab().dir);
+    let r: { code: number; out: string };
+    try {
+      r = await run;
+    } finally {
+      await restartS3(lab().dir);
+    }
+    expect(r.out).to.match(/maintenance prune: its lease could not be renewed before it expired: stopping the run/);
+    expect(log().filter((l) => / end /.test(l)), "the work did not finish").to.deep.equal([]);
+    // It stopped while its lease still held (taken for 30 s, stopped with 20 s to spare at the latest).
+    const m = (await record())!;
+    expect(m.holder).to.equal("cut@host-cut");
+    expect(m.expiresAt).to.be.greaterThan(now() - 25);
+  });
+
+  it("a task that fails without a word on stderr is recorded as failed with its exit code", async () => {
+    await put({ holder: "", expiresAt: 0, runs: 40, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    const r = await runTask("mute", { interval: 60, fail: true, quiet: true });
+    expect(r.code, r.out).to.equal(0);
+    const m = (await record())!;
+    expect([m.holder, m.lastResult, m.lastMessage, m.lastHolder]).to.deep.equal(["", "failed", "exit code 3", "mute@host-mute"]);
+  });
+
+  it("a failed task is recorded as failed with its message, and its metric says 0", async () => {
+    await put({ holder: "", expiresAt: 0, runs: 11, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    const r = await runTask("f", { interval: 60, fail: true });
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/maintenance prune: run 12 FAILED/);
+    const m = (await record())!;
+    expect([m.holder, m.lastResult, m.lastHolder]).to.deep.equal(["", "failed", "f@host-f"]);
+    expect(m.lastMessage).to.match(/pack 1234 is damaged/);
+    const metric = fs.readdirSync(path.join(dir, "metrics")).map((f) => fs.readFileSync(path.join(dir, "metrics", f), "utf8")).join();
+    expect(metric).to.contain(`dboxed_repository_maintenance_success{task="prune",repository="s3://${lab().s3.bucket}/${prefix}"} 0`);
+  });
+});
+
+describe("repository maintenance on a lab host: started by a backup, shown by refresh, scraped from node-exporter", function () {
+  const prefix = `mh-${crypto.randomBytes(3).toString("hex")}`;
+  const volumeId = `mh-${crypto.randomBytes(3).toString("hex")}`;
+  let stack: Stack;
+  stepByStep(this, () => stack.run(["destroy", "--yes", "--skip-preview"]));
+  const input = () => ({ provider: { s3: { prefix }, maintenance: { pruneInterval: 20, checkInterval: 20, checkSubsets: 3, keepDelete: "10m" } },
+    volumes: [{ name: "m", host: 0, args: { volumeId, size: "128MiB", mountPath: "/srv/maint", backupSchedule: "hourly" } }] });
+
+  before(async () => {
+    stack = new Stack("maint", "volumes");
+    await stack.init();
+  });
+
+  it("a backup starts prune and check (each run once, by this host); refresh shows them on the VolumeProvider", async () => {
+    const res = await stack.up(input());
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    const h = lab().hosts[0];
+    const unit = `dboxed-volume-${volumeId}-maintain.service`;
+    // The create's backup started maintenance; wait for it, then let the next backup start it again after the interval.
+    const settle = `while systemctl is-active -q ${unit} || [ "$(systemctl show -p ActiveState --value ${unit})" = activating ]; do sleep 1; done`;
+    await onHost(h, settle, { timeoutMs: 600_000 });
+    await sleep(21_000);
+    await onHost(h, `head -c 2000000 /dev/urandom > /srv/maint/f; systemctl start dboxed-volume-${volumeId}-backup.service; sleep 2; ${settle}`, { timeoutMs: 600_000 });
+    const journal = (await onHost(h, `journalctl -u ${unit} --no-pager -o cat`)).stdout;
+    expect(journal.match(/maintenance prune: run \d+ ok/g)?.length, journal).to.equal(2);
+    expect(journal.match(/maintenance check: run \d+ ok/g)?.length, journal).to.equal(2);
+    expect(journal).to.match(/maintenance check: run 2 \(data part 2\/3\)/);
+    const refresh = await stack.run(["refresh", "--yes", "--skip-preview"]);
+    expect(refresh.code, refresh.stdout + refresh.stderr).to.equal(0);
+    const p = await stack.resourceOutputs("store");
+    const hostname = (await onHost(h, "hostname")).stdout.trim();
+    expect(p.lastPrune).to.include({ result: "ok", host: `${volumeId}@${hostname}`, runs: 2 });
+    expect(p.lastCheck).to.include({ result: "ok", host: `${volumeId}@${hostname}`, runs: 2, subset: "2/3" });
+    const metrics = (await onHost(h, "curl -fsS http://127.0.0.1:9100/metrics")).stdout;
+    expect(metrics).to.match(new RegExp(`dboxed_repository_maintenance_success\\{repository="s3://${lab().s3.bucket}/${prefix}",task="check"\\} 1`));
+    expect(metrics).to.match(new RegExp(`dboxed_repository_maintenance_success\\{repository="s3://${lab().s3.bucket}/${prefix}",task="prune"\\} 1`));
+  });
+
+  it("destroy removes the volume and its maintenance unit", async () => {
+    const res = await stack.run(["destroy", "--yes", "--skip-preview"]);
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    const left = await onHost(lab().hosts[0], `ls /etc/systemd/system | grep -c ${volumeId} || true`);
+    expect(left.stdout.trim()).to.equal("0");
+  });
+});
