@@ -25,7 +25,8 @@ step() {
   local err; err=$(mktemp)
   if ! "$@" > "$out" 2> "$err"; then
     cat "$err" >&2
-    local tail_; tail_=$(tail -n 3 "$err" | tr '\n' ' ')
+    # The last lines that say something (rustic ends with a backtrace notice).
+    local tail_; tail_=$( { grep -v -i -e backtrace -e '^[[:space:]]*$' "$err" || true; } | tail -n 3 | tr '\n' ' ')
     rm -f "$err"
     die "$desc failed: $tail_"
   fi
@@ -286,9 +287,24 @@ backup() {
   # follows snapshots that the previous holder's runs already thinned.
   if [ -e "$STATE_DIR/retention-started" ]; then
     echo "applying retention"
-    step "rustic forget" /dev/null rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
-      --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
-      --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY"
+    # forget reads every snapshot file of the repository before it filters: another volume's
+    # forget may delete one in between (a 404, seen in the soak test). A fresh listing is past it.
+    local attempt
+    for attempt in 1 2; do
+      if rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
+        --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
+        --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY" > /dev/null 2> "$STATE_DIR/forget.err"; then
+        cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
+      fi
+      cat "$STATE_DIR/forget.err" >&2
+      if [ "$attempt" = 2 ]; then
+        local tail_; tail_=$(grep -v '^[[:space:]]*$' "$STATE_DIR/forget.err" | grep -v -i 'backtrace' | tail -n 3 | tr '\n' ' ' || true)
+        rm -f "$STATE_DIR/forget.err"
+        die "rustic forget failed: $tail_"
+      fi
+      echo "rustic forget failed; listing the snapshots again" >&2
+      sleep 2
+    done
     timing forget
   else
     touch "$STATE_DIR/retention-started"
