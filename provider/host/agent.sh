@@ -107,6 +107,9 @@ write_status() { # write_status STATUS SNAPSHOT_ID MESSAGE
   mv -f "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom.tmp" "$METRICS_DIR/dboxed_volume_$VOLUME_ID.prom"
 }
 
+# etag_of HEADERS: the ETag of a response whose headers curl saved with -D (empty when none).
+etag_of() { [ -e "$1" ] || return 0; tr -d '\r' < "$1" | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1; }
+
 # Fencing: a host backs up only while the volume's lease in S3 carries the token it was given.
 # A move hands the lease to the new host with a new token, so a stale old host is refused.
 check_lease() {
@@ -140,7 +143,7 @@ renew_lease() {
     fi
     # A lease without expiry (written by an older provider) gets one at the provider's next write.
     if [ -z "${LEASE_SECONDS:-}" ] || ! grep -q '^  "expiresAt": [0-9]*,\{0,1\}$' "$dir/b"; then rm -rf "$dir"; return 0; fi
-    etag=$(tr -d '\r' < "$dir/h" | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1)
+    etag=$(etag_of "$dir/h")
     [ -n "$etag" ] || { rm -rf "$dir"; die "the lease of $VOLUME_ID came without an ETag: cannot renew it"; }
     sed "s/^  \"expiresAt\": [0-9]*/  \"expiresAt\": $(( $(date +%s) + LEASE_SECONDS ))/" "$dir/b" > "$dir/n"
     code=$(curl -sS -m 60 -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$dir/n" -H "Content-Type: application/json" \
@@ -332,7 +335,7 @@ s3_put_cas() { # s3_put_cas URL FILE ETAG DIR: PUT only if the object still has 
   code=$(curl -sS -m 60 -D "$4/ph" -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$2" -H "Content-Type: application/json" \
     -H "$cond" -H "x-amz-content-sha256: $(sha256sum < "$2" | cut -c1-64)" \
     --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$1" 2>/dev/null) || code=000
-  tr -d '\r' < "$4/ph" 2>/dev/null | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1 > "$4/etag" || true
+  etag_of "$4/ph" > "$4/etag"
   echo "$code"
 }
 
@@ -383,7 +386,7 @@ maint_renew() {
       # Our write may have landed with its answer lost: the lease is still ours if it names us.
       c=$(s3_get "$url" "$dir/r")
       if [ "$c" = 200 ] && [ "$(mfield holder "$dir/r/b")" = "$me" ]; then
-        tr -d '\r' < "$dir/r/h" | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1 > "$dir/cur"; return 2
+        etag_of "$dir/r/h" > "$dir/cur"; return 2
       fi
       [ "$c" = 200 ] && return 1
       return 2 ;;
@@ -399,7 +402,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   dir=$(mktemp -d)
   code=$(s3_get "$url" "$dir")
   case "$code" in
-    200) etag=$(tr -d '\r' < "$dir/h" | sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' | tail -n1) ;;
+    200) etag=$(etag_of "$dir/h") ;;
     404) etag=""; : > "$dir/b" ;;
     *) echo "maintenance $task: cannot read its lease (HTTP $code): skipped" >&2; rm -rf "$dir"; return 0 ;;
   esac

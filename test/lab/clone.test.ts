@@ -3,7 +3,7 @@
 // unchanged. A source that matches nothing fails before anything is claimed or made.
 import { expect } from "chai";
 import * as crypto from "crypto";
-import { lab, labLease, onHost, Stack, stepByStep } from "./harness";
+import { installHeartbeat, lab, labLease, onHost, Stack, stepByStep } from "./harness";
 import { manifest, Manifest } from "./manifest";
 import { parseSnapshots, Snapshot } from "../../provider/host/rustic";
 import type { LabHost } from "../../lab/lab";
@@ -39,13 +39,7 @@ describe("clone from a snapshot (real pulumi, lab hosts)", function () {
   before(async () => {
     [h1, h2] = lab().hosts;
     // The source's application: a heartbeat on the volume, outside the data the clones compare.
-    await onHost(h1, `cat > /etc/systemd/system/${writer} <<UNIT
-[Unit]
-RequiresMountsFor=${srcPath}
-[Service]
-ExecStart=/bin/bash -c 'while true; do date +%%s > ${srcPath}/heartbeat; sleep 1; done'
-UNIT
-systemctl daemon-reload`);
+    await installHeartbeat(h1, writer, srcPath);
     stack = new Stack("clone", "volumes");
     await stack.init();
   });

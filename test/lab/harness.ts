@@ -24,6 +24,17 @@ export function labLease(prefix: string, volumeId: string) {
     accessKeyId: s.accessKeyId, secretAccessKey: s.secretAccessKey }, volumeId);
 }
 
+/** Installs (not starts) an application unit on h that rewrites <mountPath>/heartbeat every second while it runs. */
+export async function installHeartbeat(h: LabHost, unit: string, mountPath: string) {
+  await onHost(h, `cat > /etc/systemd/system/${unit} <<UNIT
+[Unit]
+RequiresMountsFor=${mountPath}
+[Service]
+ExecStart=/bin/bash -c 'while true; do date +%%s.%%N > ${mountPath}/heartbeat; sleep 1; done'
+UNIT
+systemctl daemon-reload`);
+}
+
 /** Runs a script as root on a lab host and returns stdout; throws on a non-zero exit. */
 export async function onHost(h: LabHost, script: string, opts: { allowFailure?: boolean; timeoutMs?: number } = {}) {
   const r = await Remote.connect(hostTarget(h), { attempts: 3 });

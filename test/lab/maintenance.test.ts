@@ -45,6 +45,10 @@ maintain_task prune ${opts.interval ?? 3600} work`;
     c.destroy();
   };
   const now = () => Math.floor(Date.now() / 1000);
+  /** A lease record as the agent writes it: by default free, its last run two hours ago. */
+  const lease = (over: Record<string, unknown> = {}) => ({ holder: "", expiresAt: 0, runs: 0, lastRunAt: now() - 7200, lastResult: "ok",
+    lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "", ...over });
+  const metricsText = () => fs.readdirSync(path.join(dir, "metrics")).map((f) => fs.readFileSync(path.join(dir, "metrics", f), "utf8")).join();
 
   before(() => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), "maint-"));
@@ -63,7 +67,7 @@ maintain_task prune ${opts.interval ?? 3600} work`;
     const m = (await record())!;
     expect([m.holder, m.expiresAt, m.runs, m.lastResult, m.lastHolder]).to.deep.equal(["", 0, 1, "ok", "a@host-a"]);
     expect(Math.abs(m.lastRunAt - now())).to.be.lessThan(30);
-    const metric = fs.readdirSync(path.join(dir, "metrics")).map((f) => fs.readFileSync(path.join(dir, "metrics", f), "utf8")).join();
+    const metric = metricsText();
     expect(metric).to.contain(`dboxed_repository_maintenance_success{task="prune",repository="s3://${lab().s3.bucket}/${prefix}"} 1`);
   });
 
@@ -76,12 +80,12 @@ maintain_task prune ${opts.interval ?? 3600} work`;
 
   it("a lease held by a live holder is respected; an expired one is taken over", async () => {
     const last = now() - 7200;
-    await put({ holder: "x@host-x", expiresAt: now() + 120, runs: 7, lastRunAt: last, lastResult: "ok", lastMessage: "ok", lastHolder: "x@host-x", lastDurationSeconds: 3, lastSubset: "" });
+    await put(lease({ holder: "x@host-x", expiresAt: now() + 120, runs: 7, lastRunAt: last, lastHolder: "x@host-x", lastDurationSeconds: 3 }));
     const held = await runTask("c", { interval: 60 });
     expect(held.out).to.match(/maintenance prune: x@host-x runs it/);
     expect(log().length).to.equal(2);
     expect((await record())!.holder).to.equal("x@host-x");
-    await put({ holder: "x@host-x", expiresAt: now() - 1, runs: 7, lastRunAt: last, lastResult: "ok", lastMessage: "ok", lastHolder: "x@host-x", lastDurationSeconds: 3, lastSubset: "" });
+    await put(lease({ holder: "x@host-x", expiresAt: now() - 1, runs: 7, lastRunAt: last, lastHolder: "x@host-x", lastDurationSeconds: 3 }));
     const taken = await runTask("c", { interval: 60 });
     expect(taken.code, taken.out).to.equal(0);
     expect(log().slice(2).map((l) => l.split(" ").slice(0, 2).join(" "))).to.deep.equal(["c start", "c end"]);
@@ -90,7 +94,7 @@ maintain_task prune ${opts.interval ?? 3600} work`;
   });
 
   it("of eight hosts racing for a due task exactly one runs it (compare-and-swap)", async () => {
-    await put({ holder: "", expiresAt: 0, runs: 8, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "c@host-c", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ runs: 8, lastHolder: "c@host-c" }));
     fs.rmSync(path.join(dir, "log"));
     const rs = await Promise.all([1, 2, 3, 4, 5, 6, 7, 8].map((i) => runTask(`r${i}`, { interval: 60, workSeconds: 3 })));
     for (const r of rs) expect(r.code, r.out).to.equal(0);
@@ -100,7 +104,7 @@ maintain_task prune ${opts.interval ?? 3600} work`;
   });
 
   it("a task longer than the lease is renewed while it runs, so no other host starts it meanwhile", async () => {
-    await put({ holder: "", expiresAt: 0, runs: 9, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ runs: 9 }));
     fs.rmSync(path.join(dir, "log"));
     // A 12 s lease renewed every 4 s; the task takes 20 s; others try at 6, 13 and 17 s (past the first expiry).
     const long = runTask("long", { interval: 60, ttl: 12, workSeconds: 20 });
@@ -116,21 +120,21 @@ maintain_task prune ${opts.interval ?? 3600} work`;
   });
 
   it("a holder whose lease was taken meanwhile does not overwrite the new holder's record", async () => {
-    await put({ holder: "", expiresAt: 0, runs: 10, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ runs: 10 }));
     const slow = runTask("slow", { interval: 60, workSeconds: 6 });
     await sleep(3000);
-    await put({ holder: "thief@host-t", expiresAt: now() + 600, runs: 11, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ holder: "thief@host-t", expiresAt: now() + 600, runs: 11 }));
     const r = await slow;
     expect(r.out).to.match(/its lease changed while it ran \(HTTP 412\): this run is not recorded/);
     expect((await record())!.holder).to.equal("thief@host-t");
   });
 
   it("a holder whose lease another host wrote stops its run at the next renewal", async () => {
-    await put({ holder: "", expiresAt: 0, runs: 20, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ runs: 20 }));
     fs.rmSync(path.join(dir, "log"), { force: true });
     const run = runTask("robbed", { interval: 60, ttl: 12, workSeconds: 20 });
     await sleep(2000);
-    await put({ holder: "thief@host-t", expiresAt: now() + 600, runs: 21, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ holder: "thief@host-t", expiresAt: now() + 600, runs: 21 }));
     const t0 = Date.now();
     const r = await run;
     expect(r.out).to.match(/maintenance prune: another host wrote its lease: stopping the run/);
@@ -140,7 +144,7 @@ maintain_task prune ${opts.interval ?? 3600} work`;
   });
 
   it("a holder that cannot reach S3 to renew stops its run before the lease expires", async () => {
-    await put({ holder: "", expiresAt: 0, runs: 30, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ runs: 30 }));
     fs.rmSync(path.join(dir, "log"), { force: true });
     const run = runTask("cut", { interval: 60, ttl: 30, workSeconds: 60 });
     await sleep(2000);
@@ -160,7 +164,7 @@ maintain_task prune ${opts.interval ?? 3600} work`;
   });
 
   it("a task that fails without a word on stderr is recorded as failed with its exit code", async () => {
-    await put({ holder: "", expiresAt: 0, runs: 40, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ runs: 40 }));
     const r = await runTask("mute", { interval: 60, fail: true, quiet: true });
     expect(r.code, r.out).to.equal(0);
     const m = (await record())!;
@@ -168,14 +172,14 @@ maintain_task prune ${opts.interval ?? 3600} work`;
   });
 
   it("a failed task is recorded as failed with its message, and its metric says 0", async () => {
-    await put({ holder: "", expiresAt: 0, runs: 11, lastRunAt: now() - 7200, lastResult: "ok", lastMessage: "ok", lastHolder: "x", lastDurationSeconds: 0, lastSubset: "" });
+    await put(lease({ runs: 11 }));
     const r = await runTask("f", { interval: 60, fail: true });
     expect(r.code, r.out).to.equal(0);
     expect(r.out).to.match(/maintenance prune: run 12 FAILED/);
     const m = (await record())!;
     expect([m.holder, m.lastResult, m.lastHolder]).to.deep.equal(["", "failed", "f@host-f"]);
     expect(m.lastMessage).to.match(/pack 1234 is damaged/);
-    const metric = fs.readdirSync(path.join(dir, "metrics")).map((f) => fs.readFileSync(path.join(dir, "metrics", f), "utf8")).join();
+    const metric = metricsText();
     expect(metric).to.contain(`dboxed_repository_maintenance_success{task="prune",repository="s3://${lab().s3.bucket}/${prefix}"} 0`);
   });
 });

@@ -9,7 +9,7 @@ import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
-import { lab, labLease, onHost, Stack, stepByStep } from "./harness";
+import { installHeartbeat, lab, labLease, onHost, Stack, stepByStep } from "./harness";
 import { manifest, Manifest } from "./manifest";
 import type { LabHost } from "../../lab/lab";
 
@@ -50,16 +50,8 @@ describe("undoing a move by setting host back (real pulumi, lab hosts)", functio
 
   before(async () => {
     [h1, h2] = lab().hosts;
-    for (const h of [h1, h2]) {
-      // The application: keeps a heartbeat file on the volume while it runs.
-      await onHost(h, `cat > /etc/systemd/system/${service} <<UNIT
-[Unit]
-RequiresMountsFor=${mountPath}
-[Service]
-ExecStart=/bin/bash -c 'while true; do date +%%s.%%N > ${mountPath}/heartbeat; sleep 1; done'
-UNIT
-systemctl daemon-reload`);
-    }
+    // The application: keeps a heartbeat file on the volume while it runs.
+    for (const h of [h1, h2]) await installHeartbeat(h, service, mountPath);
     stack = new Stack("undo", "volumes");
     await stack.init();
   });
