@@ -479,13 +479,31 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
 
 check_repository() { rustic_ check --read-data --read-data-subset "$MAINT_SUBSET"; }
 
+# rustic prune lists the snapshots after it read the index: a backup of another volume that
+# finishes in between leaves a tree prune cannot find, and prune stops before changing
+# anything ("... not found in index"). That is a race, not damage: try again, at most 3 times.
+prune_repository() {
+  local i rc out
+  out=$(mktemp)
+  for i in 1 2 3; do
+    rc=0
+    rustic_ prune --keep-delete "${KEEP_DELETE}s" 2> "$out" || rc=$?
+    if [ "$rc" != 0 ] && [ "$i" -lt 3 ] && grep -qi 'not found in index' "$out"; then
+      echo "prune: a concurrent backup changed the repository while prune read it: trying again (attempt $((i + 1)) of 3)" >&2
+      sleep $((5 * i)); continue
+    fi
+    cat "$out" >&2; rm -f "$out"
+    return "$rc"
+  done
+}
+
 maintain() {
   load "$1"
   [ -n "${MAINT_URL:-}" ] || { echo "volume $VOLUME_ID has no maintenance settings"; return 0; }
   # One maintenance run per host at a time, whichever volume starts it.
   exec 8>/run/dboxed-volumes-maintenance.lock
   flock -n 8 || { echo "another volume's maintenance runs on this host"; return 0; }
-  maintain_task prune "$PRUNE_INTERVAL" rustic_ prune --keep-delete "${KEEP_DELETE}s"
+  maintain_task prune "$PRUNE_INTERVAL" prune_repository
   maintain_task check "$CHECK_INTERVAL" check_repository
 }
 

@@ -184,6 +184,43 @@ maintain_task prune ${opts.interval ?? 3600} work`;
   });
 });
 
+describe("prune under concurrent backups (the agent's prune_repository, rustic's answers replayed)", function () {
+  // The soak saw rustic prune stop with "Tree ID ... not found in index" while other volumes
+  // backed up: a snapshot written between prune's reads of the index and of the snapshots.
+  const prune = (answers: string[]) => new Promise<{ code: number; out: string; calls: number }>((resolve) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "prune-"));
+    const script = `. ${JSON.stringify(AGENT)}
+sleep() { :; }
+rustic_() { n=$(cat ${dir}/n 2>/dev/null || echo 0); n=$((n + 1)); echo $n > ${dir}/n
+  case "$(sed -n "\${n}p" ${dir}/answers)" in ok) echo "pruned" >&2; return 0 ;; race) echo "error: Tree ID 4f1a2b7c not found in index" >&2; return 1 ;; *) echo "error: pack 99 is damaged" >&2; return 1 ;; esac; }
+KEEP_DELETE=300 prune_repository`;
+    fs.writeFileSync(path.join(dir, "answers"), answers.join("\n") + "\n");
+    execFile("bash", ["-c", script], (err, stdout, stderr) => {
+      const calls = Number(fs.readFileSync(path.join(dir, "n"), "utf8"));
+      fs.rmSync(dir, { recursive: true, force: true });
+      resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr, calls });
+    });
+  });
+
+  it("a prune that met a concurrent backup's new snapshot is tried again and succeeds", async () => {
+    const r = await prune(["race", "ok"]);
+    expect([r.code, r.calls], r.out).to.deep.equal([0, 2]);
+    expect(r.out).to.match(/concurrent backup changed the repository while prune read it: trying again \(attempt 2 of 3\)/);
+  });
+
+  it("it gives up after three such answers and fails with rustic's message", async () => {
+    const r = await prune(["race", "race", "race", "ok"]);
+    expect([r.code, r.calls], r.out).to.deep.equal([1, 3]);
+    expect(r.out).to.match(/not found in index/);
+  });
+
+  it("any other failure is not retried", async () => {
+    const r = await prune(["damaged", "ok"]);
+    expect([r.code, r.calls], r.out).to.deep.equal([1, 1]);
+    expect(r.out).to.match(/pack 99 is damaged/);
+  });
+});
+
 describe("repository maintenance on a lab host: started by a backup, shown by refresh, scraped from node-exporter", function () {
   const prefix = `mh-${crypto.randomBytes(3).toString("hex")}`;
   const volumeId = `mh-${crypto.randomBytes(3).toString("hex")}`;
