@@ -184,38 +184,50 @@ maintain_task prune ${opts.interval ?? 3600} work`;
   });
 });
 
-describe("prune under concurrent backups (the agent's prune_repository, rustic's answers replayed)", function () {
-  // The soak saw rustic prune stop with "Tree ID ... not found in index" while other volumes
-  // backed up: a snapshot written between prune's reads of the index and of the snapshots.
-  const prune = (answers: string[]) => new Promise<{ code: number; out: string; calls: number }>((resolve) => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "prune-"));
+describe("prune and check under concurrent backups (the agent's retry_race, rustic's answers replayed)", function () {
+  // The soak saw both stop on races with other volumes: a snapshot saved after prune had read the
+  // index ("Tree ID ... not found in index"), and a snapshot forgotten after it was listed (404).
+  const answer = {
+    ok: 'echo "done" >&2; return 0',
+    index: 'echo "error: Tree ID 4f1a2b7c not found in index" >&2; return 1',
+    gone: 'echo "NotFound (persistent) at read, context: { path: snapshots/2ea66231, response: Parts { status: 404 } } => S3Error { code: NoSuchKey }" >&2; return 1',
+    damaged: 'echo "error: pack 99 is damaged" >&2; return 1',
+  };
+  const run = (fn: string, answers: (keyof typeof answer)[]) => new Promise<{ code: number; out: string; calls: number; args: string }>((resolve) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "race-"));
+    answers.forEach((a, k) => fs.writeFileSync(path.join(dir, `a${k + 1}`), answer[a]));
     const script = `. ${JSON.stringify(AGENT)}
 sleep() { :; }
-rustic_() { n=$(cat ${dir}/n 2>/dev/null || echo 0); n=$((n + 1)); echo $n > ${dir}/n
-  case "$(sed -n "\${n}p" ${dir}/answers)" in ok) echo "pruned" >&2; return 0 ;; race) echo "error: Tree ID 4f1a2b7c not found in index" >&2; return 1 ;; *) echo "error: pack 99 is damaged" >&2; return 1 ;; esac; }
-KEEP_DELETE=300 prune_repository`;
-    fs.writeFileSync(path.join(dir, "answers"), answers.join("\n") + "\n");
+rustic_() { n=$(cat ${dir}/n 2>/dev/null || echo 0); n=$((n + 1)); echo $n > ${dir}/n; echo "$*" > ${dir}/args; . ${dir}/a$n; }
+KEEP_DELETE=300 MAINT_SUBSET=2/4 ${fn}`;
     execFile("bash", ["-c", script], (err, stdout, stderr) => {
       const calls = Number(fs.readFileSync(path.join(dir, "n"), "utf8"));
+      const args = fs.readFileSync(path.join(dir, "args"), "utf8").trim();
       fs.rmSync(dir, { recursive: true, force: true });
-      resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr, calls });
+      resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr, calls, args });
     });
   });
 
-  it("a prune that met a concurrent backup's new snapshot is tried again and succeeds", async () => {
-    const r = await prune(["race", "ok"]);
-    expect([r.code, r.calls], r.out).to.deep.equal([0, 2]);
-    expect(r.out).to.match(/concurrent backup changed the repository while prune read it: trying again \(attempt 2 of 3\)/);
+  it("a prune that met a backup's new snapshot is tried again and succeeds", async () => {
+    const r = await run("prune_repository", ["index", "ok"]);
+    expect([r.code, r.calls, r.args], r.out).to.deep.equal([0, 2, "prune --keep-delete 300s"]);
+    expect(r.out).to.match(/prune: the repository changed while prune read it .*: trying again \(attempt 2 of 3\)/);
+  });
+
+  it("a check that met a forgotten snapshot (404) is tried again and succeeds", async () => {
+    const r = await run("check_repository", ["gone", "ok"]);
+    expect([r.code, r.calls, r.args], r.out).to.deep.equal([0, 2, "check --read-data --read-data-subset 2/4"]);
+    expect(r.out).to.match(/check: the repository changed while check read it/);
   });
 
   it("it gives up after three such answers and fails with rustic's message", async () => {
-    const r = await prune(["race", "race", "race", "ok"]);
+    const r = await run("prune_repository", ["index", "gone", "index", "ok"]);
     expect([r.code, r.calls], r.out).to.deep.equal([1, 3]);
-    expect(r.out).to.match(/not found in index/);
+    expect(r.out).to.match(/not found in index\s*$/);
   });
 
   it("any other failure is not retried", async () => {
-    const r = await prune(["damaged", "ok"]);
+    const r = await run("check_repository", ["damaged", "ok"]);
     expect([r.code, r.calls], r.out).to.deep.equal([1, 1]);
     expect(r.out).to.match(/pack 99 is damaged/);
   });
