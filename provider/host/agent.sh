@@ -19,14 +19,28 @@ die() {
   exit 1
 }
 
+# said FILE: the last lines of a tool's stderr that say something, on one line (rustic ends an
+# error with a backtrace notice and headings such as "Some additional details ...").
+said() {
+  { grep -v -i -E -e 'backtrace' -e '^[[:space:]]*$' -e '^(Some additional details|Message:|Context:|Caused by:)' "$1" || true; } \
+    | tail -n 3 | tr '\n' ' ' | cut -c1-1500
+}
+
+# race FILE: whether a failed rustic run's stderr shows the repository changing under it, not
+# damage. rustic reads the index, then snapshots, trees and packs, while other volumes back up,
+# forget and (on another host) prune: a snapshot saved after the index was read has trees the run
+# cannot find ("... not found in index"); a snapshot forgotten, or an index file or pack that a
+# prune replaced, after it was listed answers 404 (NoSuchKey). All were seen in the soak test. A
+# new run reads a fresh index and listing, so such a race does not repeat; damage does.
+race() { grep -qiE 'not found in index|NoSuchKey|status: 404' "$1"; }
+
 # step DESCRIPTION STDOUT_FILE COMMAND...: runs COMMAND; on failure dies with its last stderr lines.
 step() {
   local desc=$1 out=$2; shift 2
   local err; err=$(mktemp)
   if ! "$@" > "$out" 2> "$err"; then
     cat "$err" >&2
-    # The last lines that say something (rustic ends with a backtrace notice).
-    local tail_; tail_=$( { grep -v -i -e backtrace -e '^[[:space:]]*$' "$err" || true; } | tail -n 3 | tr '\n' ' ')
+    local tail_; tail_=$(said "$err")
     rm -f "$err"
     die "$desc failed: $tail_"
   fi
@@ -255,11 +269,18 @@ backup() {
     src=$SNAP_MNT
   fi
   echo "backing up $MOUNT_PATH as host $RUSTIC_HOST"
-  local rc=0 err; err=$(mktemp)
-  rustic_ backup --json --host "$RUSTIC_HOST" --label "$VOLUME_ID" \
-    --tag dboxed-volume --tag "volume-$VOLUME_ID" --as-path / --no-scan -x --group-by host,label,paths "$src" \
-    > "$STATE_DIR/last-backup.json" 2> "$err" || rc=$?
-  cat "$err" >&2
+  local rc err attempt; err=$(mktemp)
+  for attempt in 1 2 3; do
+    rc=0
+    rustic_ backup --json --host "$RUSTIC_HOST" --label "$VOLUME_ID" \
+      --tag dboxed-volume --tag "volume-$VOLUME_ID" --as-path / --no-scan -x --group-by host,label,paths "$src" \
+      > "$STATE_DIR/last-backup.json" 2> "$err" || rc=$?
+    cat "$err" >&2
+    # A failed run saved no snapshot (its packs are left for prune): running it again is safe.
+    [ "$rc" != 0 ] && [ "$attempt" -lt 3 ] && race "$err" || break
+    echo "the repository changed while rustic backup read it (another host's prune or forget): trying again (attempt $((attempt + 1)) of 3)" >&2
+    sleep $((2 * attempt))
+  done
   SNAPSHOT_ID=$(grep -o '"id": *"[0-9a-f]\{64\}"' "$STATE_DIR/last-backup.json" | head -n1 | grep -o '[0-9a-f]\{64\}' || true)
   timing rustic
   if [ "$FINAL" = 0 ] && ! snapshot_valid; then
@@ -272,7 +293,7 @@ backup() {
     die "the lvm2 snapshot overflowed: the volume changed by more than its snapshot space ($((SNAPSHOT_BYTES / 1048576)) MiB) while the backup read it; the incomplete snapshot was discarded. Raise snapshotSpace (volumes in a shared volumeGroup) or back up when the volume is quieter"
   fi
   if [ "$rc" != 0 ]; then
-    local tail_; tail_=$(tail -n 3 "$err" | tr '\n' ' '); rm -f "$err"
+    local tail_; tail_=$(said "$err"); rm -f "$err"
     die "rustic backup failed: $tail_"
   fi
   rm -f "$err"
@@ -291,22 +312,23 @@ backup() {
   if [ -e "$STATE_DIR/retention-started" ]; then
     echo "applying retention"
     # forget reads every snapshot file of the repository before it filters: another volume's
-    # forget may delete one in between (a 404, seen in the soak test). A fresh listing is past it.
+    # forget may delete one in between (a 404, seen in the soak test). A fresh listing is past it;
+    # with many volumes forgetting every few minutes it may take a few.
     local attempt
-    for attempt in 1 2; do
+    for attempt in 1 2 3 4; do
       if rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
         --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
         --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY" > /dev/null 2> "$STATE_DIR/forget.err"; then
         cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
       fi
       cat "$STATE_DIR/forget.err" >&2
-      if [ "$attempt" = 2 ]; then
-        local tail_; tail_=$(grep -v '^[[:space:]]*$' "$STATE_DIR/forget.err" | grep -v -i 'backtrace' | tail -n 3 | tr '\n' ' ' || true)
+      if [ "$attempt" = 4 ] || ! race "$STATE_DIR/forget.err"; then
+        local tail_; tail_=$(said "$STATE_DIR/forget.err")
         rm -f "$STATE_DIR/forget.err"
         die "rustic forget failed: $tail_"
       fi
-      echo "rustic forget failed; listing the snapshots again" >&2
-      sleep 2
+      echo "rustic forget met another volume's forget; listing the snapshots again (attempt $((attempt + 1)) of 4)" >&2
+      sleep $((2 * attempt))
     done
     timing forget
   else
@@ -464,7 +486,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   fi
   if [ "$rc" != 0 ]; then
     result=failed
-    msg=$( { grep -v '^[[:space:]]*$' "$err" || true; } | tail -n 3 | tr '\n' ' ')
+    msg=$(said "$err")
     [ -n "$msg" ] || msg="exit code $rc"
     cat "$err" >&2
   fi
@@ -477,20 +499,15 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   if [ "$result" = ok ]; then echo "maintenance $task: run $runs ok in $dur s"; else echo "maintenance $task: run $runs FAILED in $dur s: $msg" >&2; fi
 }
 
-# prune and check read the index, then every snapshot, then trees and packs, while other volumes
-# back up, forget and (on another host) prune. A snapshot saved after the index was read has trees
-# the run cannot find ("... not found in index"); one forgotten or a pack deleted after it was
-# listed answers 404 (NoSuchKey). Both were seen in the soak test. A new run reads a fresh index
-# and listing: such a race does not repeat, while real damage fails every attempt. At most 3.
+# prune and check meet the same races as a backup (see race): tried again, at most 3 times.
 retry_race() { # retry_race NAME COMMAND...
   local name=$1 i rc out; shift
   out=$(mktemp)
   for i in 1 2 3; do
     rc=0
     "$@" 2> "$out" || rc=$?
-    if [ "$rc" != 0 ] && [ "$i" -lt 3 ] && grep -qiE 'not found in index|NoSuchKey|status: 404' "$out"; then
-      echo "$name: the repository changed while $name read it (another volume's backup, forget or prune): trying again (attempt $((i + 1)) of 3)" >&2
-      grep -v '^[[:space:]]*$' "$out" | grep -vi backtrace | tail -n 1 | cut -c1-300 >&2 || true
+    if [ "$rc" != 0 ] && [ "$i" -lt 3 ] && race "$out"; then
+      echo "$name: the repository changed while $name read it (another volume's backup, forget or prune): trying again (attempt $((i + 1)) of 3): $(said "$out" | cut -c1-300)" >&2
       sleep $((5 * i)); continue
     fi
     cat "$out" >&2; rm -f "$out"
