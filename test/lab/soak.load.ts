@@ -4,7 +4,7 @@
 // time, by the maintenance lease) forced to run every few minutes. Afterwards the repository
 // passes `rustic check --read-data`, every volume's latest snapshot restores to its writer's
 // data, older ones restore to self-consistent trees, prune runs never overlapped, and the
-// repository shrank after prunes. Its own script (npm run soak): about 35 minutes of lab time.
+// repository shrank after prunes. Its own script (npm run soak): about 40 minutes of lab time.
 // (On the 2-core machine's emulated guests a prune under this load takes minutes: 12 minutes saw
 // one prune and no check start, and no prune late enough to delete what keepDelete had kept.)
 import { expect } from "chai";
