@@ -31,8 +31,14 @@ said() {
 # forget and (on another host) prune: a snapshot saved after the index was read has trees the run
 # cannot find ("... not found in index"); a snapshot forgotten, or an index file or pack that a
 # prune replaced, after it was listed answers 404 (NoSuchKey). All were seen in the soak test. A
-# new run reads a fresh index and listing, so such a race does not repeat; damage does.
-race() { grep -qiE 'not found in index|NoSuchKey|status: 404' "$1"; }
+# new run reads a fresh index and listing, so such a race does not repeat; damage does. rustic
+# check logs each finding as an [ERROR] line and fails at the end: a run that also found anything
+# else (a hash mismatch, a missing pack) is not a race, and is reported at once.
+RACE='not found in index|NoSuchKey|status: 404'
+race() {
+  grep -qiE "$RACE" "$1" || return 1
+  ! grep -E '^\[ERROR\]' "$1" | grep -qviE "$RACE|Error reading file"
+}
 
 # step DESCRIPTION STDOUT_FILE COMMAND...: runs COMMAND; on failure dies with its last stderr lines.
 step() {
@@ -204,7 +210,7 @@ rustic_() { NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/ca
 
 finish_backup() {
   local rc=$1
-  trap - EXIT
+  trap - EXIT TERM
   set +e
   [ "${SNAP_GONE:-0}" = 1 ] || remove_snapshot
   if [ "$rc" -eq 0 ]; then
@@ -229,6 +235,8 @@ backup() {
   rm -f "$STATE_DIR/last-error"
   timing lock
   trap 'finish_backup $?' EXIT
+  # systemctl stop (a stopped move, a shutdown): the snapshot is removed and the status written.
+  trap 'exit 143' TERM
   renew_lease
   timing lease
   [ -e "$STATE_DIR/initialized" ] || die "volume $VOLUME_ID is not initialised yet (restore pending): refusing to back up"
@@ -238,7 +246,7 @@ backup() {
   # A final backup (move, delete, rebuild): the provider made the filesystem read-only, then
   # wrote a nonce to final-request. Read here, under the lock and before anything is frozen,
   # it proves that this run's data is from after the read-only remount.
-  REQUEST=$(tr -dc 'a-f0-9' < "$STATE_DIR/final-request" 2>/dev/null || true)
+  REQUEST=$( { tr -dc 'a-f0-9' < "$STATE_DIR/final-request"; } 2>/dev/null || true)
   FINAL=0
   if [ -n "$REQUEST" ] && findmnt -n -o OPTIONS --mountpoint "$MOUNT_PATH" | tr ',' '\n' | grep -qx ro; then FINAL=1; fi
   if [ "$FINAL" = 0 ] && [ -e "/etc/dboxed-volumes/$VOLUME_ID/fenced" ]; then
@@ -276,8 +284,10 @@ backup() {
       --tag dboxed-volume --tag "volume-$VOLUME_ID" --as-path / --no-scan -x --group-by host,label,paths "$src" \
       > "$STATE_DIR/last-backup.json" 2> "$err" || rc=$?
     cat "$err" >&2
-    # A failed run saved no snapshot (its packs are left for prune): running it again is safe.
+    # A failed run saved no snapshot (its packs are left for prune): running it again is safe,
+    # unless the lvm2 snapshot overflowed meanwhile (reported below).
     [ "$rc" != 0 ] && [ "$attempt" -lt 3 ] && race "$err" || break
+    [ "$FINAL" = 1 ] || snapshot_valid || break
     echo "the repository changed while rustic backup read it (another host's prune or forget): trying again (attempt $((attempt + 1)) of 3)" >&2
     sleep $((2 * attempt))
   done
@@ -322,12 +332,12 @@ backup() {
         cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
       fi
       cat "$STATE_DIR/forget.err" >&2
-      if [ "$attempt" = 4 ] || ! race "$STATE_DIR/forget.err"; then
+      if [ "$attempt" = 4 ] || { [ "$attempt" -ge 2 ] && ! race "$STATE_DIR/forget.err"; }; then
         local tail_; tail_=$(said "$STATE_DIR/forget.err")
         rm -f "$STATE_DIR/forget.err"
         die "rustic forget failed: $tail_"
       fi
-      echo "rustic forget met another volume's forget; listing the snapshots again (attempt $((attempt + 1)) of 4)" >&2
+      echo "rustic forget failed (another volume's forget deletes snapshots meanwhile?): listing them again (attempt $((attempt + 1)) of 4)" >&2
       sleep $((2 * attempt))
     done
     timing forget
@@ -398,6 +408,19 @@ srv_offset() {
 
 # maint_renew URL ME NOW_OFFSET FIELDS...: one renewal by compare-and-swap on DIR/cur; 0 when
 # renewed, 1 when the lease was lost (someone else wrote it), 2 when S3 did not answer.
+# maint_busy TASK OFFSET: prints the holder of TASK's lease while it holds (on the server's clock).
+maint_busy() {
+  local d code holder expires; d=$(mktemp -d)
+  code=$(s3_get "$MAINT_URL$1.json" "$d")
+  if [ "$code" = 200 ]; then
+    holder=$(mfield holder "$d/b"); expires=$(num "$(mfield expiresAt "$d/b")")
+    [ -z "$holder" ] || [ "$expires" -le $(( $(date +%s) + $2 )) ] || echo "$holder"
+  elif [ "$code" != 404 ]; then
+    echo "(its lease is unreadable: HTTP $code)"
+  fi
+  rm -rf "$d"
+}
+
 maint_renew() {
   local url=$1 dir=$2 off=$3; shift 3
   maint_json "$me" $(( $(date +%s) + off + MAINT_TTL )) "$@" > "$dir/r/n"
@@ -452,6 +475,22 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     rm -rf "$dir"; return 0
   fi
   cp "$dir/etag" "$dir/cur"
+  # Prune and check never run at once (a prune deletes packs that a check is reading). Each takes
+  # its own lease first, then reads the other's: a check gives way to a prune at once; a prune
+  # waits a little for a check to give way or end, then gives way to a check that runs. Of two
+  # hosts racing, at least one sees the other's lease (both wrote before they read).
+  local other busy waited=0; other=$([ "$task" = prune ] && echo check || echo prune)
+  busy=$(maint_busy "$other" "$off")
+  while [ -n "$busy" ] && [ "$task" = prune ] && [ "$waited" -lt "${MAINT_YIELD_WAIT:-30}" ]; do
+    sleep 2; waited=$((waited + 2))
+    busy=$(maint_busy "$other" "$off")
+  done
+  if [ -n "$busy" ]; then
+    echo "maintenance $task: $other runs on $busy: not at the same time"
+    maint_json "" 0 $((runs - 1)) "${fields[@]:1}" > "$dir/n"
+    s3_put_cas "$url" "$dir/n" "$(cat "$dir/cur")" "$dir" > /dev/null || true
+    rm -rf "$dir"; return 0
+  fi
   local holds_until=$((now + MAINT_TTL))   # on the server's clock: how long the lease surely holds
   echo "maintenance $task: run $runs${subset:+ (data part $subset)} by $me, started"
   mkdir "$dir/r"

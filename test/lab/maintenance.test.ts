@@ -22,26 +22,26 @@ describe("repository maintenance lease (agent functions against the lab's S3 ser
   let dir: string;
   let env: NodeJS.ProcessEnv;
   const s3 = () => ({ ...lab().s3, prefix, forcePathStyle: true });
-  const record = () => readMaintenance(s3(), "prune");
+  const record = (task: "prune" | "check" = "prune") => readMaintenance(s3(), task);
 
-  /** Runs `maintain_task prune INTERVAL work` as host `me`; work logs to the shared log, sleeps, and fails if told to. */
-  function runTask(me: string, opts: { interval?: number; ttl?: number; workSeconds?: number; fail?: boolean; quiet?: boolean } = {}) {
+  /** Runs `maintain_task TASK INTERVAL work` as host `me`; work logs to the shared log, sleeps, and fails if told to. */
+  function runTask(me: string, opts: { task?: "prune" | "check"; interval?: number; ttl?: number; workSeconds?: number; fail?: boolean; quiet?: boolean } = {}) {
     const failure = opts.quiet ? "return 3" : 'echo "pack 1234 is damaged" >&2; return 3';
     const script = `. ${JSON.stringify(AGENT)}
 work() { echo "${me} start $(date +%s.%N)" >> "$LOG"; sleep ${opts.workSeconds ?? 0}; echo "${me} end $(date +%s.%N)" >> "$LOG"; ${opts.fail ? failure : "true"}; }
 hostname() { echo host-${me}; }
-maintain_task prune ${opts.interval ?? 3600} work`;
+maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     return new Promise<{ code: number; out: string }>((resolve) => {
-      execFile("bash", ["-c", script], { env: { ...env, VOLUME_ID: me, MAINT_TTL: String(opts.ttl ?? 300) } }, (err, stdout, stderr) =>
+      execFile("bash", ["-c", script], { env: { ...env, VOLUME_ID: me, MAINT_TTL: String(opts.ttl ?? 300), MAINT_YIELD_WAIT: "6" } }, (err, stdout, stderr) =>
         resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr }));
     });
   }
   const log = () => fs.existsSync(path.join(dir, "log")) ? fs.readFileSync(path.join(dir, "log"), "utf8").trim().split("\n").filter(Boolean) : [];
-  const put = async (body: Record<string, unknown>) => {
+  const put = async (body: Record<string, unknown>, task: "prune" | "check" = "prune") => {
     const { PutObjectCommand } = await import("@aws-sdk/client-s3");
     const { s3Client } = await import("../../provider/storage/s3");
     const c = s3Client(s3());
-    await c.send(new PutObjectCommand({ Bucket: s3().bucket, Key: `${prefix}-meta/maintenance/prune.json`, Body: JSON.stringify(body, null, 2) }));
+    await c.send(new PutObjectCommand({ Bucket: s3().bucket, Key: `${prefix}-meta/maintenance/${task}.json`, Body: JSON.stringify(body, null, 2) }));
     c.destroy();
   };
   const now = () => Math.floor(Date.now() / 1000);
@@ -103,9 +103,55 @@ maintain_task prune ${opts.interval ?? 3600} work`;
     expect((await record())!.runs).to.equal(9);
   });
 
+  it("prune waits while a check holds its lease (a prune deletes packs a check reads), and gives its own lease back", async () => {
+    await put(lease({ runs: 20 }));
+    await put(lease({ holder: "chk@host-chk", expiresAt: now() + 120, runs: 3 }), "check");
+    const before = log().length;
+    const r = await runTask("p", { interval: 60 });
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/maintenance prune: check runs on chk@host-chk: not at the same time/);
+    expect(log().length).to.equal(before);
+    const m = (await record())!;
+    expect([m.holder, m.expiresAt, m.runs]).to.deep.equal(["", 0, 20]);
+    // Once the check's lease has expired, the prune runs.
+    await put(lease({ holder: "chk@host-chk", expiresAt: now() - 1, runs: 3 }), "check");
+    const r2 = await runTask("p", { interval: 60 });
+    expect(r2.out).to.match(/maintenance prune: run 21 ok/);
+    await put(lease({ runs: 3 }), "check");
+  });
+
+  it("of hosts racing for a due prune and a due check, the two tasks never run at once; the check gives way", async () => {
+    let ran = 0;
+    for (let round = 0; round < 3; round++) {
+      await put(lease({ runs: 30 + round }));
+      await put(lease({ runs: 30 + round }), "check");
+      fs.rmSync(path.join(dir, "log"), { force: true });
+      const rs = await Promise.all([1, 2, 3, 4].flatMap((i) => [
+        runTask(`p${i}`, { task: "prune", interval: 60, workSeconds: 2 }),
+        runTask(`k${i}`, { task: "check", interval: 60, workSeconds: 2 })]));
+      for (const r of rs) expect(r.code, r.out).to.equal(0);
+      const spans = new Map<string, { start: number; end: number }>();
+      for (const l of log()) {
+        const [who, what, at] = l.split(" ");
+        const sp = spans.get(who) ?? { start: 0, end: Infinity };
+        if (what === "start") sp.start = Number(at); else sp.end = Number(at);
+        spans.set(who, sp);
+      }
+      const prunes = [...spans].filter(([w]) => w.startsWith("p")), checks = [...spans].filter(([w]) => w.startsWith("k"));
+      ran += spans.size;
+      // A check gives way to a prune: the prune runs every round.
+      expect(prunes.length, log().join("\n")).to.equal(1);
+      expect(checks.length, log().join("\n")).to.be.at.most(1);
+      for (const [, a] of prunes) for (const [, b] of checks) {
+        expect(a.end <= b.start || b.end <= a.start, log().join("\n")).to.equal(true);
+      }
+    }
+    expect(ran).to.be.at.least(3);
+  });
+
   it("a task longer than the lease is renewed while it runs, so no other host starts it meanwhile", async () => {
     await put(lease({ runs: 9 }));
-    fs.rmSync(path.join(dir, "log"));
+    fs.rmSync(path.join(dir, "log"), { force: true });
     // A 12 s lease renewed every 4 s; the task takes 20 s; others try at 6, 13 and 17 s (past the first expiry).
     const long = runTask("long", { interval: 60, ttl: 12, workSeconds: 20 });
     const tries: Promise<{ code: number; out: string }>[] = [];
@@ -192,6 +238,7 @@ describe("prune and check under concurrent backups (the agent's retry_race, rust
     index: 'echo "error: Tree ID 4f1a2b7c not found in index" >&2; return 1',
     gone: 'echo "NotFound (persistent) at read, context: { path: snapshots/2ea66231, response: Parts { status: 404 } } => S3Error { code: NoSuchKey }" >&2; return 1',
     damaged: 'echo "error: pack 99 is damaged" >&2; return 1',
+    both: 'printf "%s\\n" "[ERROR] Error reading file Type: Snapshot, Id: 9f2ffd63" "NotFound (persistent) at read, context: { path: snapshots/9f2ffd63, status: 404 }" "[ERROR] pack 480e34ec: hash mismatch for blob 77aa" "error: check found errors!" >&2; return 1',
   };
   const run = (fn: string, answers: (keyof typeof answer)[]) => new Promise<{ code: number; out: string; calls: number; args: string }>((resolve) => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), "race-"));
@@ -224,6 +271,12 @@ KEEP_DELETE=300 MAINT_SUBSET=2/4 ${fn}`;
     const r = await run("prune_repository", ["index", "gone", "index", "ok"]);
     expect([r.code, r.calls], r.out).to.deep.equal([1, 3]);
     expect(r.out).to.match(/not found in index\s*$/);
+  });
+
+  it("a check that found damage as well as a race is not retried: the damage is reported", async () => {
+    const r = await run("check_repository", ["both", "ok"]);
+    expect([r.code, r.calls], r.out).to.deep.equal([1, 1]);
+    expect(r.out).to.match(/hash mismatch/);
   });
 
   it("any other failure is not retried", async () => {
