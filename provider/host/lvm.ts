@@ -4,12 +4,16 @@ import { imageBytes, VolumeLayout } from "./layout";
 import { quote as q } from "./shell";
 
 /** Creates (or finds) the image, loop device, VG and LV. Refuses a VG that is not this volume's. */
+/** Printed by ensureStorageScript when it made the storage now (it was not there before). */
+export const STORAGE_MADE = "dboxed-storage-made";
+
 export function ensureStorageScript(l: VolumeLayout, sizeBytes: number): string {
   if (!l.ownVg) {
     return `set -e
 vgs ${q(l.vg)} >/dev/null 2>&1 || { echo "volume group ${l.vg} does not exist on this host" >&2; exit 20; }
 if ! lvs ${q(`${l.vg}/${l.lv}`)} >/dev/null 2>&1; then
   lvcreate -q -y -Wy -Zy --setautoactivation n --addtag dboxed-volume -L ${sizeBytes}b -n ${q(l.lv)} ${q(l.vg)} >/dev/null
+  echo "${STORAGE_MADE}"
 fi
 lvchange -q -ay ${q(`${l.vg}/${l.lv}`)}
 `;
@@ -19,6 +23,7 @@ mkdir -p ${q(l.stateDir)}
 if [ ! -e ${q(l.image)} ]; then
   truncate -s ${imageBytes(sizeBytes)} ${q(l.image + ".tmp")}
   mv ${q(l.image + ".tmp")} ${q(l.image)}
+  echo "${STORAGE_MADE}"
 fi
 dev=$(losetup -j ${q(l.image)} -n -O NAME | head -n1)
 [ -n "$dev" ] || dev=$(losetup -f --show ${q(l.image)})

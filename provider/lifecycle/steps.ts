@@ -8,7 +8,7 @@ import { formatSize, VolumeInputs } from "../inputs";
 import { repositoryMasterKey, runLocalRustic } from "./localRustic";
 import { AGENT_PATH, layoutFor, METRICS_DIR, RUSTIC_PATH, VolumeLayout, volumeEnv } from "../host/layout";
 import { ensureFilesystemScript } from "../host/fs";
-import { ensureStorageScript, growScript, lvsArgv, parseLvs, removeStorageScript } from "../host/lvm";
+import { ensureStorageScript, growScript, STORAGE_MADE, lvsArgv, parseLvs, removeStorageScript } from "../host/lvm";
 import { diffArgs, parseDiff, parseSnapshots, profileToml, restoreArgs, rusticArgv, Snapshot, snapshotsArgs } from "../host/rustic";
 import { command, quote as q } from "../host/shell";
 import { UNIT_DIR, unitFiles } from "../host/systemd";
@@ -171,12 +171,14 @@ export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout, l
   ], { before: `install -d -m 0700 ${q(l.configDir)} ${q(l.stateDir)} /var/cache/dboxed-volumes` });
 }
 
-export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<void> {
+/** Creates the LV (or image and VG) if missing, then the filesystem; true if the storage was made now. */
+export async function ensureStorage(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<boolean> {
   const res = await r.run(ensureStorageScript(l, v.size), { allowFailure: true });
   if (res.code === 20) throw new UserError(`volumeGroup: volume group "${l.vg}" does not exist on ${r.name}: create it or leave volumeGroup unset`);
   if (res.code !== 0) throw new CommandError(r.name, "create storage", res.code, res.signal, res.stdout, res.stderr,
     res.code === 21 ? `a volume group named ${l.vg} already exists on ${r.name}: is another volume with id ${v.volumeId} there?` : undefined);
   await r.run(ensureFilesystemScript(l));
+  return res.stdout.split("\n").some((x) => x.trim() === STORAGE_MADE);
 }
 
 /** Writes the units (nothing started). */

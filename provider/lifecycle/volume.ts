@@ -195,12 +195,12 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
 
 /** Everything that makes a volume run on a host; each step skips what is already done. */
 async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m: string) => void,
-  restore?: string, preflightDone = false, clone?: steps.SourceSnapshot): Promise<{ restoredFrom?: string; snapshots?: Snapshot[]; clonedFrom?: Record<string, string> }> {
+  restore?: string, preflightDone = false, clone?: steps.SourceSnapshot, made?: { storage: boolean }): Promise<{ restoredFrom?: string; snapshots?: Snapshot[]; clonedFrom?: Record<string, string> }> {
   const l = steps.layout(v);
   if (!preflightDone) await steps.preflight(r, v, l);
   await steps.installTools(r, v, log);
   await steps.writeConfig(r, v, l, leaseToken);
-  await steps.ensureStorage(r, v, l);
+  if (await steps.ensureStorage(r, v, l) && made) made.storage = true;
   await steps.installUnits(r, v, l);
   const init = await steps.initialize(r, l, log, restore, clone);
   await steps.startTimer(r, l);
@@ -225,10 +225,11 @@ export async function create(inputs: Props) {
     if (clone && !clone.snapshot) log(`volume ${v.volumeId} has snapshots of its own: source (volume ${clone.volumeId}) is not used`);
     const { lease, forcedFrom, fresh } = await claim(v, { instance: instanceId, adoptLegacy: false });
     let touched = false;
+    const made = { storage: false };
     try {
       await steps.preflight(r, v, l);
       touched = true;
-      const init = await converge(r, v, lease.token, log, undefined, true, clone);
+      const init = await converge(r, v, lease.token, log, undefined, true, clone, made);
       let lastMove: Record<string, unknown> = {};
       if (forcedFrom) {
         const snaps = init.snapshots ?? await steps.listSnapshots(r, l);
@@ -247,9 +248,23 @@ export async function create(inputs: Props) {
         : await steps.listSnapshots(r, l);
       return { id: v.volumeId, outs: { ...inputs, ...outputs(l, obs, snaps, { lastMove, instanceId, clonedFrom: init.clonedFrom ?? {} }, init.restoredFrom ?? "") } };
     } catch (e) {
-      // Not created: a lease this create took before anything was made on the host must not keep
-      // the id from being created elsewhere. (Once storage exists, the lease stays with it.)
-      if (fresh && !forcedFrom && !touched) await release(v, instanceId).catch(() => undefined);
+      // Not created: the lease this create took must not keep the id from being created
+      // elsewhere. Storage this create made holds nothing but what it put there (an empty
+      // filesystem, or a snapshot that stays in the repository): it is removed, then the lease
+      // given back. Storage that was there before (a resumed create, an adopted volume) is never
+      // removed: the lease stays with it, and running `pulumi up` again finishes the create.
+      if (fresh && !forcedFrom && (!touched || made.storage)) {
+        try {
+          if (touched) {
+            log(`create failed on ${r.name}: removing the storage it made there, then giving back the lease`);
+            await steps.teardown(r, l);
+          }
+          await release(v, instanceId);
+        } catch (cleanup) {
+          log(`after the failed create, cleaning up on ${r.name} failed too (${(cleanup as Error).message.split("\n")[0]}): ` +
+            `the lease stays with ${r.name}; run pulumi up again to finish the create there`);
+        }
+      }
       throw e;
     }
   }), { log });

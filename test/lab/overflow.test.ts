@@ -3,7 +3,7 @@
 // LV, and leave nothing damaged in the repository; the next backup succeeds.
 import { expect } from "chai";
 import * as crypto from "crypto";
-import { lab, onHost, Stack, stepByStep } from "./harness";
+import { lab, labLease, onHost, Stack, stepByStep } from "./harness";
 import { manifest } from "./manifest";
 import { parseSnapshots, Snapshot } from "../../provider/host/rustic";
 import type { LabHost } from "../../lab/lab";
@@ -92,6 +92,31 @@ systemctl kill --signal=SIGCONT ${unit}`, { timeoutMs: 300_000 });
     await onHost(h, "rm -rf /root/ovf-verify");
   });
 
+  const failedId = `ovf-${crypto.randomBytes(3).toString("hex")}`;
+  const main = { name: "o", host: 2, args: { volumeId, size: "128MiB", mountPath, volumeGroup: vg, snapshotSpace: "64MiB", backupSchedule: "hourly" } };
+  const other = (host: number) => ({ name: "f", host, args: { volumeId: failedId, size: "64MiB", mountPath: "/srv/failed-create", backupSchedule: "hourly" } });
+
+  it("a create that fails after making its storage (the host cannot reach S3) removes it and gives back the lease; the id is then created on another host", async () => {
+    // The guest reaches the lab's S3 server at 10.0.2.100: a prohibit route makes every connection fail at once.
+    await onHost(h, "ip route add prohibit 10.0.2.100/32");
+    let res;
+    try {
+      res = await stack.up({ provider: { s3: { prefix } }, volumes: [main, other(2)] });
+    } finally {
+      await onHost(h, "ip route del prohibit 10.0.2.100/32", { allowFailure: true });
+    }
+    expect(res.code, res.stdout + res.stderr).to.not.equal(0);
+    expect(res.stdout + res.stderr).to.match(/create failed on .*: removing the storage it made there, then giving back the lease/);
+    const left = await onHost(h, `ls /etc/systemd/system /etc/dboxed-volumes /var/lib/dboxed-volumes 2>/dev/null | grep -c ${failedId} || true
+lvs --noheadings -o lv_name,vg_name 2>/dev/null | grep -c ${failedId} || true
+mountpoint -q /srv/failed-create && echo mounted || echo unmounted`);
+    expect(left.stdout.trim().split("\n"), left.stdout).to.deep.equal(["0", "0", "unmounted"]);
+    expect(await labLease(prefix, failedId), "the failed create's lease").to.equal(undefined);
+    res = await stack.up({ provider: { s3: { prefix } }, volumes: [main, other(0)] });
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect((await labLease(prefix, failedId))?.lease.holder.port).to.equal(lab().hosts[0].port);
+  });
+
   it("a delete that cannot make the volume read-only (a writer holds it) fails and leaves it as it was", async () => {
     await onHost(h, `systemd-run --quiet --unit=ovf-busy sh -c 'exec 3>>${mountPath}/busy.log; while :; do echo x >&3; sleep 1; done'`);
     try {
@@ -108,5 +133,8 @@ systemctl kill --signal=SIGCONT ${unit}`, { timeoutMs: 300_000 });
     }
     const res = await stack.up({ provider: { s3: { prefix } }, volumes: [] });
     expect(res.code, res.stdout + res.stderr).to.equal(0);
+    // Every delete gives back the lease: the ids are free for any resource.
+    expect(await labLease(prefix, volumeId), "lease after the delete").to.equal(undefined);
+    expect(await labLease(prefix, failedId), "lease after the delete").to.equal(undefined);
   });
 });
