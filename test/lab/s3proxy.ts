@@ -13,8 +13,8 @@ export interface S3ProxyOptions {
   accessKeyId: string;
   secretAccessKey: string;
   region: string;
-  /** Drop if-none-match / if-match (the default); false forwards every request unchanged. */
-  dropConditionals?: boolean;
+  /** Drop if-none-match / if-match (the default), only the ones named, or (false) none. */
+  dropConditionals?: boolean | ("if-none-match" | "if-match")[];
 }
 
 const CONDITIONAL = ["if-none-match", "if-match"];
@@ -57,8 +57,9 @@ export class S3Proxy {
     headers["content-length"] = String(body.length);
     // The Host header is forwarded as the client sent it: the client's signature covers it,
     // and the upstream (path-style) checks the signature against the Host it receives.
-    if (this.o.dropConditionals !== false && CONDITIONAL.some((h) => h in headers)) {
-      for (const h of CONDITIONAL) delete headers[h];
+    const drop = this.o.dropConditionals === false ? [] : Array.isArray(this.o.dropConditionals) ? this.o.dropConditionals : CONDITIONAL;
+    if (drop.some((h) => h in headers)) {
+      for (const h of drop) delete headers[h];
       this.resign(req.method!, req.url!, headers, body);
       this.dropped++;
     }
