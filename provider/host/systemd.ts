@@ -1,5 +1,6 @@
 // systemd unit files of a volume: the block device, the mount, the backup service and timer.
 import { AGENT_PATH, VolumeLayout } from "./layout";
+import { command } from "./shell";
 
 export const UNIT_DIR = "/etc/systemd/system";
 
@@ -134,4 +135,14 @@ export function unitFiles(l: VolumeLayout, schedule: string, leaseSeconds: numbe
     [l.units.maintain]: maintainService(l),
     [l.units.timer]: backupTimer(l, schedule, randomDelaySec),
   };
+}
+
+/** `systemctl VERB -- UNITS...`: after `--` no unit name is read as an option (defence in depth: check refuses a leading `-`). */
+export function unitsArgv(verb: "start" | "stop", units: readonly string[]): string[] {
+  return ["systemctl", verb, "--", ...units];
+}
+
+/** The same as one shell command line, every word quoted. */
+export function unitsCommand(verb: "start" | "stop", units: readonly string[]): string {
+  return command(unitsArgv(verb, units));
 }

@@ -11,7 +11,7 @@ import { ensureFilesystemScript } from "../host/fs";
 import { ensureStorageScript, growScript, STORAGE_MADE, lvsArgv, parseLvs, removeStorageScript } from "../host/lvm";
 import { diffArgs, parseDiff, parseSnapshots, profileToml, restoreArgs, rusticArgv, Snapshot, snapshotsArgs } from "../host/rustic";
 import { command, quote as q } from "../host/shell";
-import { UNIT_DIR, unitFiles } from "../host/systemd";
+import { UNIT_DIR, unitFiles, unitsCommand } from "../host/systemd";
 import { Remote } from "../remote/ssh";
 import { leaseUrl, maintenanceUrl } from "../storage/lease";
 
@@ -326,7 +326,7 @@ if mountpoint -q ${q(stagingDir)}; then umount ${q(stagingDir)}; fi
 systemctl enable --now --no-reload --quiet ${q(l.units.device)} ${q(l.units.mount)}
 touch ${q(`${l.stateDir}/initialized`)}
 systemctl enable --now --no-reload --quiet ${q(l.units.timer)} ${q(l.units.renewTimer)}
-${users.length ? `systemctl start -- ${users.map(q).join(" ")} || true` : "true"}`,
+${users.length ? `${unitsCommand("start", users)} || true` : "true"}`,
   { hint: `see: journalctl -u ${l.units.device} -u ${l.units.mount}` });
 }
 
@@ -503,7 +503,7 @@ const fenceDropIn = (l: VolumeLayout, unit: string) => `${UNIT_DIR}/${unit}.d/db
 export async function fence(r: Remote, l: VolumeLayout, users: string[], opts: { stopFirst?: string[] } = {}): Promise<void> {
   const lines = [`set -e`];
   // The users stopped, then the schedule, in the same round trip (on a move's downtime path).
-  if (opts.stopFirst?.length) lines.push(`systemctl stop -- ${opts.stopFirst.map(q).join(" ")}`);
+  if (opts.stopFirst?.length) lines.push(unitsCommand("stop", opts.stopFirst));
   lines.push(`systemctl stop ${q(l.units.timer)}`, `mkdir -p ${q(`${UNIT_DIR}/${l.units.mount}.d`)}`,
     `printf '[Mount]\\nOptions=ro\\n' > ${q(fenceDropIn(l, l.units.mount))}`);
   for (const u of users) {

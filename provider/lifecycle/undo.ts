@@ -12,6 +12,7 @@ import { hostName, Lease, MoveState, readLease, sameHost, updateLease } from "..
 import { hostRef, leaseS3, ownsLease } from "./lease";
 import { sameMachine, unmountStaging } from "./move";
 import * as steps from "./steps";
+import { unitsArgv } from "../host/systemd";
 
 type Lock = <T>(r: Remote, l: VolumeLayout, fn: () => Promise<T>) => Promise<T>;
 
@@ -25,7 +26,7 @@ export async function giveBack(r: Remote, l: VolumeLayout, users: string[], stri
   await r.run(`systemctl enable --now --no-reload --quiet ${q(l.units.device)} ${q(l.units.mount)} 2>/dev/null || true`, { allowFailure: true });
   await steps.unquiesce(r, l).catch(() => undefined);
   await r.run(`systemctl enable --now --no-reload --quiet ${q(l.units.timer)} ${q(l.units.renewTimer)} 2>/dev/null || true`, { allowFailure: true });
-  if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
+  if (users.length) await r.runArgv(unitsArgv("start", users), { allowFailure: true });
 }
 
 /** Before these phases the new host only ever had a staging mount: it never served the volume. */

@@ -17,6 +17,7 @@ import { checkMoveTarget, move, MoveReport } from "./move";
 import { containsUnknown } from "./unknowns";
 import { giveBack, undoMove } from "./undo";
 import { DEFAULT_LEASE_SECONDS, Lease, MovePhase, readLease, sameHost, hostName, newToken, ownerName, updateLease } from "../storage/lease";
+import { unitsArgv } from "../host/systemd";
 
 type Props = Record<string, any>;
 
@@ -308,7 +309,7 @@ async function finalBackupVerified(r: Remote, v: VolumeInputs, l: VolumeLayout, 
   try {
     if (users.length) {
       log(`stopping ${users.join(", ")} on ${r.name}`);
-      await r.runArgv(["systemctl", "stop", "--", ...users]);
+      await r.runArgv(unitsArgv("stop", users));
     }
     await r.runArgv(["systemctl", "stop", l.units.timer]);
     await steps.quiesce(r, l);
@@ -352,7 +353,7 @@ async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, instanceI
   const restored = snapshotId ?? init.restoredFrom;
   if (restored) await steps.verifyRestored(r, l, restored, log);
   await setRebuild(v, undefined);
-  if (users.length) await r.runArgv(["systemctl", "start", "--", ...users], { allowFailure: true });
+  if (users.length) await r.runArgv(unitsArgv("start", users), { allowFailure: true });
 }
 
 /** Drops a switched move's record from the lease (its old host forgotten, left fenced). */

@@ -2,6 +2,9 @@
 // manifests, lease URLs.
 import { expect } from "chai";
 import { execFileSync, spawnSync } from "child_process";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
 import { layoutFor, mountUnitName, volumeEnv } from "../../provider/host/layout";
 import { parseLvs } from "../../provider/host/lvm";
 import { diffManifests, manifestScript, parseManifest } from "../../provider/host/manifest";
@@ -10,7 +13,7 @@ import { leaseUrl, maintenanceUrl, sameHost } from "../../provider/storage/lease
 import { diff, planDiff } from "../../provider/lifecycle/volume";
 import { curlConfig, mustSucceed, pickSnapshot } from "../../provider/lifecycle/steps";
 import { hostKeyAlgorithms } from "../../provider/remote/ssh";
-import { backupTimer } from "../../provider/host/systemd";
+import { backupTimer, unitsArgv, unitsCommand } from "../../provider/host/systemd";
 
 describe("host layout and units", () => {
   it("the backup timer spreads its start by a fixed random delay and catches up once after downtime", () => {
@@ -143,10 +146,27 @@ describe("manifests", () => {
   });
 
   it("fails when getfattr or getfacl is missing instead of comparing empty sections", () => {
-    const script = manifestScript("/tmp");
-    const res = spawnSync("/bin/sh", ["-c", script], { env: { PATH: "/nonexistent" } });
-    expect(res.status).to.equal(44);
-    expect(res.stderr.toString()).to.match(/manifest: \S+ is missing/);
+    // A PATH with the shell's tools and all three the manifest needs, then each of them taken away.
+    const bin = fs.mkdtempSync(path.join(os.tmpdir(), "manifest-path-"));
+    try {
+      for (const d of ["/usr/bin", "/bin"]) {
+        for (const f of fs.existsSync(d) ? fs.readdirSync(d) : []) {
+          if (!fs.existsSync(path.join(bin, f))) fs.symlinkSync(path.join(d, f), path.join(bin, f));
+        }
+      }
+      const tools = ["getfattr", "getfacl", "sha256sum"];
+      for (const missing of tools) {
+        for (const t of tools) {
+          fs.rmSync(path.join(bin, t), { force: true });
+          if (t !== missing) fs.writeFileSync(path.join(bin, t), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
+        }
+        const res = spawnSync("/bin/sh", ["-c", manifestScript("/tmp")], { env: { PATH: bin } });
+        expect(res.status, missing).to.equal(44);
+        expect(res.stderr.toString()).to.include(`manifest: ${missing} is missing`);
+      }
+    } finally {
+      fs.rmSync(bin, { recursive: true, force: true });
+    }
   });
 });
 
@@ -181,5 +201,15 @@ describe("leases and diff", () => {
     expect((await diff("v", base, { ...base, leaseDuration: 120 })).changes).to.equal(true);
     // Bookkeeping inputs set by the Volume class are not changes.
     expect((await diff("v", base, { ...base, owner: { project: "p", stack: "s", name: "n" }, volumeIdFrom: { stack: "s", name: "n" } })).changes).to.equal(false);
+  });
+});
+
+describe("starting and stopping the volume's users", () => {
+  it("puts -- before the unit names, in argument vectors and quoted command lines", () => {
+    expect(unitsArgv("stop", ["-H.service", "app.service"])).to.deep.equal(["systemctl", "stop", "--", "-H.service", "app.service"]);
+    expect(unitsCommand("start", ["-H.service", "a$b.service"])).to.equal("systemctl start -- -H.service 'a$b.service'");
+    // The shell sees -- first, then each name as one word.
+    const out = execFileSync("/bin/sh", ["-c", `systemctl() { printf '[%s]' "$@"; }; ${unitsCommand("stop", ["-H.service", "a b.service"])}`]).toString();
+    expect(out).to.equal("[stop][--][-H.service][a b.service]");
   });
 });
