@@ -86,11 +86,19 @@ function logger(v: { volumeId: string }) {
   return (msg: string) => { void progress(`volume ${v.volumeId}`, msg); };
 }
 
-/** A connection given as an Output arrives with its absent fields as null (see resources/volume.ts). */
+/**
+ * A connection given as an Output arrives with its absent fields as null, and without a bastion
+ * as a proxy whose fields are all null (see resources/volume.ts): no proxy.
+ */
 function withoutNulls(h: unknown): unknown {
   if (!h || typeof h !== "object" || Array.isArray(h)) return h;
   const out: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(h)) if (v !== null && v !== undefined) out[k] = k === "proxy" ? withoutNulls(v) : v;
+  for (const [k, v] of Object.entries(h)) {
+    if (v === null || v === undefined) continue;
+    const x = k === "proxy" ? withoutNulls(v) : v;
+    if (k === "proxy" && x && typeof x === "object" && Object.keys(x).length === 0) continue;
+    out[k] = x;
+  }
   return out;
 }
 

@@ -52,12 +52,12 @@ function connection(h: pulumi.Input<HostArgs> | pulumi.Input<ProxyArgs>, withPro
     }
   };
   if (pulumi.Output.isInstance(h) || h instanceof Promise) {
-    // Its shape is known only later: each field lifted (absent ones arrive as null and are
-    // dropped by check); a bastion as a whole secret, since it may hold a key.
-    const o = (pulumi.output(h) as pulumi.Output<any>).apply((x) => { refuseUnknown(x); return x; });
+    // Its shape is known only later: each field lifted, the bastion's too (absent ones arrive
+    // as null, a missing bastion as one whose fields are all null: check drops them).
+    const o = (pulumi.output(h) as pulumi.Output<any>).apply((x) => { refuseUnknown(x ?? {}); return x ?? {}; });
     const out: Record<string, unknown> = {};
-    for (const k of CONNECTION_ARGS) {
-      if (k === "proxy") { if (withProxy) out.proxy = pulumi.secret(o.apply((x) => x.proxy)); continue; }
+    for (const k of known) {
+      if (k === "proxy") { out.proxy = connection(o.apply((x) => x.proxy ?? {}), false); continue; }
       out[k] = SECRET_ARGS.has(k) ? pulumi.secret(o.apply((x) => x[k])) : o.apply((x) => x[k]);
     }
     return out;

@@ -37,11 +37,12 @@ describe("connections: bastion, agent, encrypted key, ecdsa and rsa pins, a sudo
   });
   // host-2 as deploy, with the encrypted key, pinned by its rsa key.
   const sudoOnHost2 = () => ({ user: "deploy", privateKey: encKey, privateKeyPassword: passphrase, hostKey: pins.rsa2 });
-  const input = (a: [number, Record<string, unknown>], b: [number, Record<string, unknown>]) => ({
+  // bAsOutput: b's whole connection passed as one Output (its fields, the bastion's too, still plain or secret one by one).
+  const input = (a: [number, Record<string, unknown>], b: [number, Record<string, unknown>], bAsOutput = false) => ({
     provider: { s3: { prefix } },
     volumes: [
       { name: "a", host: a[0], hostOverride: a[1], args: { volumeId: idA, size: "64MiB", mountPath: "/srv/conn-a", backupSchedule: "hourly" } },
-      { name: "b", host: b[0], hostOverride: b[1], args: { volumeId: idB, size: "64MiB", mountPath: "/srv/conn-b", backupSchedule: "hourly" } },
+      { name: "b", host: b[0], hostOverride: b[1], hostAsOutput: bAsOutput, args: { volumeId: idB, size: "64MiB", mountPath: "/srv/conn-b", backupSchedule: "hourly" } },
     ],
   });
 
@@ -105,7 +106,7 @@ systemctl start dboxed-volume-${id}-backup.service`);
 
   it("a preview of both moves shows the addresses in plain text and runs each new host's pre-flight", async () => {
     // --diff: the property-level diff a reviewer reads.
-    const res = await stack.run(["preview", "--diff"], { input: input([0, {}], [2, behindBastion()]) });
+    const res = await stack.run(["preview", "--diff"], { input: input([0, {}], [2, behindBastion()], true) });
     const text = res.stdout + res.stderr;
     expect(res.code, text).to.equal(0);
     if (process.env.DBOXED_TEST_VERBOSE) process.stderr.write(text);
@@ -114,6 +115,7 @@ systemctl start dboxed-volume-${id}-backup.service`);
     expect(text).to.match(new RegExp(`port\\s*:\\s*22\\s*=>\\s*${lab().hosts[0].port}`));
     expect(text).to.match(new RegExp(`port\\s*:\\s*${lab().hosts[1].port}\\s*=>\\s*22`));
     expect(text).to.not.match(/host\s*:\s*\[secret\]/);
+    expect(text).to.not.match(/proxy\s*:\s*\[secret\]/);
   });
 
   it("a preview of a move to a host without room fails, naming the host and the shortfall; nothing changes", async () => {
@@ -131,7 +133,7 @@ systemctl start dboxed-volume-${id}-backup.service`);
   });
 
   it("moves the bastioned volume off (to host-1) and the sudo user's onto the bastioned host, data intact, old hosts clean", async () => {
-    const res = await stack.up(input([0, {}], [2, behindBastion()]));
+    const res = await stack.up(input([0, {}], [2, behindBastion()], true));
     expect(res.code, res.stdout + res.stderr).to.equal(0);
     expect(await manifest(lab().hosts[0], "/srv/conn-a")).to.deep.equal(refs[idA]);
     expect(await manifest(lab().hosts[2], "/srv/conn-b")).to.deep.equal(refs[idB]);
@@ -151,7 +153,10 @@ systemctl start dboxed-volume-${id}-backup.service`);
     const hostOf = (n: string) => state.deployment.resources.find((x: any) => x.urn.endsWith(`::${n}`)).inputs.host;
     expect(hostOf("b").address).to.equal(peerAddress(2));
     expect(hostOf("b").user).to.equal("deploy");
+    // b's connection was one Output: its bastion is plain where nothing is secret, as a plain object's would be.
     expect(hostOf("b").proxy.port).to.equal(lab().hosts[0].port);
+    expect(hostOf("b").proxy.address).to.equal(lab().hosts[0].address);
+    expect(hostOf("b").proxy.user).to.equal("root");
     expect(hostOf("a").port).to.equal(lab().hosts[0].port);
   });
 

@@ -1,7 +1,10 @@
 // Bad inputs fail at preview, through the real CLI, with a message that names the field, and
 // no host is touched.
 import { expect } from "chai";
+import { execFileSync } from "child_process";
 import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
 import { lab, onHost, Stack } from "./harness";
 
 const bad = "x;$(reboot)`id`|&>y";
@@ -37,7 +40,20 @@ const cases: [string, Record<string, unknown>, Record<string, unknown>, Record<s
  * a misspelt field inside it), so the value itself, and the lab's real key, are looked for.
  */
 const labKeyLine = () => fs.readFileSync(lab().hosts[0].privateKeyPath, "utf8").split("\n").filter((x) => x.length > 40)[0];
-const secretCases: [string, Record<string, unknown>, Record<string, unknown>, () => string[]][] = [
+const encrypted = (() => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "bad-inputs-"));
+  execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "RightPass-1", "-C", "", "-f", path.join(dir, "k")]);
+  const key = fs.readFileSync(path.join(dir, "k"), "utf8");
+  fs.rmSync(dir, { recursive: true, force: true });
+  return { key, line: key.split("\n").filter((x) => x.length > 40)[0] };
+})();
+const bastion = (auth: Record<string, unknown>) => () => ({ proxy: { address: "10.0.2.13", hostKey: lab().hosts[0].hostKey, ...auth } });
+const secretCases: [string, Record<string, unknown> | (() => Record<string, unknown>), Record<string, unknown>, () => string[]][] = [
+  ["host.privateKeyPassword", { privateKey: encrypted.key, privateKeyPassword: "WrongPass-58" }, {}, () => ["WrongPass-58", "RightPass-1", encrypted.line]],
+  ["host.proxy.privateKey", bastion({ privateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nYnJva2VuLXByb3h5LWtleS02Ng==\n-----END OPENSSH PRIVATE KEY-----\n" }), {},
+    () => ["YnJva2VuLXByb3h5LWtleS02Ng=="]],
+  ["host.proxy.privateKeyPassword", bastion({ privateKey: encrypted.key, privateKeyPassword: "ProxyPass-19" }), {}, () => ["ProxyPass-19", encrypted.line]],
+  ["s3.accessKeyId", {}, { s3: { accessKeyId: "AKIA-SECRET-77\nx" } }, () => ["AKIA-SECRET-77"]],
   ["password", {}, { password: "Short7!" }, () => ["Short7!"]],
   ["password", {}, { password: "multi-line-secret-1\nsecond line" }, () => ["multi-line-secret-1"]],
   ["s3.secretAccessKey", {}, { s3: { secretAccessKey: "SeCrEtKeY-42\nmore" } }, () => ["SeCrEtKeY-42"]],
@@ -79,7 +95,8 @@ describe("bad inputs (real pulumi preview)", function () {
     it(`${field}: a bad secret input fails at preview naming the field, and the output holds no secret`, async () => {
       const res = await stack.preview({
         provider,
-        volumes: [{ name: "v", host: 0, hostOverride, args: { volumeId: "bad-input", size: "64MiB", mountPath: "/srv/bad" } }],
+        volumes: [{ name: "v", host: 0, hostOverride: typeof hostOverride === "function" ? hostOverride() : hostOverride,
+          args: { volumeId: "bad-input", size: "64MiB", mountPath: "/srv/bad" } }],
       });
       const text = res.stdout + res.stderr;
       expect(res.code, text).to.not.equal(0);
