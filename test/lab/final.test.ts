@@ -5,11 +5,15 @@
 // Also: one owner per volume id, and a host reached at another address is not a move.
 import { expect } from "chai";
 import * as crypto from "crypto";
+import * as fs from "fs";
 import { lab, onHost, Stack, stepByStep } from "./harness";
 import { manifest } from "./manifest";
 import type { LabHost } from "../../lab/lab";
 import { parseSnapshots } from "../../provider/host/rustic";
 import { runLocalRustic } from "../../provider/lifecycle/localRustic";
+import { layoutFor } from "../../provider/host/layout";
+import * as steps from "../../provider/lifecycle/steps";
+import { Remote } from "../../provider/remote/ssh";
 
 const prefix = `fin-${crypto.randomBytes(3).toString("hex")}`;
 const volumeId = `fin-${crypto.randomBytes(3).toString("hex")}`;
@@ -160,6 +164,37 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
     expect(res.code, res.stdout + res.stderr).to.equal(0);
     await onHost(h1, `systemctl start ${writer}`);
     await sleep(3000);
+    await expectWriting(h1);
+  });
+
+  it("the final backup's own checks refuse a snapshot that differs from the volume, and a run that did not read it read-only", async () => {
+    // The nets under the wait for a periodic run: each made to catch what it is for, on the live volume.
+    const l = layoutFor({ volumeId, mountPath, filesystem: "ext4" });
+    const r = await Remote.connect({ address: h1.address, port: h1.port, user: h1.user, hostKey: h1.hostKey, privateKey: fs.readFileSync(h1.privateKeyPath, "utf8") });
+    const log = () => undefined;
+    try {
+      // The writer has appended since the latest snapshot: verification sees the difference.
+      const snaps = await steps.listSnapshots(r, l);
+      let err = await steps.verifySnapshot(r, l, snaps[snaps.length - 1].id, log).then(() => undefined, (e: Error) => e);
+      expect(err?.message).to.match(/does not match the read-only volume; nothing was removed:[\s\S]*log\.txt/);
+      // A backup run that ignores the final request (its service made a no-op: the status left is an
+      // earlier run's, ok but without the request's nonce) is not taken for the final backup.
+      await onHost(h1, `systemctl stop ${writer} && mount -o remount,ro ${mountPath}
+mkdir -p /run/systemd/system/${backupUnit}.d
+printf '[Service]\\nExecStart=\\nExecStart=/bin/true\\n' > /run/systemd/system/${backupUnit}.d/no-op.conf
+systemctl daemon-reload`);
+      try {
+        err = await steps.finalBackup(r, l, log).then(() => undefined, (e: Error) => e);
+        expect(err?.message).to.match(/the backup that ran is not the final one/);
+      } finally {
+        await onHost(h1, `rm -rf /run/systemd/system/${backupUnit}.d && systemctl daemon-reload
+rm -f /var/lib/dboxed-volumes/${volumeId}/final-request
+mount -o remount,rw ${mountPath} && systemctl start ${writer}`);
+      }
+    } finally {
+      r.dispose();
+    }
+    await sleep(2000);
     await expectWriting(h1);
   });
 

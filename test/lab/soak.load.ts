@@ -36,6 +36,27 @@ for f in ${dir}/f-*; do case "$f" in *.tmp) continue;; esac; n=$((n+1))
   [ "$(head -n -1 "$f" | sha256sum | cut -c1-64)" = "$(tail -n 1 "$f" | cut -d' ' -f2)" ] || { echo "BAD $f"; bad=$((bad+1)); }
 done; echo "files=$n bad=$bad"`;
 
+/** The repository's pack files (data/): key -> bytes. */
+async function packFiles(): Promise<Map<string, number>> {
+  const s = { ...lab().s3, prefix, forcePathStyle: true };
+  const c = s3Client(s);
+  const out = new Map<string, number>();
+  let token: string | undefined;
+  do {
+    const r = await c.send(new ListObjectsV2Command({ Bucket: s.bucket, Prefix: `${prefix}/data/`, ContinuationToken: token }));
+    for (const o of r.Contents ?? []) if (o.Size) out.set(o.Key!, o.Size);
+    token = r.IsTruncated ? r.NextContinuationToken : undefined;
+  } while (token);
+  c.destroy();
+  return out;
+}
+const bytesOf = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
+/** Pack files in a that b no longer has: how many, how many bytes. */
+function deletedPacks(a: Map<string, number>, b: Map<string, number>) {
+  const gone = [...a.keys()].filter((k) => !b.has(k));
+  return { packs: gone.length, bytes: gone.reduce((t, k) => t + a.get(k)!, 0) };
+}
+
 async function repositoryBytes(): Promise<number> {
   const s = { ...lab().s3, prefix, forcePathStyle: true };
   const c = s3Client(s);
@@ -81,11 +102,22 @@ UNIT`).filter(Boolean).join("\n") + `\nsystemctl daemon-reload\nsystemctl start 
 
   it(`holds the load for ${MINUTES} minutes (figures judged in the last step)`, async () => {
     const end = Date.now() + MINUTES * 60_000;
-    while (Date.now() < end) {
+    // Pack files deleted while the writers ran (the total size grows meanwhile and hides them).
+    let packs = await packFiles();
+    const deletedDuringLoad = { packs: 0, bytes: 0 };
+    const sample = async () => {
       sizes.push(await repositoryBytes());
+      const now = await packFiles();
+      const d = deletedPacks(packs, now);
+      deletedDuringLoad.packs += d.packs; deletedDuringLoad.bytes += d.bytes;
+      packs = now;
+    };
+    while (Date.now() < end) {
+      await sample();
       await sleep(30_000);
     }
-    sizes.push(await repositoryBytes());
+    await sample();
+    figures.packsDeletedDuringLoad = deletedDuringLoad;
     const since = `--since=@${t0}`;
     const counts = await Promise.all(lab().hosts.map((h) => onHost(h, `echo "host $(hostname)"
 
@@ -144,6 +176,28 @@ sleep 2; while systemctl list-units --no-legend --state=activating,active 'dboxe
       }
     }
     sizes.push(await repositoryBytes());
+    // A prune marks the packs only forgotten snapshots used and deletes them in a later prune, once
+    // keepDelete (5 min) has passed: with the writers stopped, one more prune after that shows
+    // the space retention freed leave the repository. (Then the read-back below checks the result.)
+    const lastPrune = Math.max(...(await Promise.all(lab().hosts.map((h) => onHost(h,
+      `journalctl --since=@${t0} -u 'dboxed-volume-sk-${tag}-*-maintain.service' -o short-unix --no-pager | grep -E 'maintenance prune: run [0-9]+ (ok|FAILED)' | tail -n1 | cut -d' ' -f1`))))
+      .map((r) => Number(r.stdout.trim() || 0)));
+    const wait = lastPrune * 1000 + 310_000 - Date.now();
+    if (wait > 0) await sleep(wait);
+    const before = await packFiles();
+    const bytesBefore = await repositoryBytes();
+    const run = await onHost(host(0), `unit=dboxed-volume-${ids[0]}-maintain.service; since=$(date +%s)
+systemctl start $unit
+journalctl --since=@$since -u $unit -o cat --no-pager | grep -E 'maintenance (prune|check): run [0-9]+ (ok|FAILED)' || true`, { timeoutMs: 1_800_000 });
+    expect(run.stdout, "the prune after keepDelete").to.match(/maintenance prune: run \d+ ok/);
+    const after = await packFiles();
+    const bytesAfter = await repositoryBytes();
+    sizes.push(bytesAfter);
+    const finalPrune = { ...deletedPacks(before, after), repositoryBytesBefore: bytesBefore, repositoryBytesAfter: bytesAfter, packBytesBefore: bytesOf(before), packBytesAfter: bytesOf(after) };
+    figures.finalPrune = finalPrune;
+    console.log(`      the prune after keepDelete: ${JSON.stringify(finalPrune)}`);
+    expect(finalPrune.packs, "pack files deleted by the prune after keepDelete").to.be.greaterThan(0);
+    expect(bytesAfter, "repository bytes after that prune").to.be.lessThan(bytesBefore);
     const check = await onHost(host(0), rustic(ids[0], "check --read-data"), { allowFailure: true, timeoutMs: 1_800_000 });
     expect(check.code, check.stdout + check.stderr).to.equal(0);
     figures.checkReadData = "ok";

@@ -240,6 +240,11 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
   });
 
   it("a volume whose state was lost is adopted by declaring it again: same data and lease token, nothing formatted", async () => {
+    // Written after the last backup: only the volume itself holds it (a format and restore would lose it).
+    await onHost(h1, `echo "after the last backup $(date +%s%N)" > ${mountPath}/after-last-backup.txt; sync`);
+    const uuid = async () => (await onHost(h1, `blkid -s UUID -o value "$(findmnt -n -o SOURCE --mountpoint ${mountPath})"`)).stdout.trim();
+    const uuidBefore = await uuid();
+    expect(uuidBefore).to.match(/^[0-9a-f-]{36}$/);
     const before = await manifest(h1, mountPath);
     const token = (await labLease(prefix, volumeId))!.lease.token;
     const urn = JSON.parse((await stack.ok(["stack", "export"])).stdout).deployment.resources.find((x: any) => x.urn.endsWith("::a")).urn;
@@ -248,7 +253,8 @@ describe("Volume lifecycle (real pulumi, lab hosts)", function () {
     expect(res.code, res.stdout + res.stderr).to.equal(0);
     expect((await manifest(h1, mountPath)).entries).to.deep.equal(before.entries);
     expect((await labLease(prefix, volumeId))!.lease.token).to.equal(token);
+    expect(await uuid(), "the filesystem was not made again").to.equal(uuidBefore);
     const o = (await stack.outputs()).volumes.a;
-    expect([o.mounted, o.lastBackupStatus]).to.deep.equal([true, "ok"]);
+    expect([o.mounted, o.lastBackupStatus, o.restoredFrom]).to.deep.equal([true, "ok", ""]);
   });
 });
