@@ -5,7 +5,7 @@ import * as fs from "fs";
 import * as path from "path";
 import type { LabHost, LabJson } from "../../lab/lab";
 import { hostTarget, REPO } from "../../lab/lab";
-import { Remote } from "../../provider/remote/ssh";
+import { withRemote } from "../../provider/remote/ssh";
 import { readLease } from "../../provider/storage/lease";
 
 let current: LabJson | undefined;
@@ -36,13 +36,13 @@ systemctl daemon-reload`);
 }
 
 /** Runs a script as root on a lab host and returns stdout; throws on a non-zero exit. */
+/**
+ * Runs a script as root on a lab host, over the provider's own connection pool: a login costs
+ * about a second on the emulated guests, and tests poll hosts often. A connection that died (a
+ * rebooted or stopped guest) leaves the pool; the next call dials anew.
+ */
 export async function onHost(h: LabHost, script: string, opts: { allowFailure?: boolean; timeoutMs?: number } = {}) {
-  const r = await Remote.connect(hostTarget(h), { attempts: 3 });
-  try {
-    return await r.run(script, opts);
-  } finally {
-    r.dispose();
-  }
+  return withRemote(hostTarget(h), (r) => r.run(script, opts), { attempts: 3 });
 }
 
 /** Reboots a lab host (a real guest restart) and waits until systemd is up again; sets its clock. */
