@@ -192,6 +192,9 @@ function refineAuth(h: { privateKey?: string; privateKeyPassword?: string; agent
   }
 }
 
+/** Set on the bastion of a host given as one Output when it has none (dropped before validation). */
+export const PROXY_ABSENT = "__absent";
+
 /** A bastion the host is reached through (as remote.Connection's proxy). */
 /** What a host and its bastion are both reached with. */
 const endpointFields = {

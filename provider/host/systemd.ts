@@ -53,6 +53,8 @@ After=${l.units.mount} network-online.target
 [Service]
 Type=oneshot
 ExecStart=${AGENT_PATH} backup ${l.volumeId}
+# A stopped run (a move or delete, a shutdown) cleans up and exits 143: not a failed unit.
+SuccessExitStatus=143
 TimeoutStartSec=6h
 Nice=10
 `;

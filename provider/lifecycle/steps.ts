@@ -566,6 +566,9 @@ systemctl disable --now --no-reload --quiet ${q(u.mount)} 2>/dev/null || true
 mountpoint -q ${q(l.mountPath)} && umount ${q(l.mountPath)}
 systemctl disable --now --no-reload --quiet ${q(u.device)} 2>/dev/null || true
 if mountpoint -q ${q(l.mountPath)}; then exit 50; fi
+# Unmounted here, but still mounted in another mount namespace (a container's bind mount): the
+# markers and the storage stay, or a later create would restore over what is still in use.
+if lvs --noheadings -o lv_device_open ${q(`${l.vg}/${l.lv}`)} 2>/dev/null | grep -q open; then exit 52; fi
 rm -f ${q(`${l.stateDir}/initialized`)} ${q(`${l.stateDir}/formatted`)} || exit 51
 if [ -e ${q(l.envFile)} ]; then ${command([AGENT_PATH, "detach", l.volumeId])} || true; fi
 ${mustSucceed(removeStorageScript(l))}
@@ -577,7 +580,35 @@ rm -f ${q(`${METRICS_DIR}/dboxed_volume_${l.volumeId}.prom`)} ${q(`/var/lib/syst
 rmdir ${q(l.mountPath)} 2>/dev/null || true
 exit 0`, { allowFailure: true });
   if (res.code === 50) throw new UserError(`cannot unmount ${l.mountPath} on ${r.name}: it is busy; stop the programs that use it`);
+  if (res.code === 52) {
+    throw new UserError(`volume ${l.volumeId} on ${r.name}: ${l.device} is still open after ${l.mountPath} was unmounted (mounted in another ` +
+      "mount namespace, e.g. a container's bind mount?): stop what holds it; nothing was removed");
+  }
   if (res.code !== 0) throw new CommandError(r.name, "remove the volume", res.code, res.signal, res.stdout, res.stderr);
+}
+
+/**
+ * Why a volume a failed create made on this host may hold more than the create put there, or ""
+ * if nothing else used it: it is made read-only first (which fails while a file is open for
+ * writing), then no unit other than the volume's own may have been started on it since boot,
+ * and no file may have changed since the create's initialisation ended. Read-only stays.
+ */
+export async function usedSinceCreate(r: Remote, v: VolumeInputs, l: VolumeLayout): Promise<string> {
+  const res = await r.run(`mp=${q(l.mountPath)}
+if mountpoint -q "$mp"; then
+  mount -o remount,ro "$mp" 2>/dev/null || { echo "a file on it is open for writing"; exit 0; }
+fi
+for u in ${[...v.stopUnits].map(q).join(" ")} $(systemctl show -p RequiredBy -p BoundBy -p WantedBy --value ${q(l.units.mount)} 2>/dev/null); do
+  case "$u" in dboxed-volume-*|*.target) continue ;; esac
+  t=$(systemctl show -p ActiveEnterTimestampMonotonic --value "$u" 2>/dev/null)
+  [ -z "$t" ] || [ "$t" = 0 ] || { echo "unit $u ran on it"; exit 0; }
+done
+if mountpoint -q "$mp" && [ -e ${q(`${l.stateDir}/initialized`)} ]; then
+  f=$(find "$mp" -xdev -newer ${q(`${l.stateDir}/initialized`)} -print -quit 2>/dev/null)
+  [ -z "$f" ] || { echo "$f changed after the create initialised it"; exit 0; }
+fi
+true`);
+  return res.stdout.trim();
 }
 
 /**

@@ -3,7 +3,7 @@
 // created again by the next `pulumi up` (every host step is resumable); if delete fails, the
 // volume is still there, with its data.
 import { adoptionHint, UserError } from "../errors";
-import { parseSize, volumeSchema, VolumeInputs, formatSize } from "../inputs";
+import { parseSize, PROXY_ABSENT, volumeSchema, VolumeInputs, formatSize } from "../inputs";
 import { legacyDefaultVolumeId } from "../volumeId";
 import { VolumeLayout } from "../host/layout";
 import { Snapshot } from "../host/rustic";
@@ -88,16 +88,20 @@ function logger(v: { volumeId: string }) {
 
 /**
  * A connection given as an Output arrives with its absent fields as null, and without a bastion
- * as a proxy whose fields are all null (see resources/volume.ts): no proxy.
+ * as a proxy marked PROXY_ABSENT (see resources/volume.ts): no proxy.
  */
 function withoutNulls(h: unknown): unknown {
   if (!h || typeof h !== "object" || Array.isArray(h)) return h;
   const out: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(h)) {
     if (v === null || v === undefined) continue;
-    const x = k === "proxy" ? withoutNulls(v) : v;
-    if (k === "proxy" && x && typeof x === "object" && Object.keys(x).length === 0) continue;
-    out[k] = x;
+    if (k === "proxy" && v && typeof v === "object") {
+      const { [PROXY_ABSENT]: absent, ...proxy } = v as Record<string, unknown>;
+      if (absent === true) continue;
+      out.proxy = withoutNulls(proxy);
+      continue;
+    }
+    out[k] = v;
   }
   return out;
 }
@@ -263,15 +267,26 @@ export async function create(inputs: Props) {
       // given back. Storage that was there before (a resumed create, an adopted volume) is never
       // removed: the lease stays with it, and running `pulumi up` again finishes the create.
       if (fresh && !forcedFrom && (!touched || made.storage)) {
+        let tearing = false;
         try {
           if (touched) {
+            // Anything else on it (a unit that starts with the mount, a file written since) may
+            // exist nowhere else: then the volume and its lease stay.
+            const used = await steps.usedSinceCreate(r, v, l);
+            if (used) {
+              await giveBack(r, l, []);
+              throw new Error(`it may hold data of its own (${used})`);
+            }
             log(`create failed on ${r.name}: removing the storage it made there, then giving back the lease`);
+            tearing = true;
             await steps.teardown(r, l);
           }
           await release(v, instanceId);
         } catch (cleanup) {
-          log(`after the failed create, cleaning up on ${r.name} failed too (${(cleanup as Error).message.split("\n")[0]}): ` +
-            `the lease stays with ${r.name}; run pulumi up again to finish the create there`);
+          // Half torn down: back in service (mounted, scheduled, the lease renewed) as it was.
+          if (tearing) await giveBack(r, l, []).catch(() => undefined);
+          log(`after the failed create, the volume was left on ${r.name}: ${(cleanup as Error).message.split("\n")[0]}; ` +
+            `the lease stays with ${r.name}: run pulumi up again to finish the create there`);
         }
       }
       throw e;

@@ -1,5 +1,5 @@
 import * as pulumi from "@pulumi/pulumi";
-import { maintenanceSchema, retentionSchema, S3_DEFAULTS } from "../inputs";
+import { maintenanceSchema, PROXY_ABSENT, retentionSchema, S3_DEFAULTS } from "../inputs";
 import { refuseUnknownArgs, shim } from "./shim";
 import { adoptionHint } from "../errors";
 import { defaultVolumeId } from "../volumeId";
@@ -57,7 +57,11 @@ function connection(h: pulumi.Input<HostArgs> | pulumi.Input<ProxyArgs>, withPro
     const o = (pulumi.output(h) as pulumi.Output<any>).apply((x) => { refuseUnknown(x ?? {}); return x ?? {}; });
     const out: Record<string, unknown> = {};
     for (const k of known) {
-      if (k === "proxy") { out.proxy = connection(o.apply((x) => x.proxy ?? {}), false); continue; }
+      if (k === "proxy") {
+        // ABSENT marks "no bastion" (a bastion whose fields all came out empty is an error, not none).
+        out.proxy = { ...connection(o.apply((x) => x.proxy ?? {}), false), [PROXY_ABSENT]: o.apply((x) => (x.proxy == null ? true : undefined)) };
+        continue;
+      }
       out[k] = SECRET_ARGS.has(k) ? pulumi.secret(o.apply((x) => x[k])) : o.apply((x) => x[k]);
     }
     return out;

@@ -184,3 +184,29 @@ describe("lease instances, legacy leases and force", () => {
     expect(() => claimedLease(lease(), other, { instance: "i", adoptLegacy: false })).to.throw(/^force: volume v1 lives on this very host/);
   });
 });
+
+describe("a host given as one Output", () => {
+  // Its fields arrive one by one, absent ones as null; a missing bastion arrives marked absent.
+  const nulls = { privateKeyPassword: null, agentSocketPath: null, dialErrorLimit: null, perDialTimeout: null };
+  it("a bastion marked absent is no bastion; its null fields and the host's are dropped", async () => {
+    const host = { ...baseInputs().host, ...nulls, proxy: { address: null, port: null, user: null, privateKey: null, hostKey: null, __absent: true } };
+    const res = await check({} as any, { ...baseInputs(), host });
+    expect(res.failures).to.deep.equal([]);
+    expect(res.inputs.host).to.not.have.property("proxy");
+  });
+
+  it("a bastion that is there keeps its fields, without the marker", async () => {
+    const host = { ...baseInputs().host, ...nulls, proxy: { address: "10.0.0.9", port: 2222, user: null, privateKey: PRIVATE_KEY, privateKeyPassword: null, hostKey: KEY_B, __absent: null } };
+    const res = await check({} as any, { ...baseInputs(), host });
+    expect(res.failures).to.deep.equal([]);
+    expect(res.inputs.host.proxy).to.deep.include({ address: "10.0.0.9", port: 2222, user: "root", hostKey: KEY_B });
+    expect(res.inputs.host.proxy).to.not.have.property("__absent");
+  });
+
+  it("an empty bastion (given, but with nothing in it) is an error, not silently none", async () => {
+    for (const proxy of [{}, { address: null, hostKey: null, __absent: null }]) {
+      const res = await check({} as any, { ...baseInputs(), host: { ...baseInputs().host, proxy } });
+      expect(res.failures.map((f) => f.reason).join("\n"), JSON.stringify(proxy)).to.match(/host\.proxy\.(address|hostKey)/);
+    }
+  });
+});
