@@ -32,7 +32,8 @@ describe("snapshot overflow in a shared volume group (real pulumi, lab host)", f
 
   after(async () => {
     if (stack) await stack.run(["destroy", "--yes", "--skip-preview"]);
-    await onHost(h, `vgremove -q -f ${vg} >/dev/null 2>&1; pvremove -q /dev/vdb >/dev/null 2>&1; true`, { allowFailure: true });
+    await onHost(h, `vgremove -q -f ${vg} >/dev/null 2>&1; pvremove -q /dev/vdb >/dev/null 2>&1
+systemctl disable --now --quiet ovf-app.service 2>/dev/null; rm -f /etc/systemd/system/ovf-app.service; systemctl daemon-reload; true`, { allowFailure: true });
   });
 
   it("a volume in a shared VG with 64MiB of snapshot space is created and filled with 80 MB", async () => {
@@ -93,28 +94,50 @@ systemctl kill --signal=SIGCONT ${unit}`, { timeoutMs: 300_000 });
   });
 
   const failedId = `ovf-${crypto.randomBytes(3).toString("hex")}`;
+  const keptId = `ovf-${crypto.randomBytes(3).toString("hex")}`;
   const main = { name: "o", host: 2, args: { volumeId, size: "128MiB", mountPath, volumeGroup: vg, snapshotSpace: "64MiB", backupSchedule: "hourly" } };
   const other = (host: number) => ({ name: "f", host, args: { volumeId: failedId, size: "64MiB", mountPath: "/srv/failed-create", backupSchedule: "hourly" } });
+  // A volume an application starts on as soon as it is mounted (WantedBy its mount unit): what it writes may exist nowhere else.
+  const kept = { name: "k", host: 2, args: { volumeId: keptId, size: "64MiB", mountPath: "/srv/failedkeep", backupSchedule: "hourly" } };
 
-  it("a create that fails after making its storage (the host cannot reach S3) removes it and gives back the lease; the id is then created on another host", async () => {
+  it("a create that fails after making its storage (the host cannot reach S3) removes it and gives back the lease, unless something else used it", async () => {
+    await onHost(h, `cat > /etc/systemd/system/ovf-app.service <<'UNIT'
+[Unit]
+RequiresMountsFor=/srv/failedkeep
+[Service]
+ExecStart=/bin/sh -c 'echo "written by the app" > /srv/failedkeep/app.txt; exec sleep infinity'
+[Install]
+WantedBy=srv-failedkeep.mount
+UNIT
+systemctl daemon-reload && systemctl enable --quiet ovf-app.service`);
     // The guest reaches the lab's S3 server at 10.0.2.100: a prohibit route makes every connection fail at once.
     await onHost(h, "ip route add prohibit 10.0.2.100/32");
     let res;
     try {
-      res = await stack.up({ provider: { s3: { prefix } }, volumes: [main, other(2)] });
+      res = await stack.up({ provider: { s3: { prefix } }, volumes: [main, other(2), kept] });
     } finally {
       await onHost(h, "ip route del prohibit 10.0.2.100/32", { allowFailure: true });
     }
-    expect(res.code, res.stdout + res.stderr).to.not.equal(0);
-    expect(res.stdout + res.stderr).to.match(/create failed on .*: removing the storage it made there, then giving back the lease/);
+    const text = res.stdout + res.stderr;
+    expect(res.code, text).to.not.equal(0);
+    // Nothing else used the first: removed, its lease given back.
+    expect(text).to.match(new RegExp(`volume ${failedId}.*create failed on .*: removing the storage it made there, then giving back the lease`));
     const left = await onHost(h, `ls /etc/systemd/system /etc/dboxed-volumes /var/lib/dboxed-volumes 2>/dev/null | grep -c ${failedId} || true
 lvs --noheadings -o lv_name,vg_name 2>/dev/null | grep -c ${failedId} || true
 mountpoint -q /srv/failed-create && echo mounted || echo unmounted`);
     expect(left.stdout.trim().split("\n"), left.stdout).to.deep.equal(["0", "0", "unmounted"]);
     expect(await labLease(prefix, failedId), "the failed create's lease").to.equal(undefined);
-    res = await stack.up({ provider: { s3: { prefix } }, volumes: [main, other(0)] });
+    // The application ran on the second: it stays, in service, with its lease and the app's file.
+    expect(text).to.match(new RegExp(`volume ${keptId}.*left on .*: it may hold data of its own \\(unit ovf-app\\.service ran on it\\)`));
+    const k = await onHost(h, `cat /srv/failedkeep/app.txt; findmnt -n -o OPTIONS --mountpoint /srv/failedkeep | cut -d, -f1
+systemctl is-active dboxed-volume-${keptId}-backup.timer dboxed-volume-${keptId}-lease.timer`, { allowFailure: true });
+    expect(k.stdout.trim().split("\n"), k.stdout).to.deep.equal(["written by the app", "rw", "active", "active"]);
+    expect((await labLease(prefix, keptId))?.lease.holder.port, "the kept volume's lease").to.equal(h.port);
+    // S3 back: the kept volume's create finishes where it is; the other id is created on another host.
+    res = await stack.up({ provider: { s3: { prefix } }, volumes: [main, other(0), kept] });
     expect(res.code, res.stdout + res.stderr).to.equal(0);
     expect((await labLease(prefix, failedId))?.lease.holder.port).to.equal(lab().hosts[0].port);
+    expect((await onHost(h, "cat /srv/failedkeep/app.txt")).stdout.trim()).to.equal("written by the app");
   });
 
   it("a delete that cannot make the volume read-only (a writer holds it) fails and leaves it as it was", async () => {
@@ -136,5 +159,6 @@ mountpoint -q /srv/failed-create && echo mounted || echo unmounted`);
     // Every delete gives back the lease: the ids are free for any resource.
     expect(await labLease(prefix, volumeId), "lease after the delete").to.equal(undefined);
     expect(await labLease(prefix, failedId), "lease after the delete").to.equal(undefined);
+    expect(await labLease(prefix, keptId), "lease after the delete").to.equal(undefined);
   });
 });
