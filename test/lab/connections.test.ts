@@ -104,11 +104,26 @@ systemctl start dboxed-volume-${id}-backup.service`);
     }
   });
 
+  // The provider appends every SSH dial to DBOXED_VOLUMES_TRACE (its own record, host names only).
+  const dials = (file: string) => (fs.existsSync(file) ? fs.readFileSync(file, "utf8") : "").split("\n").filter((l) => / connect$/.test(l));
+
+  it("a preview with nothing changed opens no SSH connection", async () => {
+    const trace = path.join(tmp, "trace-unchanged.log");
+    const res = await stack.run(["preview", "--diff"], { input: input([2, behindBastion()], [1, sudoOnHost2()]), env: { DBOXED_VOLUMES_TRACE: trace } });
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(res.stdout).to.match(/\d+ unchanged/);
+    expect(res.stdout).to.not.match(/to (create|update|delete|replace)/);
+    expect(dials(trace), "SSH dials during a preview with no change").to.deep.equal([]);
+  });
+
   it("a preview of both moves shows the addresses in plain text and runs each new host's pre-flight", async () => {
     // --diff: the property-level diff a reviewer reads.
-    const res = await stack.run(["preview", "--diff"], { input: input([0, {}], [2, behindBastion()], true) });
+    const trace = path.join(tmp, "trace-moves.log");
+    const res = await stack.run(["preview", "--diff"], { input: input([0, {}], [2, behindBastion()], true), env: { DBOXED_VOLUMES_TRACE: trace } });
     const text = res.stdout + res.stderr;
     expect(res.code, text).to.equal(0);
+    // The control for the test above: the move's pre-flight dials each new host.
+    expect(dials(trace).length, "SSH dials during the move's preview").to.be.at.least(2);
     if (process.env.DBOXED_TEST_VERBOSE) process.stderr.write(text);
     // a: 10.0.2.13:22 (deploy, via host-1) -> 127.0.0.1:<host-1>; b: 127.0.0.1:<host-2> -> 10.0.2.13:22.
     expect(text).to.match(new RegExp(`address\\s*:\\s*"${peerAddress(2).replace(/\./g, "\\.")}"\\s*=>\\s*"127\\.0\\.0\\.1"`));
