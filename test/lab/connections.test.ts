@@ -147,6 +147,22 @@ systemctl start dboxed-volume-${id}-backup.service`);
     expect((await onHost(lab().hosts[2], "mountpoint -q /srv/conn-a && echo mounted")).stdout.trim()).to.equal("mounted");
   });
 
+  it("a preview of a move to a host that is not who its pinned key says, or whose mount path is taken, fails naming why", async () => {
+    // host-1 pinned by host-2's rsa key.
+    let res = await stack.preview(input([0, { hostKey: pins.rsa2 }], [1, sudoOnHost2()]));
+    expect(res.code, res.stdout + res.stderr).to.not.equal(0);
+    expect(res.stdout + res.stderr).to.match(/host key of .* does not match the pinned hostKey: the host offered "ssh-rsa /);
+    const h1 = lab().hosts[0];
+    await onHost(h1, "mkdir -p /srv/conn-a && mount -t tmpfs lab-taken /srv/conn-a");
+    try {
+      res = await stack.preview(input([0, {}], [1, sudoOnHost2()]));
+      expect(res.code, res.stdout + res.stderr).to.not.equal(0);
+      expect(res.stdout + res.stderr).to.match(/mountPath: \/srv\/conn-a on .* is already a mount point of lab-taken: choose another mountPath/);
+    } finally {
+      await onHost(h1, "umount /srv/conn-a; rmdir /srv/conn-a; true");
+    }
+  });
+
   it("moves the bastioned volume off (to host-1) and the sudo user's onto the bastioned host, data intact, old hosts clean", async () => {
     const res = await stack.up(input([0, {}], [2, behindBastion()], true));
     expect(res.code, res.stdout + res.stderr).to.equal(0);
