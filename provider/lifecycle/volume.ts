@@ -129,6 +129,15 @@ export async function check(olds: Props, news: Props) {
         "move the volume first, then change the repository in a second pulumi up" });
     }
   }
+  if (res.value && olds?.host && olds.volumeId === res.value.volumeId && typeof olds.mountPath === "string" && olds.mountPath !== res.value.mountPath &&
+    sameHost(hostRef(olds as VolumeInputs), hostRef(res.value as unknown as VolumeInputs))) {
+    // On the same machine, applications and their units name the path: a volume mounted at two
+    // paths, or an old mount unit left behind, would be worse than no change. (A move may take a
+    // new path on its new host: the old host's layout is removed whole.)
+    res.failures.push({ property: "mountPath", reason: `mountPath: the mount path of a volume cannot change on the host it lives on (${olds.mountPath} -> ` +
+      `${res.value.mountPath}): keep mountPath "${olds.mountPath}" and bind-mount it where it is also needed, or declare a new Volume ` +
+      "at the new path and copy the data into it (moving the volume to another host may change its path)" });
+  }
   if (res.value && olds && olds.volumeId === res.value.volumeId && typeof olds.size === "number") {
     const bytes = parseSize(res.value.size);
     if (bytes < olds.size) {

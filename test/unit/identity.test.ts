@@ -210,3 +210,16 @@ describe("a host given as one Output", () => {
     }
   });
 });
+
+describe("inputs an existing volume cannot change", () => {
+  it("mountPath is refused at preview on the same host, with the way to do it; unchanged or with a move, nothing is said", async () => {
+    const olds = { ...baseInputs(), size: 64 * 1024 * 1024 };
+    const res = await check(olds, { ...baseInputs(), mountPath: "/srv/b" });
+    expect(res.failures.map((f) => f.property)).to.deep.equal(["mountPath"]);
+    expect(res.failures[0].reason).to.match(/mountPath: the mount path of a volume cannot change on the host it lives on \(\/srv\/a -> \/srv\/b\): keep mountPath "\/srv\/a"/);
+    expect((await check(olds, baseInputs())).failures).to.deep.equal([]);
+    // A move may take a new path on its new host.
+    const moved = { ...baseInputs(), mountPath: "/srv/b", host: { ...baseInputs().host, address: "10.0.0.2", hostKey: KEY_B } };
+    expect((await check(olds, moved)).failures).to.deep.equal([]);
+  });
+});
