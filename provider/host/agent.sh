@@ -356,15 +356,17 @@ backup() {
 # runs; a host that dies mid-task blocks it only until the lease expires (MAINT_TTL).
 MAINT_TTL=${MAINT_TTL:-300}
 
+# S3_MAX_TIME / S3_RETRY: how long one request may take and how often it is retried (a renewal
+# while a task runs must end well before the lease would expire).
 s3_get() { # s3_get URL DIR: body in DIR/b, headers in DIR/h; prints the HTTP code
-  curl -sS -m 60 --retry 2 -D "$2/h" -o "$2/b" -w '%{http_code}' -H "x-amz-content-sha256: $EMPTY_SHA256" \
+  curl -sS -m "${S3_MAX_TIME:-60}" --retry "${S3_RETRY:-2}" -D "$2/h" -o "$2/b" -w '%{http_code}' -H "x-amz-content-sha256: $EMPTY_SHA256" \
     --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$1" 2>/dev/null || echo 000
 }
 
 s3_put_cas() { # s3_put_cas URL FILE ETAG DIR: PUT only if the object still has ETAG ("" = absent); its new ETag in DIR/etag
   local cond code
   if [ -n "$3" ]; then cond="If-Match: $3"; else cond="If-None-Match: *"; fi
-  code=$(curl -sS -m 60 -D "$4/ph" -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$2" -H "Content-Type: application/json" \
+  code=$(curl -sS -m "${S3_MAX_TIME:-60}" -D "$4/ph" -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$2" -H "Content-Type: application/json" \
     -H "$cond" -H "x-amz-content-sha256: $(sha256sum < "$2" | cut -c1-64)" \
     --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$1" 2>/dev/null) || code=000
   etag_of "$4/ph" > "$4/etag"
@@ -500,16 +502,19 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   ( MAINT_SUBSET=$subset "$@" > /dev/null 2> "$err" ) &
   local task_pid=$! last_renew=$t0
   # The task runs only while the lease surely holds: renewed every third of it, retried while
-  # S3 does not answer; lost or about to expire unrenewed, the task is stopped.
+  # S3 does not answer; lost or about to expire unrenewed, the task is stopped. A renewal takes
+  # at most 2 * rt (a PUT, and a GET when its answer was lost): after a failed one the task stops
+  # unless another could still end 20 s before the lease expires.
+  local rt=$(( MAINT_TTL / 10 )); [ "$rt" -le 20 ] || rt=20; [ "$rt" -ge 2 ] || rt=2
   while kill -0 "$task_pid" 2>/dev/null; do
     sleep 2
     kill -0 "$task_pid" 2>/dev/null || break
     [ $(( $(date +%s) - last_renew )) -ge $((MAINT_TTL / 3)) ] || continue
     local r=0
-    maint_renew "$url" "$dir" "$off" "${fields[@]}" || r=$?
+    S3_MAX_TIME=$rt S3_RETRY=0 maint_renew "$url" "$dir" "$off" "${fields[@]}" || r=$?
     if [ "$r" = 0 ]; then last_renew=$(date +%s); holds_until=$(( last_renew + off + MAINT_TTL )); continue; fi
     if [ "$r" = 1 ]; then lost="another host wrote its lease"
-    elif [ $(( $(date +%s) + off + 20 )) -ge "$holds_until" ]; then lost="its lease could not be renewed before it expired"
+    elif [ $(( $(date +%s) + off + 20 + 2 * rt )) -ge "$holds_until" ]; then lost="its lease could not be renewed before it expired"
     else continue; fi
     echo "maintenance $task: $lost: stopping the run" >&2
     pkill -TERM -P "$task_pid" 2>/dev/null || true

@@ -209,6 +209,33 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     expect(m.expiresAt).to.be.greaterThan(now() - 25);
   });
 
+  it("a holder whose S3 server hangs (no answer, no refusal) stops its run before the lease expires", async () => {
+    // Every renewal request is bounded by a tenth of the lease: one that hangs cannot outlast it.
+    await put(lease({ runs: 40 }));
+    fs.rmSync(path.join(dir, "log"), { force: true });
+    const takenBy = now() + 3;   // the lease is taken within the first seconds, for 60 s
+    const run = runTask("hung", { interval: 60, ttl: 60, workSeconds: 61 });
+    await sleep(3000);
+    const pid = JSON.parse(fs.readFileSync(path.join(lab().dir, "state.json"), "utf8")).s3.pid as number;
+    process.kill(pid, "SIGSTOP");
+    let stoppedAt = 0;
+    try {
+      for (let i = 0; i < 120 && !stoppedAt; i++) {
+        await sleep(1000);
+        const busy = await new Promise<boolean>((resolve) => execFile("pgrep", ["-f", "sleep 61"], (err) => resolve(!err)));
+        if (!busy) stoppedAt = now();
+      }
+    } finally {
+      process.kill(pid, "SIGCONT");
+    }
+    const r = await run;
+    expect(r.out).to.match(/maintenance prune: its lease could not be renewed before it expired: stopping the run/);
+    expect(log().filter((l) => / end /.test(l)), "the work did not finish").to.deep.equal([]);
+    // (The record is not read back: a PUT cut off by the frozen server can leave it torn on the lab's server.)
+    expect(stoppedAt, "the work was stopped").to.be.greaterThan(0);
+    expect(stoppedAt, `stopped at ${stoppedAt}, the lease taken by ${takenBy} held until ${takenBy + 60} at least`).to.be.lessThan(takenBy + 60);
+  });
+
   it("a task that fails without a word on stderr is recorded as failed with its exit code", async () => {
     await put(lease({ runs: 40 }));
     const r = await runTask("mute", { interval: 60, fail: true, quiet: true });
