@@ -42,8 +42,10 @@ async function startBackupLoop(h: LabHost, id: string) {
   await onHost(h, `rm -f /root/rot-stop /root/rot-log; systemd-run --quiet --unit=rot-loop-${id} bash -c 'while [ ! -e /root/rot-stop ]; do
 systemctl start dboxed-volume-${id}-backup.service; sed -n "s/.*\\"status\\":\\"\\([a-z]*\\)\\".*/\\1/p" /var/lib/dboxed-volumes/${id}/status.json >> /root/rot-log; sleep 1; done'`);
 }
+/** Stops the loop once it has recorded two runs at least (a quick pulumi up may end within one run). */
 async function stopBackupLoop(h: LabHost, id: string): Promise<string[]> {
-  const r = await onHost(h, `touch /root/rot-stop; while systemctl is-active -q rot-loop-${id}; do sleep 1; done; cat /root/rot-log`, { timeoutMs: 600_000 });
+  const r = await onHost(h, `while [ "$(cat /root/rot-log 2>/dev/null | wc -l)" -lt 2 ] && systemctl is-active -q rot-loop-${id}; do sleep 1; done
+touch /root/rot-stop; while systemctl is-active -q rot-loop-${id}; do sleep 1; done; cat /root/rot-log`, { timeoutMs: 600_000 });
   return r.stdout.trim().split("\n").filter(Boolean);
 }
 
