@@ -598,7 +598,7 @@ export async function usedSinceCreate(r: Remote, v: VolumeInputs, l: VolumeLayou
 if mountpoint -q "$mp"; then
   mount -o remount,ro "$mp" 2>/dev/null || { echo "a file on it is open for writing"; exit 0; }
 fi
-for u in ${[...v.stopUnits].map(q).join(" ")} $(systemctl show -p RequiredBy -p BoundBy -p WantedBy --value ${q(l.units.mount)} 2>/dev/null); do
+for u in ${v.stopUnits.map(q).join(" ")} $(systemctl show -p RequiredBy -p BoundBy -p WantedBy --value ${q(l.units.mount)} 2>/dev/null); do
   case "$u" in dboxed-volume-*|*.target) continue ;; esac
   t=$(systemctl show -p ActiveEnterTimestampMonotonic --value "$u" 2>/dev/null)
   [ -z "$t" ] || [ "$t" = 0 ] || { echo "unit $u ran on it"; exit 0; }
