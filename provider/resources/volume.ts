@@ -53,12 +53,12 @@ function connection(h: pulumi.Input<HostArgs> | pulumi.Input<ProxyArgs>, withPro
   };
   if (pulumi.Output.isInstance(h) || h instanceof Promise) {
     // Its shape is known only later: each field lifted, the bastion's too (absent ones arrive
-    // as null, a missing bastion as one whose fields are all null: check drops them).
+    // as null and check drops them; a missing bastion arrives marked PROXY_ABSENT).
     const o = (pulumi.output(h) as pulumi.Output<any>).apply((x) => { refuseUnknown(x ?? {}); return x ?? {}; });
     const out: Record<string, unknown> = {};
     for (const k of known) {
       if (k === "proxy") {
-        // ABSENT marks "no bastion" (a bastion whose fields all came out empty is an error, not none).
+        // A bastion whose fields all came out empty is an error, not "none".
         out.proxy = { ...connection(o.apply((x) => x.proxy ?? {}), false), [PROXY_ABSENT]: o.apply((x) => (x.proxy == null ? true : undefined)) };
         continue;
       }
