@@ -8,7 +8,9 @@ CACHE="${DBOXED_LAB_CACHE:-$HOME/.cache/pulumi-dboxed-volumes}"
 BIN="$CACHE/bin"
 PULUMI_VERSION="v3.248.0"
 RUSTIC_VERSION="0.11.4"
-VERSITYGW_VERSION="v1.7.0"
+# v1.8.0: its conditional PUTs are atomic (v1.7.0 let several concurrent If-Match writers of one
+# ETag win: a lease taken twice; versity/versitygw#2288). The provider refuses such a server.
+VERSITYGW_VERSION="v1.8.0"
 mkdir -p "$BIN"
 
 step() { # step NAME COMMAND...: run COMMAND, print what and how long
@@ -79,8 +81,13 @@ build_rustic() {
 }
 
 build_versitygw() {
-  if [ -x "$BIN/versitygw" ]; then echo "[toolchain] versitygw: cached"; return; fi
+  # Its --version says "git"; the version built is recorded next to it.
+  if [ -x "$BIN/versitygw" ] && [ "$(cat "$BIN/versitygw.version" 2>/dev/null)" = "$VERSITYGW_VERSION" ]; then
+    echo "[toolchain] versitygw: cached $VERSITYGW_VERSION"; return
+  fi
+  rm -f "$BIN/versitygw.version"
   CGO_ENABLED=0 GOBIN="$BIN" go install "github.com/versity/versitygw/cmd/versitygw@${VERSITYGW_VERSION}"
+  echo "$VERSITYGW_VERSION" > "$BIN/versitygw.version"
 }
 
 targets=("$@")

@@ -186,12 +186,20 @@ export async function updateLease(s: S3Settings, volumeId: string, change: (cur:
 /**
  * Checks that the server honours both conditional writes the leases rely on: If-None-Match: *
  * (create only if absent) and If-Match: <etag> (compare-and-swap). Some S3-compatible servers
- * silently ignore them (a 200 where 412 was due), and a lease there would not be exclusive.
+ * silently ignore them (a 200 where 412 was due), others honour them only one request at a time;
+ * a lease there would not be exclusive.
  */
+/** Racing writers per round, and rounds: versitygw 1.7.0 let several win in 19 of 20 probes of 4 rounds here. */
+const PROBE_WRITERS = 32;
+const PROBE_ROUNDS = 8;
+/** Bodies of some size: a server that checks, then stages the body, then writes has a wider gap to show. */
+const PROBE_BYTES = 4096;
+
 export async function probeConditionalWrites(s: S3Settings): Promise<void> {
   const { PutObjectCommand, DeleteObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   const client = s3Client(s);
   const Key = `${s.prefix}-meta/probe-${process.pid}-${Date.now()}-${newToken().slice(0, 8)}`;
+  const keys = [Key];
   const ignored = (header: string) => new UserError(
     `s3.endpoint: the S3 server at ${s.endpoint} ignores ${header} on PutObject, so volume leases ` +
     "(which keep a volume on one host at a time) would not be safe there; use a server that supports " +
@@ -227,9 +235,37 @@ export async function probeConditionalWrites(s: S3Settings): Promise<void> {
     } catch (err) {
       throw explainS3Error(err, s, "probe conditional writes (If-Match with the current etag)");
     }
+    // Honoured one at a time is not enough: two hosts take a lease at the same moment. A server
+    // that checks the precondition, then writes (not as one step), lets several concurrent
+    // writers of one version win (versitygw before 1.8.0 did). A few rounds of racing writers.
+    for (let round = 0; round < PROBE_ROUNDS; round++) {
+      const key = `${Key}-race-${round}`;
+      keys.push(key);
+      // Every body differs from every other (and from the one in place): a write of the same bytes
+      // keeps the etag, and a later writer would rightly win too.
+      const race = (cond: { IfNoneMatch?: string; IfMatch?: string }) => Promise.all(Array.from({ length: PROBE_WRITERS }, (_, i) =>
+        client.send(new PutObjectCommand({ Bucket: s.bucket, Key: key, Body: `${cond.IfMatch ? "swap" : "create"} ${i} `.padEnd(PROBE_BYTES, "."), ...cond })).then(
+          (r) => ({ etag: r.ETag }),
+          (err) => {
+            const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+            if (status === 412 || status === 409) return undefined;
+            throw explainS3Error(err, s, "probe conditional writes (concurrent writers)");
+          })));
+      const check = (won: ({ etag?: string } | undefined)[], header: string) => {
+        const n = won.filter(Boolean).length;
+        if (n !== 1) throw new UserError(
+          `s3.endpoint: the S3 server at ${s.endpoint} let ${n} of ${PROBE_WRITERS} concurrent writes with one ${header} ` +
+          "succeed (exactly one must): its conditional writes are not atomic, so two hosts could take one volume's lease " +
+          "at once; use a server whose conditional writes are atomic (AWS S3; versitygw from 1.8.0 on)");
+        return won.find(Boolean)!.etag;
+      };
+      const first = check(await race({ IfNoneMatch: "*" }), "If-None-Match: *");
+      if (!first) throw new UserError(`s3.endpoint: the S3 server at ${s.endpoint} returned no ETag on PutObject; volume leases need it`);
+      check(await race({ IfMatch: first }), "If-Match etag");
+    }
   } finally {
-    // The probe object is not needed afterwards, whatever happened; a leftover is harmless.
-    await client.send(new DeleteObjectCommand({ Bucket: s.bucket, Key })).catch(() => undefined);
+    // The probe objects are not needed afterwards, whatever happened; a leftover is harmless.
+    await Promise.all(keys.map((k) => client.send(new DeleteObjectCommand({ Bucket: s.bucket, Key: k })).catch(() => undefined)));
     client.destroy();
   }
 }

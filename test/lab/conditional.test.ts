@@ -1,6 +1,7 @@
 // VolumeProvider refuses an S3 server that ignores conditional writes (volume leases would not
 // be safe there). Such a server is played by a proxy in front of the lab's S3 server that drops
-// If-None-Match / If-Match, or only If-Match; the same proxy passing them through is the control.
+// If-None-Match / If-Match, or only If-Match, or honours them one request at a time but not
+// atomically (checks, then writes); the same proxy passing them through is the control.
 import { expect } from "chai";
 import * as crypto from "crypto";
 import { lab, Stack } from "./harness";
@@ -10,6 +11,7 @@ describe("VolumeProvider checks conditional writes (real pulumi, lab S3 server b
   let dropping: S3Proxy;
   let droppingIfMatch: S3Proxy;
   let passing: S3Proxy;
+  let nonAtomic: S3Proxy;
   let n = 0;
 
   before(async () => {
@@ -18,6 +20,8 @@ describe("VolumeProvider checks conditional writes (real pulumi, lab S3 server b
     dropping = new S3Proxy({ ...opts, dropConditionals: true });
     droppingIfMatch = new S3Proxy({ ...opts, dropConditionals: ["if-match"] });
     passing = new S3Proxy({ ...opts, dropConditionals: false });
+    nonAtomic = new S3Proxy({ ...opts, dropConditionals: false, checkThenWrite: true });
+    await nonAtomic.start();
     await dropping.start();
     await droppingIfMatch.start();
     await passing.start();
@@ -27,6 +31,7 @@ describe("VolumeProvider checks conditional writes (real pulumi, lab S3 server b
     await dropping?.stop();
     await droppingIfMatch?.stop();
     await passing?.stop();
+    await nonAtomic?.stop();
   });
 
   async function upProvider(endpoint: string) {
@@ -49,6 +54,13 @@ describe("VolumeProvider checks conditional writes (real pulumi, lab S3 server b
     expect(r.res.code, r.text).to.not.equal(0);
     expect(r.text).to.match(/s3\.endpoint: the S3 server at http:\/\/127\.0\.0\.1:\d+ ignores If-Match on PutObject/);
     expect(droppingIfMatch.dropped, "the proxy dropped If-Match").to.be.greaterThan(0);
+  });
+
+  it("a server that honours them one at a time but not atomically (concurrent writers of one version all win) is refused", async () => {
+    const r = await upProvider(nonAtomic.url);
+    expect(r.res.code, r.text).to.not.equal(0);
+    expect(r.text).to.match(/s3\.endpoint: the S3 server at http:\/\/127\.0\.0\.1:\d+ let \d+ of 32 concurrent writes with one If-None-Match: \* succeed \(exactly one must\): its conditional writes are not atomic/);
+    expect(nonAtomic.dropped, "the proxy checked, then wrote").to.be.greaterThan(0);
   });
 
   it("control: the same proxy passing the headers through is accepted; moving that VolumeProvider to a server that ignores them is refused", async () => {

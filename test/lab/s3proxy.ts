@@ -1,5 +1,7 @@
 // A forwarding HTTP proxy in front of the lab's S3 server that can play an S3-compatible server
-// which ignores conditional writes: it drops If-None-Match and If-Match from requests.
+// which ignores conditional writes: it drops If-None-Match and If-Match from requests; or one
+// that honours them but not atomically (checkThenWrite): it checks the precondition itself with
+// a HEAD, waits a moment, then writes without it, as versitygw before 1.8.0 did.
 // The AWS SDK signs those headers (SigV4), so a dropped header would only turn into a
 // signature error; the proxy re-signs such requests with the lab's credentials.
 // (@aws-crypto/sha256-js, which @smithy/signature-v4 needs, is not installed here, so the
@@ -15,6 +17,8 @@ export interface S3ProxyOptions {
   region: string;
   /** Drop if-none-match / if-match (the default), only the ones named, or (false) none. */
   dropConditionals?: boolean | ("if-none-match" | "if-match")[];
+  /** Evaluate a PUT's condition here (HEAD, then a gap), then write unconditionally. */
+  checkThenWrite?: boolean;
 }
 
 const CONDITIONAL = ["if-none-match", "if-match"];
@@ -58,7 +62,17 @@ export class S3Proxy {
     // The Host header is forwarded as the client sent it: the client's signature covers it,
     // and the upstream (path-style) checks the signature against the Host it receives.
     const drop = this.o.dropConditionals === false ? [] : Array.isArray(this.o.dropConditionals) ? this.o.dropConditionals : CONDITIONAL;
-    if (drop.some((h) => h in headers)) {
+    if (this.o.checkThenWrite && req.method === "PUT" && CONDITIONAL.some((h) => h in headers)) {
+      if (!(await this.preconditionHolds(req.url!, headers))) {
+        res.writeHead(412, { "content-type": "application/xml" });
+        res.end("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you specified did not hold</Message></Error>");
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 50)); // the gap between the check and the write
+      for (const h of CONDITIONAL) delete headers[h];
+      this.resign(req.method!, req.url!, headers, body);
+      this.dropped++;
+    } else if (drop.some((h) => h in headers)) {
       for (const h of drop) delete headers[h];
       this.resign(req.method!, req.url!, headers, body);
       this.dropped++;
@@ -74,6 +88,25 @@ export class S3Proxy {
       out.on("error", reject);
       out.end(body);
     });
+  }
+
+  /** The condition of a PUT, checked against the object's current ETag (path-style URL). */
+  private async preconditionHolds(rawUrl: string, headers: Record<string, string>): Promise<boolean> {
+    const { S3Client, HeadObjectCommand } = await import("@aws-sdk/client-s3");
+    const [bucket, ...rest] = rawUrl.split("?")[0].slice(1).split("/");
+    const client = new S3Client({ endpoint: this.o.upstream, region: this.o.region, forcePathStyle: true, maxAttempts: 1,
+      credentials: { accessKeyId: this.o.accessKeyId, secretAccessKey: this.o.secretAccessKey } });
+    let etag: string | undefined;
+    try {
+      etag = (await client.send(new HeadObjectCommand({ Bucket: decodeURIComponent(bucket), Key: decodeURIComponent(rest.join("/")) }))).ETag;
+    } catch (e) {
+      if ((e as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode !== 404) throw e;
+    } finally {
+      client.destroy();
+    }
+    if (headers["if-none-match"] === "*" && etag) return false;
+    if (headers["if-match"] && headers["if-match"] !== etag) return false;
+    return true;
   }
 
   /** SigV4 header signing, with the client's date and signed-header list minus the dropped headers. */
