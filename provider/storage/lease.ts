@@ -50,6 +50,8 @@ export interface Lease {
   instance?: string;
   /** A rebuild (filesystem or volumeGroup change) in progress: the verified final snapshot to restore. */
   rebuild?: { snapshotId: string; startedAt: string };
+  /** Random per write: tells a writer whose answer was lost that its write landed. */
+  writeId?: string;
   /** How long the lease lasts without renewal (the Volume's leaseDuration). */
   durationSeconds?: number;
   /**
@@ -128,21 +130,32 @@ export async function readMaintenance(s: S3Settings, task: "prune" | "check"): P
   }
 }
 
-/** Writes the lease if nobody changed it since `etag` was read (or, without etag, if it does not exist). */
+const httpStatus = (err: unknown) => (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+
+/**
+ * Writes the lease if nobody changed it since `etag` was read (or, without etag, if it does not
+ * exist). Each write carries a random `writeId`: the SDK sends a PUT again after a lost answer
+ * (a reset connection, a timeout, a 5xx), and when the first one had landed the second meets its
+ * own write and gets 412. So a 412, or an error after which the write may have landed, is
+ * judged by reading the lease back: our writeId there (a host's renewal keeps it) means written.
+ */
 export async function writeLease(s: S3Settings, lease: Lease, etag: string | undefined): Promise<string> {
   const { PutObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   const client = s3Client(s);
+  const writeId = newToken();
   try {
     const res = await client.send(new PutObjectCommand({
       Bucket: s.bucket, Key: leaseKey(s.prefix, lease.volumeId), ContentType: "application/json",
       // Pretty-printed: the holding host renews it by rewriting the top-level "expiresAt" line.
-      Body: JSON.stringify({ ...lease, updatedAt: new Date().toISOString(),
+      Body: JSON.stringify({ ...lease, writeId, updatedAt: new Date().toISOString(),
         expiresAt: Math.floor(Date.now() / 1000) + (lease.durationSeconds ?? DEFAULT_LEASE_SECONDS) }, null, 2),
       ...(etag ? { IfMatch: etag } : { IfNoneMatch: "*" }),
     }));
     return res.ETag!;
   } catch (err) {
-    const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+    const now = await readLease(s, lease.volumeId).catch(() => undefined);
+    if (now && now.lease.writeId === writeId) return now.etag;
+    const status = httpStatus(err);
     if (status === 412 || status === 409) throw new LeaseConflict(`the lease of volume ${lease.volumeId} changed meanwhile`);
     throw explainS3Error(err, s, `write the lease of volume ${lease.volumeId}`);
   } finally {
@@ -150,13 +163,17 @@ export async function writeLease(s: S3Settings, lease: Lease, etag: string | und
   }
 }
 
+/** Deletes the lease if it is still the version `etag`; a delete whose answer was lost and sent again finds it gone. */
 export async function deleteLease(s: S3Settings, volumeId: string, etag: string): Promise<void> {
   const { DeleteObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   const client = s3Client(s);
   try {
     await client.send(new DeleteObjectCommand({ Bucket: s.bucket, Key: leaseKey(s.prefix, volumeId), IfMatch: etag }));
   } catch (err) {
-    const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+    // Gone is what was asked (ours deleted, its answer lost; or released by another run meanwhile).
+    const now = await readLease(s, volumeId).then((x) => x ?? "gone", () => undefined);
+    if (now === "gone") return;
+    const status = httpStatus(err);
     if (status === 412 || status === 409) throw new LeaseConflict(`the lease of volume ${volumeId} changed meanwhile`);
     throw explainS3Error(err, s, `release the lease of volume ${volumeId}`);
   } finally {

@@ -19,6 +19,8 @@ export interface S3ProxyOptions {
   dropConditionals?: boolean | ("if-none-match" | "if-match")[];
   /** Evaluate a PUT's condition here (HEAD, then a gap), then write unconditionally. */
   checkThenWrite?: boolean;
+  /** For a request this returns true for: forward it, then cut the client's connection instead of answering (a lost answer). */
+  loseAnswer?: (method: string, url: string) => boolean;
 }
 
 const CONDITIONAL = ["if-none-match", "if-match"];
@@ -30,6 +32,8 @@ export class S3Proxy {
   url = "";
   /** How many requests had conditional headers dropped (so a test can see the proxy acted). */
   dropped = 0;
+  /** How many answers were lost on purpose. */
+  lost = 0;
   constructor(private readonly o: S3ProxyOptions) {}
 
   async start(): Promise<string> {
@@ -80,6 +84,13 @@ export class S3Proxy {
     const up = new URL(this.o.upstream);
     await new Promise<void>((resolve, reject) => {
       const out = http.request({ host: up.hostname, port: up.port, method: req.method, path: req.url, headers }, (r) => {
+        if (this.o.loseAnswer?.(req.method!, req.url!)) {
+          // The server did the work; its answer never reaches the client.
+          this.lost++;
+          r.resume();
+          r.on("end", () => { req.socket.destroy(); resolve(); });
+          return;
+        }
         res.writeHead(r.statusCode ?? 502, r.headers);
         r.pipe(res);
         r.on("end", resolve);
