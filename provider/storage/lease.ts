@@ -63,6 +63,8 @@ export interface Lease {
 
 export const DEFAULT_LEASE_SECONDS = 600;
 
+const httpStatus = (err: unknown) => (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+
 export class LeaseConflict extends Error {}
 
 /** "type base64" of a host key line, without comment or surrounding space. */
@@ -129,8 +131,6 @@ export async function readMaintenance(s: S3Settings, task: "prune" | "check"): P
     client.destroy();
   }
 }
-
-const httpStatus = (err: unknown) => (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
 
 /**
  * Writes the lease if nobody changed it since `etag` was read (or, without etag, if it does not
@@ -206,14 +206,14 @@ export async function updateLease(s: S3Settings, volumeId: string, change: (cur:
  * silently ignore them (a 200 where 412 was due), others honour them only one request at a time;
  * a lease there would not be exclusive.
  */
-/** Racing writers per round, and rounds: versitygw 1.7.0 let several win in 19 of 20 probes of 4 rounds here. */
+/** Racing writers per round, and rounds: versitygw 1.7.0 let several win in 19 of 20 probes here. */
 const PROBE_WRITERS = 32;
 const PROBE_ROUNDS = 8;
 /** Bodies of some size: a server that checks, then stages the body, then writes has a wider gap to show. */
 const PROBE_BYTES = 4096;
 
 export async function probeConditionalWrites(s: S3Settings): Promise<void> {
-  const { PutObjectCommand, DeleteObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
+  const { PutObjectCommand, DeleteObjectCommand, HeadObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   const client = s3Client(s);
   const Key = `${s.prefix}-meta/probe-${process.pid}-${Date.now()}-${newToken().slice(0, 8)}`;
   const keys = [Key];
@@ -255,30 +255,47 @@ export async function probeConditionalWrites(s: S3Settings): Promise<void> {
     // Honoured one at a time is not enough: two hosts take a lease at the same moment. A server
     // that checks the precondition, then writes (not as one step), lets several concurrent
     // writers of one version win (versitygw before 1.8.0 did). A few rounds of racing writers.
-    for (let round = 0; round < PROBE_ROUNDS; round++) {
-      const key = `${Key}-race-${round}`;
-      keys.push(key);
-      // Every body differs from every other (and from the one in place): a write of the same bytes
-      // keeps the etag, and a later writer would rightly win too.
-      const race = (cond: { IfNoneMatch?: string; IfMatch?: string }) => Promise.all(Array.from({ length: PROBE_WRITERS }, (_, i) =>
-        client.send(new PutObjectCommand({ Bucket: s.bucket, Key: key, Body: `${cond.IfMatch ? "swap" : "create"} ${i} `.padEnd(PROBE_BYTES, "."), ...cond })).then(
-          (r) => ({ etag: r.ETag }),
-          (err) => {
-            const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
-            if (status === 412 || status === 409) return undefined;
-            throw explainS3Error(err, s, "probe conditional writes (concurrent writers)");
-          })));
-      const check = (won: ({ etag?: string } | undefined)[], header: string) => {
-        const n = won.filter(Boolean).length;
-        if (n !== 1) throw new UserError(
-          `s3.endpoint: the S3 server at ${s.endpoint} let ${n} of ${PROBE_WRITERS} concurrent writes with one ${header} ` +
-          "succeed (exactly one must): its conditional writes are not atomic, so two hosts could take one volume's lease " +
-          "at once; use a server whose conditional writes are atomic (AWS S3; versitygw from 1.8.0 on)");
-        return won.find(Boolean)!.etag;
-      };
-      const first = check(await race({ IfNoneMatch: "*" }), "If-None-Match: *");
-      if (!first) throw new UserError(`s3.endpoint: the S3 server at ${s.endpoint} returned no ETag on PutObject; volume leases need it`);
-      check(await race({ IfMatch: first }), "If-Match etag");
+    // The racing writes are sent once each (no SDK retry: a re-sent write that had landed would
+    // meet itself and look like a loser). 412 loses; 409 (AWS: a conflicting write in progress),
+    // 429/503 (throttled) and lost answers decide nothing: such a round is raced again.
+    const racer = s3Client(s, 1);
+    try {
+      // Connections opened first: writers that each wait for a new connection would not race.
+      await Promise.allSettled(Array.from({ length: PROBE_WRITERS }, () => racer.send(new HeadObjectCommand({ Bucket: s.bucket, Key }))));
+      for (let round = 0, tries = 0; round < PROBE_ROUNDS; tries++) {
+        const key = `${Key}-race-${round}-${tries}`;
+        keys.push(key);
+        // Every body differs from every other (and from the one in place): a write of the same
+        // bytes keeps the etag, and a later writer would rightly win too.
+        const race = async (cond: { IfNoneMatch?: string; IfMatch?: string }) => {
+          const settled = await Promise.allSettled(Array.from({ length: PROBE_WRITERS }, (_, i) =>
+            racer.send(new PutObjectCommand({ Bucket: s.bucket, Key: key, Body: `${cond.IfMatch ? "swap" : "create"} ${i} `.padEnd(PROBE_BYTES, "."), ...cond }))));
+          const won = settled.flatMap((r) => (r.status === "fulfilled" ? [r.value.ETag] : []));
+          const lost = settled.filter((r) => r.status === "rejected" && httpStatus(r.reason) === 412).length;
+          const hard = settled.find((r) => r.status === "rejected" && [400, 401, 403, 404].includes(httpStatus(r.reason) ?? 0));
+          if (hard) throw explainS3Error((hard as PromiseRejectedResult).reason, s, "probe conditional writes (concurrent writers)");
+          return { won, undecided: PROBE_WRITERS - won.length - lost };
+        };
+        const judge = (r: { won: (string | undefined)[]; undecided: number }, header: string): "ok" | "again" => {
+          if (r.won.length > 1 || (r.won.length === 0 && r.undecided === 0)) throw new UserError(
+            `s3.endpoint: the S3 server at ${s.endpoint} let ${r.won.length} of ${PROBE_WRITERS} concurrent writes with one ${header} ` +
+            "succeed (exactly one must): its conditional writes are not atomic, so two hosts could take one volume's lease " +
+            "at once; use a server whose conditional writes are atomic (AWS S3; versitygw from 1.8.0 on)");
+          return r.won.length === 1 ? "ok" : "again";
+        };
+        if (tries >= PROBE_ROUNDS * 3) {
+          throw new UserError(`s3.endpoint: the S3 server at ${s.endpoint} answered too few of ${PROBE_WRITERS} concurrent conditional writes ` +
+            "(throttled or conflicting) to show that they are atomic; try again, or use a server that takes them");
+        }
+        const created = await race({ IfNoneMatch: "*" });
+        if (judge(created, "If-None-Match: *") === "again") continue;
+        const first = created.won[0];
+        if (!first) throw new UserError(`s3.endpoint: the S3 server at ${s.endpoint} returned no ETag on PutObject; volume leases need it`);
+        if (judge(await race({ IfMatch: first }), "If-Match etag") === "again") continue;
+        round++;
+      }
+    } finally {
+      racer.destroy();
     }
   } finally {
     // The probe objects are not needed afterwards, whatever happened; a leftover is harmless.

@@ -13,7 +13,8 @@ export interface S3Settings {
   secretAccessKey: string;
 }
 
-export function s3Client(s: S3Settings): S3Client {
+/** `maxAttempts`: 1 where a request sent again could meet its own first attempt (a conditional write raced on purpose). */
+export function s3Client(s: S3Settings, maxAttempts = 3): S3Client {
   // The SDK's notice that its 2027 releases need Node 22 would land in every `pulumi up`.
   process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
   const { S3Client } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
@@ -22,7 +23,7 @@ export function s3Client(s: S3Settings): S3Client {
     region: s.region,
     forcePathStyle: s.forcePathStyle,
     credentials: { accessKeyId: s.accessKeyId, secretAccessKey: s.secretAccessKey },
-    maxAttempts: 3,
+    maxAttempts,
   });
 }
 
