@@ -136,7 +136,7 @@ async function waitFor(what: string, timeoutMs: number, probe: () => Promise<boo
   throw new Error(`lab: timed out after ${timeoutMs / 1000} s waiting for ${what}`);
 }
 
-function ensureTools(image = true): void {
+export function ensureTools(image = true): void {
   if (process.env.DBOXED_LAB_SKIP_TOOLCHAIN === "1") return; // development: tools built elsewhere
   run("bash", [path.join(REPO, "lab", "toolchain.sh"), "all"]);
   if (image) run("bash", [path.join(REPO, "lab", "image.sh")]);
@@ -162,6 +162,24 @@ export async function ensureGolden(): Promise<void> {
   const key = goldenKey();
   const stamp = path.join(GOLDEN, "key");
   if (fs.existsSync(stamp) && fs.readFileSync(stamp, "utf8") === key) return;
+  // Labs started side by side (the test shards) build it once: the others wait for the lock.
+  const lock = `${GOLDEN}.lock`;
+  for (;;) {
+    try { fs.mkdirSync(lock); fs.writeFileSync(path.join(lock, "pid"), String(process.pid)); break; } catch { /* held */ }
+    let holder = 0, age = 0;
+    try { age = Date.now() - fs.statSync(lock).mtimeMs; holder = Number(fs.readFileSync(path.join(lock, "pid"), "utf8")) || 0; } catch { /* being made, or gone */ }
+    // A holder that died (or never wrote its pid) leaves the lock behind.
+    if ((holder && !alive(holder)) || (!holder && age > 60_000)) { fs.rmSync(lock, { recursive: true, force: true }); continue; }
+    await sleep(2000);
+  }
+  try {
+    if (!(fs.existsSync(stamp) && fs.readFileSync(stamp, "utf8") === key)) await buildGolden(key, stamp);
+  } finally {
+    fs.rmSync(lock, { recursive: true, force: true });
+  }
+}
+
+async function buildGolden(key: string, stamp: string): Promise<void> {
   await timed("golden guest built (cold boot + saved state)", async () => {
     fs.rmSync(GOLDEN, { recursive: true, force: true });
     fs.mkdirSync(GOLDEN, { recursive: true });

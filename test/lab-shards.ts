@@ -6,8 +6,9 @@
 //   node --import tsx test/lab-shards.ts [test files...]   DBOXED_TEST_SHARDS (default 2)
 import { spawn } from "child_process";
 import * as fs from "fs";
+import * as os from "os";
 import * as path from "path";
-import { CACHE, ensureGolden, REPO } from "../lab/lab";
+import { CACHE, down, ensureGolden, ensureTools, REPO } from "../lab/lab";
 
 const LAB_DIR = path.join(REPO, "test", "lab");
 const CACHED_SECONDS = path.join(CACHE, "lab-file-seconds.json");
@@ -39,12 +40,16 @@ function mochaArgs(): string[] {
   return args;
 }
 
-function runShard(i: number, files: string[], labDir: string): Promise<number> {
+const children = new Set<import("child_process").ChildProcess>();
+
+function runShard(i: number, files: string[], labDir: string, summary: string): Promise<number> {
   return new Promise((resolve) => {
     const child = spawn(path.join(REPO, "node_modules", ".bin", "mocha"), ["--no-config", ...mochaArgs(), ...files], {
       cwd: REPO, stdio: ["ignore", "pipe", "pipe"],
-      env: { ...process.env, DBOXED_TEST_LAB_DIR: labDir, TEST_FILE_SECONDS: CACHED_SECONDS },
+      // Tools and the golden state are made once, here, before the shards start.
+      env: { ...process.env, DBOXED_TEST_LAB_DIR: labDir, TEST_FILE_SECONDS: CACHED_SECONDS, TEST_SUMMARY_FILE: summary, DBOXED_LAB_SKIP_TOOLCHAIN: "1" },
     });
+    children.add(child);
     const prefix = `[${i}] `;
     for (const stream of [child.stdout!, child.stderr!]) {
       let rest = "";
@@ -55,7 +60,7 @@ function runShard(i: number, files: string[], labDir: string): Promise<number> {
       });
       stream.on("end", () => { if (rest) process.stdout.write(prefix + rest + "\n"); });
     }
-    child.on("close", (code, signal) => resolve(code ?? (signal ? 1 : 0)));
+    child.on("close", (code, signal) => { children.delete(child); resolve(code ?? (signal ? 1 : 0)); });
   });
 }
 
@@ -64,13 +69,37 @@ async function main(argv: string[]) {
   const shards = Math.max(1, Number(process.env.DBOXED_TEST_SHARDS ?? "2"));
   const seconds = { ...readJson(path.join(LAB_DIR, "file-seconds.json")), ...readJson(CACHED_SECONDS) };
   const groups = plan(files, seconds, shards);
+  const base = process.env.DBOXED_TEST_LAB_DIR ?? path.join(REPO, ".lab-test");
+  const dirs = groups.map((_, i) => (groups.length > 1 ? `${base}-${i + 1}` : base));
+  // Labs left by an interrupted run (of any shard count) would hold cores and memory.
+  const parent = path.dirname(base), name = path.basename(base);
+  for (const d of fs.existsSync(parent) ? fs.readdirSync(parent) : []) {
+    if (d === name || /^-\d+$/.test(d.slice(name.length)) && d.startsWith(name)) await down(path.join(parent, d));
+  }
+  for (const sig of ["SIGINT", "SIGTERM"] as const) {
+    process.once(sig, async () => {
+      for (const c of children) c.kill("SIGTERM");
+      await Promise.all(dirs.map((d) => down(d).catch(() => undefined)));
+      process.exit(sig === "SIGINT" ? 130 : 143);
+    });
+  }
+  if (process.env.DBOXED_LAB_SKIP_TOOLCHAIN !== "1") ensureTools(true);
   // The golden guest state is built once, before the labs that clone it start side by side.
   await ensureGolden();
-  const base = process.env.DBOXED_TEST_LAB_DIR ?? path.join(REPO, ".lab-test");
   groups.forEach((g, i) => process.stdout.write(`[${i + 1}] ${g.map((f) => path.basename(f)).join(" ")} (about ${g.reduce((n, f) => n + (seconds[path.basename(f)] ?? 150), 0)} s)\n`));
-  const codes = await Promise.all(groups.map((g, i) => runShard(i + 1, g, groups.length > 1 ? `${base}-${i + 1}` : base)));
-  codes.forEach((c, i) => process.stdout.write(`[${i + 1}] exit ${c}\n`));
-  process.exit(codes.some((c) => c !== 0) ? 1 : 0);
+  const summaries = groups.map((_, i) => path.join(os.tmpdir(), `lab-shard-${process.pid}-${i + 1}.summary`));
+  const codes = await Promise.all(groups.map((g, i) => runShard(i + 1, g, dirs[i], summaries[i])));
+  // Each shard's counts go to the overall summary; a shard that ended before printing its own
+  // (a crash) counts as a failure, never as tests that silently did not run.
+  let crashed = false;
+  codes.forEach((c, i) => {
+    let counts = "";
+    try { counts = fs.readFileSync(summaries[i], "utf8"); fs.rmSync(summaries[i]); } catch { /* none written */ }
+    if (!counts.trim()) { crashed = true; counts = "0 1 0\n"; process.stdout.write(`[${i + 1}] ended (exit ${c}) before its test summary: counted as a failure\n`); }
+    if (process.env.TEST_SUMMARY_FILE) fs.appendFileSync(process.env.TEST_SUMMARY_FILE, counts);
+    process.stdout.write(`[${i + 1}] exit ${c}\n`);
+  });
+  process.exit(crashed || codes.some((c) => c !== 0) ? 1 : 0);
 }
 
 if (require.main === module) {
