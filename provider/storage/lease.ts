@@ -195,6 +195,9 @@ export async function updateLease(s: S3Settings, volumeId: string, change: (cur:
       return next;
     } catch (e) {
       if (!(e instanceof LeaseConflict)) throw e;
+      // Another writer came first (or the server asks to retry a conflicting write): a jittered
+      // pause, so that two runs retrying in step do not meet again.
+      await new Promise((r) => setTimeout(r, (attempt + 1) * (200 + Math.floor(Math.random() * 300))));
     }
   }
   throw new UserError(`the lease of volume ${volumeId} keeps changing: another stack or pulumi run is working on this volume`);
