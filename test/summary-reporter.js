@@ -1,6 +1,6 @@
 // Mocha's spec reporter plus one plain closing line ("N passed, N failed, N skipped") that CI
 // reads, and the counts appended to $TEST_SUMMARY_FILE for the overall total in test/run.sh.
-// With $TEST_FILE_SECONDS set, each test file's wall time is merged into that JSON file: the
+// With $TEST_FILE_SECONDS set, each passing test file's wall time is merged into that JSON file: the
 // lab runner balances its parallel shards with it (test/lab-shards.ts).
 "use strict";
 const Mocha = require("mocha");
@@ -13,6 +13,9 @@ class SummaryReporter extends Mocha.reporters.Spec {
     const started = new Map();
     const seconds = {};
     runner.on("suite", (suite) => { if (suite.file && !started.has(suite.file)) started.set(suite.file, Date.now()); });
+    const failed = new Set();
+    // A file that failed stopped early: its time would mislead the next plan.
+    runner.on("fail", (test) => { if (test.file) failed.add(path.basename(test.file)); });
     runner.on("suite end", (suite) => {
       if (suite.file && suite.parent && suite.parent.root) {
         const name = path.basename(suite.file);
@@ -30,6 +33,7 @@ class SummaryReporter extends Mocha.reporters.Spec {
         let all = {};
         try { all = JSON.parse(fs.readFileSync(file, "utf8")); } catch { /* first run */ }
         fs.mkdirSync(path.dirname(file), { recursive: true });
+        for (const f of failed) delete seconds[f];
         fs.writeFileSync(`${file}.${process.pid}`, JSON.stringify({ ...all, ...seconds }, null, 2) + "\n");
         fs.renameSync(`${file}.${process.pid}`, file);
       }

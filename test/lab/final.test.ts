@@ -20,6 +20,7 @@ const volumeId = `fin-${crypto.randomBytes(3).toString("hex")}`;
 const mountPath = "/srv/final";
 const writer = `writer-${volumeId}.service`;
 const backupUnit = `dboxed-volume-${volumeId}-backup.service`;
+const timerUnit = `dboxed-volume-${volumeId}-backup.timer`;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** The writer: appends numbered lines (fsynced) and now and then a data file; prints each after it is durable. */
@@ -179,7 +180,11 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
       expect(err?.message).to.match(/does not match the read-only volume; nothing was removed:[\s\S]*log\.txt/);
       // A backup run that ignores the final request (its service made a no-op: the status left is an
       // earlier run's, ok but without the request's nonce) is not taken for the final backup.
-      await onHost(h1, `systemctl stop ${writer} && mount -o remount,ro ${mountPath}
+      // No real run may be going meanwhile: one started before the no-op that reads the request
+      // after the remount is a real final backup (the check rightly takes it), not this case.
+      await onHost(h1, `systemctl stop ${timerUnit}
+while systemctl is-active -q ${backupUnit}; do sleep 1; done
+systemctl stop ${writer} && mount -o remount,ro ${mountPath}
 mkdir -p /run/systemd/system/${backupUnit}.d
 printf '[Service]\\nExecStart=\\nExecStart=/bin/true\\n' > /run/systemd/system/${backupUnit}.d/no-op.conf
 systemctl daemon-reload`);
@@ -189,7 +194,7 @@ systemctl daemon-reload`);
       } finally {
         await onHost(h1, `rm -rf /run/systemd/system/${backupUnit}.d && systemctl daemon-reload
 rm -f /var/lib/dboxed-volumes/${volumeId}/final-request
-mount -o remount,rw ${mountPath} && systemctl start ${writer}`);
+mount -o remount,rw ${mountPath} && systemctl start ${writer} ${timerUnit}`);
       }
     } finally {
       r.dispose();
