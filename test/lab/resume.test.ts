@@ -13,19 +13,12 @@ describe("resuming after interruptions (real pulumi, lab host)", function () {
   const input = (host = 2) => ({ provider: { s3: { prefix } }, volumes: [{ name: "r", host, args: { volumeId, size: "64MiB", mountPath, backupSchedule: "hourly" } }] });
   let stack: Stack;
 
-  /**
-   * Kills every SSH session on the host (not sshd itself) a few seconds after the provider's
-   * connection appears, `times` times (each after a new connection). Keyed to the connection,
-   * not to a clock: on a busy machine the CLI may take longer to connect than a fixed delay.
-   */
-  async function cutSshConnections(hostIndex: number, times: number) {
+  /** Kills every SSH session on the host (not sshd itself) after each of the given delays. */
+  async function cutSshAfter(hostIndex: number, seconds: number[]) {
     const h = lab().hosts[hostIndex];
-    await onHost(h, `systemd-run --quiet --unit=cut-ssh-${Date.now()} bash -c '
-for n in $(seq ${times}); do
-  base=$(pgrep -c -f "^sshd: root@" || true)
-  for i in $(seq 600); do [ "$(pgrep -c -f "^sshd: root@" || true)" -gt "$base" ] && break; sleep 0.5; done
-  sleep 3; pkill -KILL -f "^sshd: root@"; sleep 1
-done'`);
+    for (const s of seconds) {
+      await onHost(h, `systemd-run --quiet --on-active=${s} --unit=cut-ssh-${s}-${Date.now()} pkill -KILL -f '^sshd: root@'`);
+    }
   }
 
   async function healthy(hostIndex: number) {
@@ -39,7 +32,7 @@ losetup -a | grep -c ${volumeId}`);
   it("create cut off twice by lost SSH connections converges on the next pulumi up", async () => {
     stack = new Stack("resume", "volumes");
     await stack.init();
-    await cutSshConnections(2, 2);
+    await cutSshAfter(2, [7, 20]);
     const first = await stack.up(input());
     expect(first.code, "the first up should have lost its connection").to.not.equal(0);
     await new Promise((r) => setTimeout(r, 20000));
