@@ -105,7 +105,7 @@ export async function readLease(s: S3Settings, volumeId: string): Promise<{ leas
     const text = await res.Body!.transformToString();
     return { lease: JSON.parse(text) as Lease, etag: res.ETag! };
   } catch (err) {
-    if ((err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode === 404) return undefined;
+    if (httpStatus(err) === 404) return undefined;
     throw explainS3Error(err, s, `read the lease of volume ${volumeId}`);
   } finally {
     client.destroy();
@@ -125,7 +125,7 @@ export async function readMaintenance(s: S3Settings, task: "prune" | "check"): P
     const res = await client.send(new GetObjectCommand({ Bucket: s.bucket, Key: maintenanceKey(s.prefix, task) }));
     return JSON.parse(await res.Body!.transformToString()) as MaintenanceRecord;
   } catch (err) {
-    if ((err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode === 404) return undefined;
+    if (httpStatus(err) === 404) return undefined;
     throw explainS3Error(err, s, `read the repository's ${task} record`);
   } finally {
     client.destroy();
@@ -203,18 +203,18 @@ export async function updateLease(s: S3Settings, volumeId: string, change: (cur:
   throw new UserError(`the lease of volume ${volumeId} keeps changing: another stack or pulumi run is working on this volume`);
 }
 
-/**
- * Checks that the server honours both conditional writes the leases rely on: If-None-Match: *
- * (create only if absent) and If-Match: <etag> (compare-and-swap). Some S3-compatible servers
- * silently ignore them (a 200 where 412 was due), others honour them only one request at a time;
- * a lease there would not be exclusive.
- */
 /** Racing writers per round, and rounds: versitygw 1.7.0 let several win in 19 of 20 probes here. */
 const PROBE_WRITERS = 32;
 const PROBE_ROUNDS = 8;
 /** Bodies of some size: a server that checks, then stages the body, then writes has a wider gap to show. */
 const PROBE_BYTES = 4096;
 
+/**
+ * Checks that the server honours both conditional writes the leases rely on: If-None-Match: *
+ * (create only if absent) and If-Match: <etag> (compare-and-swap). Some S3-compatible servers
+ * silently ignore them (a 200 where 412 was due), others honour them only one request at a time;
+ * a lease there would not be exclusive.
+ */
 export async function probeConditionalWrites(s: S3Settings): Promise<void> {
   const { PutObjectCommand, DeleteObjectCommand, HeadObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   const client = s3Client(s);
@@ -232,7 +232,7 @@ export async function probeConditionalWrites(s: S3Settings): Promise<void> {
       await write;
       return false;
     } catch (err) {
-      const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+      const status = httpStatus(err);
       if (status === 412 || status === 409) return true;
       throw explainS3Error(err, s, "probe conditional writes");
     }
