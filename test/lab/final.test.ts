@@ -183,7 +183,8 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
       // No real run may be going meanwhile: one started before the no-op that reads the request
       // after the remount is a real final backup (the check rightly takes it), not this case.
       await onHost(h1, `systemctl stop ${timerUnit}
-while systemctl is-active -q ${backupUnit}; do sleep 1; done
+# (a oneshot run in progress is "activating", which is-active does not count as active)
+while systemctl is-active -q ${backupUnit} || [ "$(systemctl show -p ActiveState --value ${backupUnit})" = activating ]; do sleep 1; done
 systemctl stop ${writer} && mount -o remount,ro ${mountPath}
 mkdir -p /run/systemd/system/${backupUnit}.d
 printf '[Service]\\nExecStart=\\nExecStart=/bin/true\\n' > /run/systemd/system/${backupUnit}.d/no-op.conf
