@@ -13,12 +13,23 @@ describe("resuming after interruptions (real pulumi, lab host)", function () {
   const input = (host = 2) => ({ provider: { s3: { prefix } }, volumes: [{ name: "r", host, args: { volumeId, size: "64MiB", mountPath, backupSchedule: "hourly" } }] });
   let stack: Stack;
 
-  /** Kills every SSH session on the host (not sshd itself) after each of the given delays. */
-  async function cutSshAfter(hostIndex: number, seconds: number[]) {
+  /**
+   * Kills every SSH session on the host (not sshd itself) once the volume's loop device appears,
+   * then again once it is mounted: keyed to the provider's progress on the host, not to a clock
+   * (on a busy machine the CLI may take longer to connect than any fixed delay). The cutter gives
+   * up after 10 minutes; stopCuts ends it before the host is examined.
+   */
+  async function cutSshAtProgress(hostIndex: number) {
     const h = lab().hosts[hostIndex];
-    for (const s of seconds) {
-      await onHost(h, `systemd-run --quiet --on-active=${s} --unit=cut-ssh-${s}-${Date.now()} pkill -KILL -f '^sshd: root@'`);
-    }
+    await onHost(h, `systemd-run --quiet --unit=cut-ssh-${volumeId} bash -c '
+for probe in "losetup -a | grep -q ${volumeId}" "findmnt -n ${mountPath}"; do
+  for i in $(seq 3000); do sh -c "$probe" >/dev/null 2>&1 && break; sleep 0.2; done
+  sleep 0.5; pkill -KILL -f "^sshd: root@"
+done'`);
+  }
+
+  async function stopCuts(hostIndex: number) {
+    await onHost(lab().hosts[hostIndex], `systemctl stop cut-ssh-${volumeId} 2>/dev/null; true`);
   }
 
   async function healthy(hostIndex: number) {
@@ -32,12 +43,12 @@ losetup -a | grep -c ${volumeId}`);
   it("create cut off twice by lost SSH connections converges on the next pulumi up", async () => {
     stack = new Stack("resume", "volumes");
     await stack.init();
-    await cutSshAfter(2, [7, 20]);
+    await cutSshAtProgress(2);
     const first = await stack.up(input());
     expect(first.code, "the first up should have lost its connection").to.not.equal(0);
-    await new Promise((r) => setTimeout(r, 20000));
     let last = first;
     for (let i = 0; i < 3 && last.code !== 0; i++) last = await stack.up(input());
+    await stopCuts(2);
     expect(last.code, last.stdout + last.stderr).to.equal(0);
     await healthy(2);
     const o = (await stack.outputs()).volumes.r;
@@ -67,6 +78,7 @@ losetup -a | grep -c ${volumeId}`);
   });
 
   after(async () => {
+    await stopCuts(2);
     if (stack) await stack.run(["destroy", "--yes", "--skip-preview"]);
   });
 });
