@@ -3,7 +3,7 @@
 // pulumi CLI starting), and a second lab fills it. Files go to shards longest first, by the
 // wall time each took last (a cache written by test/summary-reporter.js; committed defaults
 // in test/lab/file-seconds.json for a fresh machine). Lines are prefixed with their shard.
-//   node --import tsx test/lab-shards.ts [test files...]   DBOXED_TEST_SHARDS (default 1; 2 runs two labs)
+//   node --import tsx test/lab-shards.ts [test files...]   DBOXED_TEST_SHARDS (default 2; 1 runs one lab)
 import { spawn } from "child_process";
 import * as fs from "fs";
 import * as os from "os";
@@ -66,7 +66,7 @@ function runShard(i: number, files: string[], labDir: string, summary: string): 
 
 async function main(argv: string[]) {
   const files = argv.length ? argv : fs.readdirSync(LAB_DIR).filter((f) => f.endsWith(".test.ts")).map((f) => path.join("test", "lab", f));
-  const shards = Math.max(1, Number(process.env.DBOXED_TEST_SHARDS ?? "1"));
+  const shards = Math.max(1, Number(process.env.DBOXED_TEST_SHARDS ?? "2"));
   const seconds = { ...readJson(path.join(LAB_DIR, "file-seconds.json")), ...readJson(CACHED_SECONDS) };
   const groups = plan(files, seconds, shards);
   const base = process.env.DBOXED_TEST_LAB_DIR ?? path.join(REPO, ".lab-test");

@@ -26,7 +26,7 @@ phase "build" npm run --silent build
 phase "typecheck" npx tsc -p tsconfig.check.json
 rc=0
 phase "unit tests" npx mocha --config test/.mocharc.unit.json || rc=$?
-# The lab files run on one lab, or in parallel shards each on a lab of its own (DBOXED_TEST_SHARDS=2).
+# The lab files run in two parallel shards, each on a lab of its own (DBOXED_TEST_SHARDS=1: one lab).
 phase "lab tests" node --import tsx test/lab-shards.ts || rc=$?
 summary
 echo "total: $((SECONDS - t_all)) s"
