@@ -6,7 +6,7 @@
 import { expect } from "chai";
 import * as crypto from "crypto";
 import * as fs from "fs";
-import { lab, onHost, Stack, stepByStep } from "./harness";
+import { lab, onHost, Stack, stepByStep, untilInactive } from "./harness";
 import { manifest } from "./manifest";
 import type { LabHost } from "../../lab/lab";
 import { parseSnapshots } from "../../provider/host/rustic";
@@ -183,8 +183,7 @@ describe("final backups are final (real pulumi, lab hosts, a writer and a period
       // No real run may be going meanwhile: one started before the no-op that reads the request
       // after the remount is a real final backup (the check rightly takes it), not this case.
       await onHost(h1, `systemctl stop ${timerUnit}
-# (a oneshot run in progress is "activating", which is-active does not count as active)
-while systemctl is-active -q ${backupUnit} || [ "$(systemctl show -p ActiveState --value ${backupUnit})" = activating ]; do sleep 1; done
+${untilInactive(backupUnit)}
 systemctl stop ${writer} && mount -o remount,ro ${mountPath}
 mkdir -p /run/systemd/system/${backupUnit}.d
 printf '[Service]\\nExecStart=\\nExecStart=/bin/true\\n' > /run/systemd/system/${backupUnit}.d/no-op.conf

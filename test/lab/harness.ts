@@ -35,7 +35,14 @@ UNIT
 systemctl daemon-reload`);
 }
 
-/** Runs a script as root on a lab host and returns stdout; throws on a non-zero exit. */
+/**
+ * A shell loop that waits until a unit is neither active nor activating: a oneshot service that
+ * runs is "activating", which `systemctl is-active` does not count as active.
+ */
+export function untilInactive(unit: string): string {
+  return `while systemctl is-active -q ${unit} || [ "$(systemctl show -p ActiveState --value ${unit})" = activating ]; do sleep 1; done`;
+}
+
 /**
  * Runs a script as root on a lab host, over the provider's own connection pool: a login costs
  * about a second on the emulated guests, and tests poll hosts often. A connection that died (a

@@ -10,7 +10,7 @@ import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
-import { lab, onHost, Stack, stepByStep } from "./harness";
+import { lab, onHost, Stack, stepByStep, untilInactive } from "./harness";
 import { restartS3, stopS3 } from "../../lab/lab";
 import { maintenanceUrl, readMaintenance } from "../../provider/storage/lease";
 
@@ -332,7 +332,7 @@ describe("repository maintenance on a lab host: started by a backup, shown by re
     const h = lab().hosts[0];
     const unit = `dboxed-volume-${volumeId}-maintain.service`;
     // The create's backup started maintenance; wait for it, then let the next backup start it again after the interval.
-    const settle = `while systemctl is-active -q ${unit} || [ "$(systemctl show -p ActiveState --value ${unit})" = activating ]; do sleep 1; done`;
+    const settle = untilInactive(unit);
     await onHost(h, settle, { timeoutMs: 600_000 });
     await sleep(21_000);
     await onHost(h, `head -c 2000000 /dev/urandom > /srv/maint/f; systemctl start dboxed-volume-${volumeId}-backup.service; sleep 2; ${settle}`, { timeoutMs: 600_000 });
