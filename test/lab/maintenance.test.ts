@@ -259,26 +259,42 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
 
 describe("prune and check under concurrent backups (the agent's retry_race, rustic's answers replayed)", function () {
   // The soak saw both stop on races with other volumes: a snapshot saved after prune had read the
-  // index ("Tree ID ... not found in index"), and a snapshot forgotten after it was listed (404).
+  // index ("Tree ID ... not found in index"), a snapshot forgotten after it was listed (404), and
+  // rustic itself crashing in check ("index still in use", src/index.rs:312) on a busy host. The
+  // stand-in for the rustic binary answers as rustic did; the agent's rustic_ wrapper runs as is.
+  const banner = ["Well, this is embarrassing.", "", "rustic-rs had a problem and crashed. To help us diagnose the problem you can send us a crash report.", "",
+    'We have generated a report file at \\"$TMPDIR/report-1.toml\\". Submit an issue or email with the subject of \\"rustic-rs Crash Report\\" and include the report as an attachment.', "",
+    "- Homepage: https://rustic.cli.rs/", "- Authors: the rustic-rs team", "", "We take privacy seriously, and do not perform any automated error collection. In order to improve the software, we rely on people to submit reports.", "", "Thank you kindly!"];
+  const crash = (cause: string) => `echo "[WARN] pack cdd4693d not referenced in index. Can be a parallel backup job" >&2
+printf '%s\\n' 'name = "rustic-rs"' 'crate_version = "0.11.4"' 'explanation = """' "Panic occurred in file '/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/rustic_core-0.13.0/src/index.rs' at line 312" '"""' 'cause = "${cause}"' 'method = "Panic"' > "$TMPDIR/report-1.toml"
+printf '%s\\n' ${banner.map((l) => `"${l}"`).join(" ")} >&2; exit 134`;
   const answer = {
-    ok: 'echo "done" >&2; return 0',
-    index: 'echo "error: Tree ID 4f1a2b7c not found in index" >&2; return 1',
-    gone: 'echo "NotFound (persistent) at read, context: { path: snapshots/2ea66231, response: Parts { status: 404 } } => S3Error { code: NoSuchKey }" >&2; return 1',
-    damaged: 'echo "error: pack 99 is damaged" >&2; return 1',
-    both: 'printf "%s\\n" "[ERROR] Error reading file Type: Snapshot, Id: 9f2ffd63" "NotFound (persistent) at read, context: { path: snapshots/9f2ffd63, status: 404 }" "[ERROR] pack 480e34ec: hash mismatch for blob 77aa" "error: check found errors!" >&2; return 1',
+    ok: 'echo "done" >&2; exit 0',
+    index: 'echo "error: Tree ID 4f1a2b7c not found in index" >&2; exit 1',
+    gone: 'echo "NotFound (persistent) at read, context: { path: snapshots/2ea66231, response: Parts { status: 404 } } => S3Error { code: NoSuchKey }" >&2; exit 1',
+    damaged: 'echo "error: pack 99 is damaged" >&2; exit 1',
+    both: 'printf "%s\\n" "[ERROR] Error reading file Type: Snapshot, Id: 9f2ffd63" "NotFound (persistent) at read, context: { path: snapshots/9f2ffd63, status: 404 }" "[ERROR] pack 480e34ec: hash mismatch for blob 77aa" "error: check found errors!" >&2; exit 1',
+    inUse: crash("index still in use: Index({Tree: BinarySortedIndex { data: [] }})"),
+    otherCrash: crash("called `Option::unwrap()` on a `None` value"),
   };
-  const run = (fn: string, answers: (keyof typeof answer)[]) => new Promise<{ code: number; out: string; calls: number; args: string }>((resolve) => {
+  const run = (fn: string, answers: (keyof typeof answer)[]) => new Promise<{ code: number; out: string; calls: number; args: string; left: string[] }>((resolve) => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), "race-"));
+    const tmp = path.join(dir, "tmp");
+    fs.mkdirSync(tmp);
     answers.forEach((a, k) => fs.writeFileSync(path.join(dir, `a${k + 1}`), answer[a]));
+    // rustic_ calls: RUSTIC -P PROFILE --no-progress --cache-dir DIR ARGS...
+    fs.writeFileSync(path.join(dir, "rustic"), `#!/bin/bash
+shift 5; n=$(cat ${dir}/n 2>/dev/null || echo 0); n=$((n + 1)); echo $n > ${dir}/n; echo "$*" > ${dir}/args; . ${dir}/a$n
+`, { mode: 0o755 });
     const script = `. ${JSON.stringify(AGENT)}
 sleep() { :; }
-rustic_() { n=$(cat ${dir}/n 2>/dev/null || echo 0); n=$((n + 1)); echo $n > ${dir}/n; echo "$*" > ${dir}/args; . ${dir}/a$n; }
-KEEP_DELETE=300 MAINT_SUBSET=2/4 ${fn}`;
-    execFile("bash", ["-c", script], (err, stdout, stderr) => {
+RUSTIC=${dir}/rustic PROFILE=p KEEP_DELETE=300 MAINT_SUBSET=2/4 ${fn}`;
+    execFile("bash", ["-c", script], { env: { ...process.env, TMPDIR: tmp } }, (err, stdout, stderr) => {
       const calls = Number(fs.readFileSync(path.join(dir, "n"), "utf8"));
       const args = fs.readFileSync(path.join(dir, "args"), "utf8").trim();
+      const left = fs.readdirSync(tmp);
       fs.rmSync(dir, { recursive: true, force: true });
-      resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr, calls, args });
+      resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr, calls, args, left });
     });
   });
 
@@ -310,6 +326,26 @@ KEEP_DELETE=300 MAINT_SUBSET=2/4 ${fn}`;
     const r = await run("check_repository", ["damaged", "ok"]);
     expect([r.code, r.calls], r.out).to.deep.equal([1, 1]);
     expect(r.out).to.match(/pack 99 is damaged/);
+  });
+
+  it("a check that crashed inside rustic with \"index still in use\" is tried again, says why, and leaves no crash report", async () => {
+    const r = await run("check_repository", ["inUse", "ok"]);
+    expect([r.code, r.calls, r.args], r.out).to.deep.equal([0, 2, "check --read-data --read-data-subset 2/4"]);
+    expect(r.out).to.match(/check: the repository changed while check read it .*: trying again \(attempt 2 of 3\): .*rustic crashed: index still in use: Index\(\{Tree: BinarySortedIndex \{ data: \[\] \}\}\) \(rustic_core-0\.13\.0\/src\/index\.rs:312\)/);
+    expect(r.out).not.to.match(/attempt 2 of 3\):.*(Thank you kindly|We take privacy)/);
+    expect(r.left).to.deep.equal([]);
+  });
+
+  it("any other crash of rustic is not retried, and the failure names the panic", async () => {
+    const r = await run("check_repository", ["otherCrash", "ok"]);
+    expect([r.code, r.calls, r.left], r.out).to.deep.equal([134, 1, []]);
+    expect(r.out).to.match(/rustic crashed: called `Option::unwrap\(\)` on a `None` value \(rustic_core-0\.13\.0\/src\/index\.rs:312\)\s*$/);
+  });
+
+  it("three crashes in a row fail the check with the crash's message", async () => {
+    const r = await run("check_repository", ["inUse", "inUse", "inUse", "ok"]);
+    expect([r.code, r.calls, r.left], r.out).to.deep.equal([134, 3, []]);
+    expect(r.out).to.match(/rustic crashed: index still in use.*\s*$/);
   });
 });
 
