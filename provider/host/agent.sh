@@ -23,7 +23,8 @@ die() {
 # error with a backtrace notice and headings such as "Some additional details ...").
 said() {
   { grep -v -i -E -e 'backtrace' -e '^[[:space:]]*$' -e '^(Some additional details|Message:|Context:|Caused by:)' \
-      -e 'had a problem and crashed|^We have generated a report|^We take privacy seriously|^Thank you kindly|^- (Homepage|Repository|Authors):|^To submit the crash report' "$1" || true; } \
+      -e 'had a problem and crashed|^We have generated a report|^We take privacy seriously|^Thank you kindly|^- (Homepage|Repository|Authors):|^To submit the crash report' \
+      -e ': line [0-9]+: +[0-9]+ (Aborted|Killed|Segmentation fault)' "$1" || true; } \
     | tail -n 3 | tr '\n' ' ' | cut -c1-1500
 }
 
@@ -211,30 +212,50 @@ timing() {
   MARK=$now
 }
 
-# crash_cause REPORT: "MESSAGE (FILE:LINE)" from a human-panic report (TOML; a value with a line
-# break is written as a """ block, so the message may start on the next line).
+# crash_cause REPORT: "MESSAGE (FILE:LINE)" from a human-panic report (TOML). The message may be
+# huge (the "index still in use" one prints the whole index on one line) and comes before the
+# backtrace: only the report's head is read, and each line is cut before any regex sees it.
+# TOML writes a string as "...", '...', """...""" or '''...''', a block when it has line breaks.
 crash_cause() {
-  awk '
-    /^cause = / { v = substr($0, 9); if (v ~ /^"""/) { getline v } ; gsub(/^"+|"+$/, "", v); cause = substr(v, 1, 200) }
-    match($0, /Panic occurred in file .* at line [0-9]+/) { w = substr($0, RSTART + 23, RLENGTH - 23); gsub(/'"'"'/, "", w); sub(/.*registry\/src\/[^\/]*\//, "", w); sub(/ at line /, ":", w); where = w }
-    END { printf "%s (%s)", cause == "" ? "unknown" : cause, where == "" ? "place unknown" : where }
-  ' "$1"
+  head -c 65536 "$1" | awk '
+    /^cause = / {
+      v = substr($0, 9, 300)
+      if (v == "\"\"\"" || v == "'"'''"'") { getline v; v = substr(v, 1, 300) }
+      else { sub(/^("""|'"'''"'|"|'"'"')/, "", v); sub(/("""|'"'''"'|"|'"'"')$/, "", v) }
+      cause = substr(v, 1, 200)
+    }
+    { l = substr($0, 1, 1000) }
+    l ~ /Panic occurred in file .* at line [0-9]+/ {
+      w = l; sub(/.*Panic occurred in file /, "", w); sub(/ at line /, ":", w); sub(/[^0-9]*$/, "", w)
+      gsub(/'"'"'/, "", w); sub(/.*registry\/src\/[^\/]*\//, "", w); where = w
+    }
+    END { printf "%s (%s)", cause == "" ? "unknown" : cause, where == "" ? "place unknown" : where }'
 }
 
-# rustic_ ARGS...: rustic on the volume's profile. rustic writes a crash report (human-panic) to
-# $TMPDIR and prints only boilerplate: a private TMPDIR lets a crash say what it was (the panic's
-# message and place, last on stderr, where said and race read) and leaves no report behind.
+# rustic_ ARGS...: rustic on the volume's profile. On a panic rustic (human-panic) writes a crash
+# report to $TMPDIR and prints only boilerplate: a private TMPDIR lets a crash say what it was (the
+# panic's message and place, last on stderr, where said and race read) and leaves no report
+# behind. RUST_BACKTRACE or CI in the environment would make human-panic print the report (the
+# whole index, for the crash above) instead of writing it.
 rustic_() {
-  local t rc=0 r; t=$(mktemp -d)
-  TMPDIR=$t NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@" || rc=$?
-  if [ "$rc" != 0 ]; then
+  local t rc=0 r
+  t=$(mktemp -d -t dboxed-rustic.XXXXXX 2>/dev/null) || t=""
+  if [ -n "$t" ]; then
+    env -u RUST_BACKTRACE -u CI TMPDIR="$t" NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@" || rc=$?
+  else
+    env -u RUST_BACKTRACE -u CI NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@" || rc=$?
+  fi
+  if [ "$rc" != 0 ] && [ -n "$t" ]; then
     for r in "$t"/report-*.toml; do
-      [ -f "$r" ] && echo "rustic crashed: $(crash_cause "$r")" >&2
+      if [ -f "$r" ]; then echo "rustic crashed: $(crash_cause "$r")" >&2; fi
     done
   fi
-  rm -rf "$t"
+  if [ -n "$t" ]; then rm -rf "$t"; fi
   return "$rc"
 }
+
+# Crash-report directories of rustic runs killed (a stopped unit) before they could remove them.
+sweep_rustic_tmp() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'dboxed-rustic.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true; }
 
 finish_backup() {
   local rc=$1
@@ -258,6 +279,7 @@ backup() {
   MARK=$(date +%s.%N); STEPS=""
   SNAPSHOT_ID=""; SNAPSHOT_AT=0; FINAL=0; REQUEST=""
   LAST_OK=$(sed -n 's/.*"lastSuccessAt":\([0-9]*\).*/\1/p' "$STATE_DIR/status.json" 2>/dev/null || true)
+  sweep_rustic_tmp
   exec 9>"$STATE_DIR/backup.lock"
   flock -w "${LOCK_WAIT_SECONDS:-900}" 9 || die "another backup of $VOLUME_ID holds the lock"
   rm -f "$STATE_DIR/last-error"
@@ -579,6 +601,11 @@ retry_race() { # retry_race NAME COMMAND...
     rc=0
     "$@" 2> "$out" || rc=$?
     if [ "$rc" != 0 ] && [ "$i" -lt 3 ] && race "$out"; then
+      if grep -q '^rustic crashed: index still in use' "$out"; then
+        # The crash comes of a busy host (threads starved past rustic's 100 ms): wait longer.
+        echo "$name: rustic crashed on a known rustic_core timing race (index still in use; this host was busy): trying again (attempt $((i + 1)) of 3): $(grep -m1 '^rustic crashed: ' "$out")" >&2
+        sleep $((30 * i)); continue
+      fi
       echo "$name: the repository changed while $name read it (another volume's backup, forget or prune): trying again (attempt $((i + 1)) of 3): $(said "$out" | cut -c1-300)" >&2
       sleep $((5 * i)); continue
     fi
@@ -596,6 +623,7 @@ maintain() {
   # One maintenance run per host at a time, whichever volume starts it.
   exec 8>/run/dboxed-volumes-maintenance.lock
   flock -n 8 || { echo "another volume's maintenance runs on this host"; return 0; }
+  sweep_rustic_tmp
   maintain_task prune "$PRUNE_INTERVAL" prune_repository
   maintain_task check "$CHECK_INTERVAL" check_repository
 }

@@ -262,22 +262,28 @@ describe("prune and check under concurrent backups (the agent's retry_race, rust
   // index ("Tree ID ... not found in index"), a snapshot forgotten after it was listed (404), and
   // rustic itself crashing in check ("index still in use", src/index.rs:312) on a busy host. The
   // stand-in for the rustic binary answers as rustic did; the agent's rustic_ wrapper runs as is.
-  const banner = ["Well, this is embarrassing.", "", "rustic-rs had a problem and crashed. To help us diagnose the problem you can send us a crash report.", "",
+  // human-panic 2.0.8 as rustic 0.11.4 uses it: without RUST_BACKTRACE or CI it writes the report
+  // to $TMPDIR and prints boilerplate; with either set it prints to stderr instead. rustic is
+  // built with panic = "abort": the process dies of SIGABRT, and bash reports that too.
+  const banner = ["rustic-rs had a problem and crashed. To help us diagnose the problem you can send us a crash report.", "",
     'We have generated a report file at \\"$TMPDIR/report-1.toml\\". Submit an issue or email with the subject of \\"rustic-rs Crash Report\\" and include the report as an attachment.', "",
     "- Homepage: https://rustic.cli.rs/", "- Authors: the rustic-rs team", "", "We take privacy seriously, and do not perform any automated error collection. In order to improve the software, we rely on people to submit reports.", "", "Thank you kindly!"];
-  const crash = (cause: string) => `echo "[WARN] pack cdd4693d not referenced in index. Can be a parallel backup job" >&2
-printf '%s\\n' 'name = "rustic-rs"' 'crate_version = "0.11.4"' 'explanation = """' "Panic occurred in file '/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/rustic_core-0.13.0/src/index.rs' at line 312" '"""' 'cause = "${cause}"' 'method = "Panic"' > "$TMPDIR/report-1.toml"
-printf '%s\\n' ${banner.map((l) => `"${l}"`).join(" ")} >&2; exit 134`;
+  // The real message carries the Debug form of the whole index on one line: megabytes.
+  const crash = (cause: string) => `echo "[WARN] pack cdd4693d3c2a1b7e9f0a8d6c5b4e3f2a1908172635445362718293a4b5c6d7e8 not referenced in index. Can be a parallel backup job" >&2
+report() { printf '%s\\n' 'name = "rustic-rs"' 'operating_system = "Debian GNU/Linux 13 [x86_64]"' 'crate_version = "0.11.4"' 'explanation = """' "Panic occurred in file '/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/rustic_core-0.13.0/src/index.rs' at line 312" '"""'
+  printf 'cause = "%s' '${cause}'; yes 'IndexPack { id: PackId(Id(0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef)), blobs: [] }, ' | head -c 3000000 | tr -d '\\n'; printf '"\\nmethod = "Panic"\\nbacktrace = """\\n   0: 0x55d1 - core::panicking::panic\\n"""\\n'; }
+if [ -n "\${RUST_BACKTRACE:-}" ] || [ -n "\${CI:-}" ]; then report >&2; else report > "$TMPDIR/report-1.toml"; printf '%s\\n' ${banner.map((l) => `"${l}"`).join(" ")} >&2; fi
+kill -ABRT $$`;
   const answer = {
     ok: 'echo "done" >&2; exit 0',
     index: 'echo "error: Tree ID 4f1a2b7c not found in index" >&2; exit 1',
     gone: 'echo "NotFound (persistent) at read, context: { path: snapshots/2ea66231, response: Parts { status: 404 } } => S3Error { code: NoSuchKey }" >&2; exit 1',
     damaged: 'echo "error: pack 99 is damaged" >&2; exit 1',
     both: 'printf "%s\\n" "[ERROR] Error reading file Type: Snapshot, Id: 9f2ffd63" "NotFound (persistent) at read, context: { path: snapshots/9f2ffd63, status: 404 }" "[ERROR] pack 480e34ec: hash mismatch for blob 77aa" "error: check found errors!" >&2; exit 1',
-    inUse: crash("index still in use: Index({Tree: BinarySortedIndex { data: [] }})"),
-    otherCrash: crash("called `Option::unwrap()` on a `None` value"),
+    inUse: crash("index still in use: Index({Tree: TypeIndex { packs: ["),
+    otherCrash: crash("called `Option::unwrap()` on a `None` value: "),
   };
-  const run = (fn: string, answers: (keyof typeof answer)[]) => new Promise<{ code: number; out: string; calls: number; args: string; left: string[] }>((resolve) => {
+  const run = (fn: string, answers: (keyof typeof answer)[], env: Record<string, string> = {}) => new Promise<{ code: number; out: string; calls: number; args: string; left: string[] }>((resolve) => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), "race-"));
     const tmp = path.join(dir, "tmp");
     fs.mkdirSync(tmp);
@@ -289,7 +295,7 @@ shift 5; n=$(cat ${dir}/n 2>/dev/null || echo 0); n=$((n + 1)); echo $n > ${dir}
     const script = `. ${JSON.stringify(AGENT)}
 sleep() { :; }
 RUSTIC=${dir}/rustic PROFILE=p KEEP_DELETE=300 MAINT_SUBSET=2/4 ${fn}`;
-    execFile("bash", ["-c", script], { env: { ...process.env, TMPDIR: tmp } }, (err, stdout, stderr) => {
+    execFile("bash", ["-c", script], { env: { ...process.env, ...env, TMPDIR: tmp }, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
       const calls = Number(fs.readFileSync(path.join(dir, "n"), "utf8"));
       const args = fs.readFileSync(path.join(dir, "args"), "utf8").trim();
       const left = fs.readdirSync(tmp);
@@ -331,15 +337,23 @@ RUSTIC=${dir}/rustic PROFILE=p KEEP_DELETE=300 MAINT_SUBSET=2/4 ${fn}`;
   it("a check that crashed inside rustic with \"index still in use\" is tried again, says why, and leaves no crash report", async () => {
     const r = await run("check_repository", ["inUse", "ok"]);
     expect([r.code, r.calls, r.args], r.out).to.deep.equal([0, 2, "check --read-data --read-data-subset 2/4"]);
-    expect(r.out).to.match(/check: the repository changed while check read it .*: trying again \(attempt 2 of 3\): .*rustic crashed: index still in use: Index\(\{Tree: BinarySortedIndex \{ data: \[\] \}\}\) \(rustic_core-0\.13\.0\/src\/index\.rs:312\)/);
-    expect(r.out).not.to.match(/attempt 2 of 3\):.*(Thank you kindly|We take privacy)/);
+    expect(r.out).to.match(/check: rustic crashed on a known rustic_core timing race .*: trying again \(attempt 2 of 3\): rustic crashed: index still in use: Index\(\{Tree: TypeIndex \{ packs: \[IndexPack \{ id: PackId.{0,160} \(rustic_core-0\.13\.0\/src\/index\.rs:312\)$/m);
+    expect(r.out.split("\n").find((l) => l.includes("trying again")), r.out).not.to.match(/Aborted|Thank you kindly|We take privacy/);
+    expect(r.out.length, "the index in the crash report is not printed").to.be.below(20_000);
     expect(r.left).to.deep.equal([]);
+  });
+
+  it("RUST_BACKTRACE or CI in the agent's environment does not turn the crash report into stderr", async () => {
+    const r = await run("check_repository", ["inUse", "ok"], { RUST_BACKTRACE: "1", CI: "true" });
+    expect([r.code, r.calls, r.left], r.out.slice(-2000)).to.deep.equal([0, 2, []]);
+    expect(r.out.length).to.be.below(20_000);
+    expect(r.out).to.match(/rustic crashed: index still in use/);
   });
 
   it("any other crash of rustic is not retried, and the failure names the panic", async () => {
     const r = await run("check_repository", ["otherCrash", "ok"]);
     expect([r.code, r.calls, r.left], r.out).to.deep.equal([134, 1, []]);
-    expect(r.out).to.match(/rustic crashed: called `Option::unwrap\(\)` on a `None` value \(rustic_core-0\.13\.0\/src\/index\.rs:312\)\s*$/);
+    expect(r.out).to.match(/rustic crashed: called `Option::unwrap\(\)` on a `None` value: IndexPack.{0,150} \(rustic_core-0\.13\.0\/src\/index\.rs:312\)\s*$/);
   });
 
   it("three crashes in a row fail the check with the crash's message", async () => {
