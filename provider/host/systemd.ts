@@ -92,8 +92,8 @@ After=network-online.target
 Type=oneshot
 ExecStart=${AGENT_PATH} maintain ${l.volumeId}
 TimeoutStartSec=24h
-Nice=19
-IOSchedulingClass=idle
+# Not Nice=19 here: the agent keeps the task's lease at normal priority and runs the task
+# itself (rustic prune, check) at nice 19 and idle I/O.
 `;
 }
 

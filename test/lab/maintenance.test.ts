@@ -25,11 +25,12 @@ describe("repository maintenance lease (agent functions against the lab's S3 ser
   const record = (task: "prune" | "check" = "prune") => readMaintenance(s3(), task);
 
   /** Runs `maintain_task TASK INTERVAL work` as host `me`; work logs to the shared log, sleeps, and fails if told to. */
-  function runTask(me: string, opts: { task?: "prune" | "check"; interval?: number; ttl?: number; workSeconds?: number; fail?: boolean; quiet?: boolean } = {}) {
+  function runTask(me: string, opts: { task?: "prune" | "check"; interval?: number; ttl?: number; workSeconds?: number; fail?: boolean; quiet?: boolean; hook?: string } = {}) {
     const failure = opts.quiet ? "return 3" : 'echo "pack 1234 is damaged" >&2; return 3';
     const script = `. ${JSON.stringify(AGENT)}
 work() { echo "${me} start $(date +%s.%N)" >> "$LOG"; sleep ${opts.workSeconds ?? 0}; echo "${me} end $(date +%s.%N)" >> "$LOG"; ${opts.fail ? failure : "true"}; }
 hostname() { echo host-${me}; }
+${opts.hook ?? ""}
 maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     return new Promise<{ code: number; out: string }>((resolve) => {
       execFile("bash", ["-c", script], { env: { ...env, VOLUME_ID: me, MAINT_TTL: String(opts.ttl ?? 300), MAINT_YIELD_WAIT: "6" } }, (err, stdout, stderr) =>
@@ -147,6 +148,38 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
       }
     }
     expect(ran).to.be.at.least(3);
+  });
+
+  // A host so busy that the agent stalls (seen in the soak: minutes at Nice=19 between reading the
+  // lease and starting the task). A stall is injected once, by a marker file, at one point.
+  const stallOnce = (fn: string, seconds: number) => `eval "orig_$(declare -f ${fn})"
+${fn}() { if [ ! -e "$LOG.stalled-$VOLUME_ID" ]; then touch "$LOG.stalled-$VOLUME_ID"; sleep ${seconds}; fi; orig_${fn} "$@"; }`;
+
+  it("a host that stalls while writing its lease does not start with it nearly expired, so the other task never overlaps it", async () => {
+    await put(lease({ runs: 50 }));
+    await put(lease({ runs: 50 }), "check");
+    fs.rmSync(path.join(dir, "log"), { force: true });
+    // The prune's lease (12 s) lands 9 s after its expiry was computed; a check comes at 14 s, when it has expired.
+    const prune = runTask("stall", { task: "prune", interval: 60, ttl: 12, workSeconds: 8, hook: stallOnce("s3_put_cas", 9) });
+    await sleep(14_000);
+    const check = await runTask("chk2", { task: "check", interval: 60, ttl: 12, workSeconds: 1 });
+    const p = await prune;
+    expect(p.code, p.out).to.equal(0);
+    expect(p.out).to.match(/maintenance prune: this host took \d+ s to take its lease and read check's; -?\d+ s of it left is too little to start/);
+    expect(check.out).to.match(/maintenance check: run 51 .*started/);
+    expect(log().filter((l) => / start /.test(l)).map((l) => l.split(" ")[0]), log().join("\n")).to.deep.equal(["chk2"]);
+  });
+
+  it("a host that stalls after writing its lease does not start with too little of it left; the lease is given back", async () => {
+    await put(lease({ runs: 60 }));
+    await put(lease({ runs: 60 }), "check");
+    fs.rmSync(path.join(dir, "log"), { force: true });
+    const r = await runTask("late", { task: "prune", interval: 60, ttl: 12, workSeconds: 1, hook: stallOnce("maint_busy", 8) });
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/maintenance prune: this host took \d+ s to take its lease and read check's; -?\d+ s of it left is too little to start: the next run tries again/);
+    expect(log(), "the task did not run").to.deep.equal([]);
+    const m = (await record())!;
+    expect([m.holder, m.expiresAt, m.runs]).to.deep.equal(["", 0, 60]);
   });
 
   it("a task longer than the lease is renewed while it runs, so no other host starts it meanwhile", async () => {
