@@ -452,10 +452,13 @@ maint_metric() { # maint_metric TASK OK DURATION
 
 # srv_offset HEADERS: the S3 server's clock minus this host's, from a response's Date header
 # (every expiry is reckoned on the server's clock, so skewed host clocks cannot share a lease).
-srv_offset() {
+# Given the local time taken just before the request, the largest offset the answer allows (the
+# Date header is stamped after the request left and truncated to the second): an offset taken
+# too small would write expiries already past, a stall after the answer notwithstanding.
+srv_offset() { # srv_offset HEADERS LOCAL_TIME_BEFORE_REQUEST
   local d; d=$(tr -d '\r' < "$1" 2>/dev/null | sed -n 's/^[Dd]ate: *//p' | tail -n1)
   local t; t=$(date -d "$d" +%s 2>/dev/null) || { echo 0; return 0; }
-  echo $(( t - $(date +%s) ))
+  echo $(( t - $2 + 1 ))
 }
 
 # maint_renew URL ME NOW_OFFSET FIELDS...: one renewal by compare-and-swap on DIR/cur; 0 when
@@ -497,13 +500,18 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   local url="$MAINT_URL$task.json" dir code etag now off
   me="$VOLUME_ID@$(hostname)"
   dir=$(mktemp -d)
+  local t_req; t_req=$(date +%s)
   code=$(s3_get "$url" "$dir")
   case "$code" in
     200) etag=$(etag_of "$dir/h") ;;
     404) etag=""; : > "$dir/b" ;;
     *) echo "maintenance $task: cannot read its lease (HTTP $code): skipped" >&2; rm -rf "$dir"; return 0 ;;
   esac
-  off=$(srv_offset "$dir/h")
+  off=$(srv_offset "$dir/h" "$t_req")
+  if [ $(( $(date +%s) - t_req )) -gt $(( MAINT_TTL / 10 + 2 )) ]; then
+    echo "maintenance $task: this host took $(( $(date +%s) - t_req )) s to read the S3 server's clock: too slow to hold a lease, the next run tries again"
+    rm -rf "$dir"; return 0
+  fi
   local holder expires runs last_run last_result last_msg last_holder last_dur last_subset
   holder=$(mfield holder "$dir/b"); expires=$(num "$(mfield expiresAt "$dir/b")"); runs=$(num "$(mfield runs "$dir/b")")
   last_run=$(num "$(mfield lastRunAt "$dir/b")"); last_result=$(mfield lastResult "$dir/b"); last_msg=$(mfield lastMessage "$dir/b")
@@ -575,12 +583,16 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     kill -0 "$task_pid" 2>/dev/null || break
     [ $(( $(date +%s) - last_renew )) -ge $((MAINT_TTL / 3)) ] || continue
     local r=0 before; before=$(date +%s)
-    if [ $(( before + off )) -ge "$holds_until" ]; then
+    if [ $(( before + off + 2 * rt )) -ge "$holds_until" ]; then
       # Lapsed unrenewed: another host may have started the other task meanwhile.
-      lost="its lease lapsed before it was renewed (this host was too busy)"
+      lost="its lease would lapse before a renewal could land (this host was too busy to renew it in time)"
     else
       S3_MAX_TIME=$rt S3_RETRY=0 maint_renew "$url" "$dir" "$off" "${fields[@]}" || r=$?
-      if [ "$r" = 0 ]; then last_renew=$before; holds_until=$(( before + off + MAINT_TTL )); continue; fi
+      if [ "$r" = 0 ] && [ $(( $(date +%s) + off )) -ge "$holds_until" ]; then
+        # Renewed, but only after the lease had lapsed: meanwhile another host may have read it
+        # as free and started the other task.
+        lost="its lease lapsed before the renewal landed (this host or S3 was too slow)"
+      elif [ "$r" = 0 ]; then last_renew=$before; holds_until=$(( before + off + MAINT_TTL )); continue; fi
     fi
     if [ -n "$lost" ]; then :
     elif [ "$r" = 1 ]; then lost="another host wrote its lease"

@@ -182,6 +182,25 @@ ${fn}() { if [ ! -e "$LOG.stalled-$VOLUME_ID" ]; then touch "$LOG.stalled-$VOLUM
     expect([m.holder, m.expiresAt, m.runs]).to.deep.equal(["", 0, 60]);
   });
 
+  it("a host too slow to read the S3 server's clock (its offset would be unsure) does not take the lease", async () => {
+    await put(lease({ runs: 70 }));
+    fs.rmSync(path.join(dir, "log"), { force: true });
+    const r = await runTask("slowclock", { task: "prune", interval: 60, ttl: 12, workSeconds: 1, hook: stallOnce("s3_get", 5) });
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/maintenance prune: this host took \d+ s to read the S3 server's clock: too slow to hold a lease/);
+    expect(log(), "the task did not run").to.deep.equal([]);
+    expect((await record())!.runs).to.equal(70);
+  });
+
+  it("a renewal that lands after the lease lapsed stops the run (another host may have started the other task)", async () => {
+    await put(lease({ runs: 80 }));
+    fs.rmSync(path.join(dir, "log"), { force: true });
+    // Lease of 12 s, renewed at 4 s; that renewal stalls 13 s, then succeeds (nobody wrote the lease).
+    const r = await runTask("lapsed", { task: "prune", interval: 60, ttl: 12, workSeconds: 40, hook: stallOnce("maint_renew", 13) });
+    expect(r.out).to.match(/maintenance prune: its lease lapsed before the renewal landed .*: stopping the run/);
+    expect(log().filter((l) => / end /.test(l)), "the work did not finish").to.deep.equal([]);
+  });
+
   it("a task longer than the lease is renewed while it runs, so no other host starts it meanwhile", async () => {
     await put(lease({ runs: 9 }));
     fs.rmSync(path.join(dir, "log"), { force: true });
