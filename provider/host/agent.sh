@@ -238,13 +238,10 @@ crash_cause() {
 # behind. RUST_BACKTRACE or CI in the environment would make human-panic print the report (the
 # whole index, for the crash above) instead of writing it.
 rustic_() {
-  local t rc=0 r
+  local t rc=0 r tmp=()
   t=$(mktemp -d -t dboxed-rustic.XXXXXX 2>/dev/null) || t=""
-  if [ -n "$t" ]; then
-    env -u RUST_BACKTRACE -u CI TMPDIR="$t" NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@" || rc=$?
-  else
-    env -u RUST_BACKTRACE -u CI NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@" || rc=$?
-  fi
+  [ -z "$t" ] || tmp=("TMPDIR=$t")
+  env -u RUST_BACKTRACE -u CI "${tmp[@]}" NO_COLOR=1 "$RUSTIC" -P "$PROFILE" --no-progress --cache-dir /var/cache/dboxed-volumes/rustic "$@" || rc=$?
   if [ "$rc" != 0 ] && [ -n "$t" ]; then
     for r in "$t"/report-*.toml; do
       if [ -f "$r" ]; then echo "rustic crashed: $(crash_cause "$r")" >&2; fi
