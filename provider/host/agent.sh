@@ -254,6 +254,58 @@ rustic_() {
 # Crash-report directories of rustic runs killed (a stopped unit) before they could remove them.
 sweep_rustic_tmp() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'dboxed-rustic.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true; }
 
+# maint_running: prints "prune (HOLDER)" / "check (HOLDER)" for each repository task whose lease
+# is held now (on the S3 server's clock); nothing when both are free or unreadable.
+maint_running() {
+  local task d code holder expires t_req off
+  for task in prune check; do
+    d=$(mktemp -d); t_req=$(date +%s)
+    code=$(s3_get "$MAINT_URL$task.json" "$d")
+    if [ "$code" = 200 ]; then
+      off=$(srv_offset "$d/h" "$t_req")
+      holder=$(mfield holder "$d/b"); expires=$(num "$(mfield expiresAt "$d/b")")
+      if [ -n "$holder" ] && [ "$expires" -gt $(( $(date +%s) + off )) ]; then echo "$task ($holder)"; fi
+    fi
+    rm -rf "$d"
+  done
+}
+
+# apply_retention: forgets this volume's snapshots that the keep-* policy no longer keeps.
+# While a prune or check of the repository runs, retention waits for the next backup: both list
+# every snapshot, then read each (a check reads each twice, minutes apart under load, to compare
+# its cache with S3), and a snapshot forgotten in between fails them with a 404. In the soak test
+# twelve volumes forgetting every few minutes failed a 4-9 minute check three attempts in a row.
+# Deferring costs a few snapshots kept a little longer; the lease is only a hint here (a forget
+# that starts just before a task takes it is a race the task's retry_race is past).
+apply_retention() {
+  local busy=""
+  if [ -n "${MAINT_URL:-}" ]; then busy=$(maint_running | paste -sd ',' - | sed 's/,/, /g'); fi
+  if [ -n "$busy" ]; then
+    echo "retention deferred to the next backup: repository maintenance is running ($busy); it lists every snapshot, and a forget now would fail it"
+    return 0
+  fi
+  echo "applying retention"
+  # forget reads every snapshot file of the repository before it filters: another volume's
+  # forget may delete one in between (a 404, seen in the soak test). A fresh listing is past it;
+  # with many volumes forgetting every few minutes it may take a few.
+  local attempt
+  for attempt in 1 2 3 4; do
+    if rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
+      --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
+      --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY" > /dev/null 2> "$STATE_DIR/forget.err"; then
+      cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
+    fi
+    cat "$STATE_DIR/forget.err" >&2
+    if [ "$attempt" = 4 ] || { [ "$attempt" -ge 2 ] && ! race "$STATE_DIR/forget.err"; }; then
+      local tail_; tail_=$(said "$STATE_DIR/forget.err")
+      rm -f "$STATE_DIR/forget.err"
+      die "rustic forget failed: $tail_"
+    fi
+    echo "rustic forget failed (another volume's forget deletes snapshots meanwhile?): listing them again (attempt $((attempt + 1)) of 4)" >&2
+    sleep $((2 * attempt))
+  done
+}
+
 finish_backup() {
   local rc=$1
   trap - EXIT TERM
@@ -367,26 +419,7 @@ backup() {
   # Retention from the second backup on this host: the first one (a create's or a restore's)
   # follows snapshots that the previous holder's runs already thinned.
   if [ -e "$STATE_DIR/retention-started" ]; then
-    echo "applying retention"
-    # forget reads every snapshot file of the repository before it filters: another volume's
-    # forget may delete one in between (a 404, seen in the soak test). A fresh listing is past it;
-    # with many volumes forgetting every few minutes it may take a few.
-    local attempt
-    for attempt in 1 2 3 4; do
-      if rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
-        --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
-        --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY" > /dev/null 2> "$STATE_DIR/forget.err"; then
-        cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
-      fi
-      cat "$STATE_DIR/forget.err" >&2
-      if [ "$attempt" = 4 ] || { [ "$attempt" -ge 2 ] && ! race "$STATE_DIR/forget.err"; }; then
-        local tail_; tail_=$(said "$STATE_DIR/forget.err")
-        rm -f "$STATE_DIR/forget.err"
-        die "rustic forget failed: $tail_"
-      fi
-      echo "rustic forget failed (another volume's forget deletes snapshots meanwhile?): listing them again (attempt $((attempt + 1)) of 4)" >&2
-      sleep $((2 * attempt))
-    done
+    apply_retention
     timing forget
   else
     touch "$STATE_DIR/retention-started"

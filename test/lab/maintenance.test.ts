@@ -538,3 +538,77 @@ KEEP_DELETE=1 prune_repository`;
     expect(parseSnapshots(await rustic(["snapshots", "--json", "-g", ""])).map((s) => s.id)).to.deep.equal([kept]);
   });
 });
+
+describe("retention waits while the repository's prune or check runs (the agent's apply_retention, real rustic, the lab's S3 server)", function () {
+  // A check lists every snapshot, then reads each (twice: its cache, then S3); a forget in
+  // between fails it with a 404. In the soak, twelve volumes forgetting every few minutes failed
+  // a check three attempts in a row. A backup leaves retention to its next run while either
+  // task's lease is held.
+  const prefix = `defer-${crypto.randomBytes(3).toString("hex")}`;
+  let dir: string;
+  const s3 = () => ({ ...lab().s3, prefix, forcePathStyle: true });
+  const rustic = (args: string[]) => new Promise<string>((resolve, reject) =>
+    execFile(lab().tools.rustic, ["-P", path.join(dir, "profile"), "--no-progress", "--no-cache", ...args], { env: { ...process.env, NO_COLOR: "1" }, maxBuffer: 16 << 20 },
+      (err, stdout, stderr) => err ? reject(new Error(`rustic ${args.join(" ")}: ${stderr}`)) : resolve(stdout)));
+  const snapshots = async () => {
+    const { parseSnapshots } = await import("../../provider/host/rustic");
+    return parseSnapshots(await rustic(["snapshots", "--json", "-g", ""])).map((s) => s.id).sort();
+  };
+  const put = async (task: "prune" | "check", holder: string, expiresAt: number) => {
+    const { PutObjectCommand } = await import("@aws-sdk/client-s3");
+    const { s3Client } = await import("../../provider/storage/s3");
+    const c = s3Client(s3());
+    const body = { holder, expiresAt, runs: 1, lastRunAt: 0, lastResult: "ok", lastMessage: "ok", lastHolder: holder, lastDurationSeconds: 0, lastSubset: "" };
+    await c.send(new PutObjectCommand({ Bucket: s3().bucket, Key: `${prefix}-meta/maintenance/${task}.json`, Body: JSON.stringify(body, null, 2) }));
+    c.destroy();
+  };
+  const now = () => Math.floor(Date.now() / 1000);
+  const retention = () => new Promise<{ code: number; out: string }>((resolve) => {
+    const script = `. ${JSON.stringify(AGENT)}
+rustic_() { NO_COLOR=1 ${JSON.stringify(lab().tools.rustic)} -P ${JSON.stringify(path.join(dir, "profile"))} --no-progress --no-cache "$@"; }
+apply_retention`;
+    execFile("bash", ["-c", script], {
+      env: { ...process.env, STATE_DIR: dir, RUSTIC_HOST: "host-a", CURL_CONFIG: path.join(dir, "s3.curl"), S3_REGION: lab().s3.region,
+        MAINT_URL: maintenanceUrl(lab().s3.endpoint, lab().s3.bucket, prefix, true),
+        KEEP_LAST: "1", KEEP_HOURLY: "0", KEEP_DAILY: "0", KEEP_WEEKLY: "0", KEEP_MONTHLY: "0", KEEP_YEARLY: "0" },
+    }, (err, stdout, stderr) => resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr }));
+  });
+
+  before(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "defer-"));
+    fs.writeFileSync(path.join(dir, "s3.curl"), `user = "${lab().s3.accessKeyId}:${lab().s3.secretAccessKey}"\n`, { mode: 0o600 });
+    const { profileToml } = await import("../../provider/host/rustic");
+    fs.writeFileSync(path.join(dir, "profile.toml"), profileToml({ ...s3(), password: "defer-test-password" }), { mode: 0o600 });
+    await rustic(["init"]);
+    const data = path.join(dir, "data");
+    fs.mkdirSync(data);
+    for (let k = 0; k < 3; k++) {
+      fs.writeFileSync(path.join(data, "f"), crypto.randomBytes(4096));
+      await rustic(["backup", "--json", "--host", "host-a", "--label", "v", "--as-path", "/", "--group-by", "host,label,paths", data]);
+    }
+  });
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it("a held check lease, then a held prune lease: retention is deferred and says by what; once both lapse it forgets", async () => {
+    const all = await snapshots();
+    expect(all).to.have.length(3);
+    await put("check", "v2@host-b", now() + 600);
+    const r1 = await retention();
+    expect(r1.code, r1.out).to.equal(0);
+    expect(r1.out).to.match(/retention deferred to the next backup: repository maintenance is running \(check \(v2@host-b\)\)/);
+    expect(await snapshots()).to.deep.equal(all);
+    await put("check", "v2@host-b", now() - 5); // lapsed: its holder died mid-run
+    await put("prune", "v3@host-c", now() + 600);
+    const r2 = await retention();
+    expect(r2.code, r2.out).to.equal(0);
+    expect(r2.out).to.match(/repository maintenance is running \(prune \(v3@host-c\)\)/);
+    expect(await snapshots()).to.deep.equal(all);
+    await put("prune", "", 0); // given back
+    const r3 = await retention();
+    expect(r3.code, r3.out).to.equal(0);
+    expect(r3.out).to.match(/applying retention/).and.not.to.match(/deferred/);
+    const left = await snapshots();
+    expect(left, r3.out).to.have.length(1);
+    expect(all).to.include(left[0]);
+  });
+});
