@@ -254,33 +254,51 @@ rustic_() {
 # Crash-report directories of rustic runs killed (a stopped unit) before they could remove them.
 sweep_rustic_tmp() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'dboxed-rustic.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true; }
 
-# maint_running: prints "prune (HOLDER)" / "check (HOLDER)" for each repository task whose lease
-# is held now (on the S3 server's clock); nothing when both are free or unreadable.
+# maint_running: prints "prune (HOLDER)" or "check (HOLDER)" for the first repository task whose
+# lease is held now (on the S3 server's clock); nothing when both are free. The lease is only a
+# hint here: one short try per lease, and an unreadable lease counts as free (no backup waits
+# minutes on an S3 server that does not answer). An expiry further ahead than any live holder
+# writes (MAINT_TTL from its write) is a broken record: ignored, with a warning.
 maint_running() {
-  local task d code holder expires t_req off
+  local task d code holder expires t_req now
   for task in prune check; do
-    d=$(mktemp -d); t_req=$(date +%s)
-    code=$(s3_get "$MAINT_URL$task.json" "$d")
+    d=$(mktemp -d -t dboxed-rustic.XXXXXX) || return 0
+    t_req=$(date +%s)
+    code=$(S3_MAX_TIME=10 S3_RETRY=0 s3_get "$MAINT_URL$task.json" "$d")
     if [ "$code" = 200 ]; then
-      off=$(srv_offset "$d/h" "$t_req")
-      holder=$(mfield holder "$d/b"); expires=$(num "$(mfield expiresAt "$d/b")")
-      if [ -n "$holder" ] && [ "$expires" -gt $(( $(date +%s) + off )) ]; then echo "$task ($holder)"; fi
+      now=$(( $(date +%s) + $(srv_offset "$d/h" "$t_req") ))
+      holder=$(clean "$(mfield holder "$d/b")"); expires=$(num "$(mfield expiresAt "$d/b")")
+      if [ -n "$holder" ] && [ "$expires" -gt "$now" ]; then
+        if [ "$expires" -gt $(( now + MAINT_TTL + 60 )) ]; then
+          echo "the repository's $task lease (held by $holder) expires $(( expires - now )) s from now, further ahead than a live holder writes ($MAINT_TTL s): ignored" >&2
+        else
+          rm -rf "$d"; echo "$task ($holder)"; return 0
+        fi
+      fi
     fi
     rm -rf "$d"
   done
 }
 
 # apply_retention: forgets this volume's snapshots that the keep-* policy no longer keeps.
-# While a prune or check of the repository runs, retention waits for the next backup: both list
-# every snapshot, then read each (a check reads each twice, minutes apart under load, to compare
-# its cache with S3), and a snapshot forgotten in between fails them with a 404. In the soak test
-# twelve volumes forgetting every few minutes failed a 4-9 minute check three attempts in a row.
-# Deferring costs a few snapshots kept a little longer; the lease is only a hint here (a forget
-# that starts just before a task takes it is a race the task's retry_race is past).
+# While a prune or check of the repository runs, retention waits for the next backup: both begin
+# by listing every snapshot and then reading each (check: its cache against S3), and a snapshot
+# forgotten in between fails them with a 404 (in the soak test twelve volumes forgetting every few
+# minutes failed a 4-9 minute check three attempts in a row). Deferring keeps a few snapshots a
+# little longer; the lease is read again before each retry of a failed forget. A deferral is
+# bounded: after RETENTION_DEFER_MAX seconds of deferring (repository maintenance back to back)
+# retention runs anyway, and the task's retry_race takes the race.
 apply_retention() {
-  local busy=""
-  if [ -n "${MAINT_URL:-}" ]; then busy=$(maint_running | paste -sd ',' - | sed 's/,/, /g'); fi
+  local busy="" since now_ forced=0 max=${RETENTION_DEFER_MAX:-21600}
+  now_=$(date +%s)
+  since=$(num "$(cat "$STATE_DIR/retention-deferred-since" 2>/dev/null || true)")
+  if [ -n "${MAINT_URL:-}" ]; then busy=$(maint_running); fi
+  if [ -n "$busy" ] && [ "$since" -gt 0 ] && [ $(( now_ - since )) -ge "$max" ]; then
+    echo "retention deferred since $(date -u -d "@$since" +%FT%TZ) (repository maintenance ran back to back): applied now, while $busy runs"
+    busy=""; forced=1
+  fi
   if [ -n "$busy" ]; then
+    [ "$since" -gt 0 ] || echo "$now_" > "$STATE_DIR/retention-deferred-since"
     echo "retention deferred to the next backup: repository maintenance is running ($busy); it lists every snapshot, and a forget now would fail it"
     return 0
   fi
@@ -293,13 +311,20 @@ apply_retention() {
     if rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
       --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
       --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY" > /dev/null 2> "$STATE_DIR/forget.err"; then
-      cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
+      cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err" "$STATE_DIR/retention-deferred-since"; break
     fi
     cat "$STATE_DIR/forget.err" >&2
     if [ "$attempt" = 4 ] || { [ "$attempt" -ge 2 ] && ! race "$STATE_DIR/forget.err"; }; then
       local tail_; tail_=$(said "$STATE_DIR/forget.err")
       rm -f "$STATE_DIR/forget.err"
       die "rustic forget failed: $tail_"
+    fi
+    # A prune or check that started meanwhile is listing snapshots: do not forget under it.
+    if [ -n "${MAINT_URL:-}" ] && [ "$forced" = 0 ] && busy=$(maint_running) && [ -n "$busy" ]; then
+      rm -f "$STATE_DIR/forget.err"
+      [ "$since" -gt 0 ] || echo "$now_" > "$STATE_DIR/retention-deferred-since"
+      echo "retention deferred to the next backup: repository maintenance started meanwhile ($busy)"
+      return 0
     fi
     echo "rustic forget failed (another volume's forget deletes snapshots meanwhile?): listing them again (attempt $((attempt + 1)) of 4)" >&2
     sleep $((2 * attempt))
@@ -487,6 +512,8 @@ maint_metric() { # maint_metric TASK OK DURATION
 # too small would write expiries already past, a stall after the answer notwithstanding.
 srv_offset() { # srv_offset HEADERS LOCAL_TIME_BEFORE_REQUEST
   local d; d=$(tr -d '\r' < "$1" 2>/dev/null | sed -n 's/^[Dd]ate: *//p' | tail -n1)
+  # No Date header: no offset (date -d "" would read as today's midnight).
+  [ -n "$d" ] || { echo 0; return 0; }
   local t; t=$(date -d "$d" +%s 2>/dev/null) || { echo 0; return 0; }
   echo $(( t - $2 + 1 ))
 }

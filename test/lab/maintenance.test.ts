@@ -540,10 +540,10 @@ KEEP_DELETE=1 prune_repository`;
 });
 
 describe("retention waits while the repository's prune or check runs (the agent's apply_retention, real rustic, the lab's S3 server)", function () {
-  // A check lists every snapshot, then reads each (twice: its cache, then S3); a forget in
-  // between fails it with a 404. In the soak, twelve volumes forgetting every few minutes failed
-  // a check three attempts in a row. A backup leaves retention to its next run while either
-  // task's lease is held.
+  // A check lists every snapshot, then reads each (its cache against S3); a forget in between
+  // fails it with a 404. In the soak, twelve volumes forgetting every few minutes failed a check
+  // three attempts in a row. A backup leaves retention to its next run while either task's lease
+  // is held, within bounds: a broken lease record or maintenance back to back cannot stop it.
   const prefix = `defer-${crypto.randomBytes(3).toString("hex")}`;
   let dir: string;
   const s3 = () => ({ ...lab().s3, prefix, forcePathStyle: true });
@@ -554,25 +554,54 @@ describe("retention waits while the repository's prune or check runs (the agent'
     const { parseSnapshots } = await import("../../provider/host/rustic");
     return parseSnapshots(await rustic(["snapshots", "--json", "-g", ""])).map((s) => s.id).sort();
   };
+  /** Backs up until the volume has three snapshots. */
+  const seed = async () => {
+    const data = path.join(dir, "data");
+    fs.mkdirSync(data, { recursive: true });
+    while ((await snapshots()).length < 3) {
+      fs.writeFileSync(path.join(data, "f"), crypto.randomBytes(4096));
+      await rustic(["backup", "--json", "--host", "host-a", "--label", "v", "--as-path", "/", "--group-by", "host,label,paths", data]);
+    }
+    return snapshots();
+  };
+  const key = (task: string) => `${prefix}-meta/maintenance/${task}.json`;
   const put = async (task: "prune" | "check", holder: string, expiresAt: number) => {
     const { PutObjectCommand } = await import("@aws-sdk/client-s3");
     const { s3Client } = await import("../../provider/storage/s3");
     const c = s3Client(s3());
     const body = { holder, expiresAt, runs: 1, lastRunAt: 0, lastResult: "ok", lastMessage: "ok", lastHolder: holder, lastDurationSeconds: 0, lastSubset: "" };
-    await c.send(new PutObjectCommand({ Bucket: s3().bucket, Key: `${prefix}-meta/maintenance/${task}.json`, Body: JSON.stringify(body, null, 2) }));
+    await c.send(new PutObjectCommand({ Bucket: s3().bucket, Key: key(task), Body: JSON.stringify(body, null, 2) }));
+    c.destroy();
+  };
+  const free = async () => {
+    const { DeleteObjectCommand } = await import("@aws-sdk/client-s3");
+    const { s3Client } = await import("../../provider/storage/s3");
+    const c = s3Client(s3());
+    for (const t of ["prune", "check"]) await c.send(new DeleteObjectCommand({ Bucket: s3().bucket, Key: key(t) }));
     c.destroy();
   };
   const now = () => Math.floor(Date.now() / 1000);
-  const retention = () => new Promise<{ code: number; out: string }>((resolve) => {
+  const since = () => path.join(dir, "retention-deferred-since");
+  const real = () => `${JSON.stringify(lab().tools.rustic)} -P ${JSON.stringify(path.join(dir, "profile"))} --no-progress --no-cache`;
+  const retention = (opts: { env?: Record<string, string>; rustic?: string } = {}) => new Promise<{ code: number; out: string }>((resolve) => {
     const script = `. ${JSON.stringify(AGENT)}
-rustic_() { NO_COLOR=1 ${JSON.stringify(lab().tools.rustic)} -P ${JSON.stringify(path.join(dir, "profile"))} --no-progress --no-cache "$@"; }
+rustic_() { NO_COLOR=1 ${real()} "$@"; }
+${opts.rustic ?? ""}
 apply_retention`;
     execFile("bash", ["-c", script], {
       env: { ...process.env, STATE_DIR: dir, RUSTIC_HOST: "host-a", CURL_CONFIG: path.join(dir, "s3.curl"), S3_REGION: lab().s3.region,
-        MAINT_URL: maintenanceUrl(lab().s3.endpoint, lab().s3.bucket, prefix, true),
-        KEEP_LAST: "1", KEEP_HOURLY: "0", KEEP_DAILY: "0", KEEP_WEEKLY: "0", KEEP_MONTHLY: "0", KEEP_YEARLY: "0" },
+        MAINT_URL: maintenanceUrl(lab().s3.endpoint, lab().s3.bucket, prefix, true), MAINT_TTL: "300",
+        KEEP_LAST: "1", KEEP_HOURLY: "0", KEEP_DAILY: "0", KEEP_WEEKLY: "0", KEEP_MONTHLY: "0", KEEP_YEARLY: "0", ...(opts.env ?? {}) },
     }, (err, stdout, stderr) => resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr }));
   });
+  const applied = async (r: { code: number; out: string }, all: string[]) => {
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/applying retention/);
+    const left = await snapshots();
+    expect(left, r.out).to.have.length(1);
+    expect(all).to.include(left[0]);
+    expect(fs.existsSync(since()), "the deferral's start is cleared").to.equal(false);
+  };
 
   before(async () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), "defer-"));
@@ -580,35 +609,81 @@ apply_retention`;
     const { profileToml } = await import("../../provider/host/rustic");
     fs.writeFileSync(path.join(dir, "profile.toml"), profileToml({ ...s3(), password: "defer-test-password" }), { mode: 0o600 });
     await rustic(["init"]);
-    const data = path.join(dir, "data");
-    fs.mkdirSync(data);
-    for (let k = 0; k < 3; k++) {
-      fs.writeFileSync(path.join(data, "f"), crypto.randomBytes(4096));
-      await rustic(["backup", "--json", "--host", "host-a", "--label", "v", "--as-path", "/", "--group-by", "host,label,paths", data]);
-    }
   });
   after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
   it("a held check lease, then a held prune lease: retention is deferred and says by what; once both lapse it forgets", async () => {
-    const all = await snapshots();
+    const all = await seed();
     expect(all).to.have.length(3);
-    await put("check", "v2@host-b", now() + 600);
+    await put("check", "v2@host-b", now() + 250);
     const r1 = await retention();
     expect(r1.code, r1.out).to.equal(0);
     expect(r1.out).to.match(/retention deferred to the next backup: repository maintenance is running \(check \(v2@host-b\)\)/);
     expect(await snapshots()).to.deep.equal(all);
-    await put("check", "v2@host-b", now() - 5); // lapsed: its holder died mid-run
-    await put("prune", "v3@host-c", now() + 600);
+    const started = Number(fs.readFileSync(since(), "utf8"));
+    expect(started).to.be.within(now() - 60, now());
+    await put("check", "v2@host-b", now() - 120); // lapsed: its holder died mid-run
+    await put("prune", "v3@host-c", now() + 250);
     const r2 = await retention();
     expect(r2.code, r2.out).to.equal(0);
     expect(r2.out).to.match(/repository maintenance is running \(prune \(v3@host-c\)\)/);
     expect(await snapshots()).to.deep.equal(all);
+    expect(Number(fs.readFileSync(since(), "utf8")), "a deferral counts from its first backup").to.equal(started);
     await put("prune", "", 0); // given back
     const r3 = await retention();
-    expect(r3.code, r3.out).to.equal(0);
-    expect(r3.out).to.match(/applying retention/).and.not.to.match(/deferred/);
-    const left = await snapshots();
-    expect(left, r3.out).to.have.length(1);
-    expect(all).to.include(left[0]);
+    expect(r3.out).not.to.match(/deferred/);
+    await applied(r3, all);
+  });
+
+  it("a lease expiring further ahead than a live holder writes is ignored, with a warning", async () => {
+    await free();
+    const all = await seed();
+    await put("check", "broken@host-z", now() + 100_000);
+    const r = await retention();
+    expect(r.out).to.match(/check lease \(held by broken@host-z\) expires \d+ s from now, further ahead than a live holder writes \(300 s\): ignored/);
+    await applied(r, all);
+  });
+
+  it("maintenance back to back: after RETENTION_DEFER_MAX of deferring, retention runs anyway", async () => {
+    await free();
+    const all = await seed();
+    await put("check", "v2@host-b", now() + 250);
+    fs.writeFileSync(since(), String(now() - 100));
+    const r = await retention({ env: { RETENTION_DEFER_MAX: "60" } });
+    expect(r.out).to.match(/retention deferred since \S+ \(repository maintenance ran back to back\): applied now, while check \(v2@host-b\) runs/);
+    await applied(r, all);
+  });
+
+  it("a forget that failed on a race while a check took its lease does not try again under it", async () => {
+    await free();
+    const all = await seed();
+    // The first forget answers as rustic does when another volume's forget deleted a listed
+    // snapshot, and meanwhile another host takes the check lease (a real conditional write).
+    const r = await retention({ rustic: `n=0
+rustic_() {
+  if [ "$1" = forget ] && [ ! -e "$STATE_DIR/raced" ]; then
+    touch "$STATE_DIR/raced"
+    local d; d=$(mktemp -d); maint_json "v2@host-b" $(( $(date +%s) + 250 )) 1 0 ok ok x 0 "" > "$d/n"
+    [ "$(s3_put_cas "\${MAINT_URL}check.json" "$d/n" "" "$d")" = 200 ] || echo "test: the lease write failed" >&2
+    rm -rf "$d"
+    echo "[ERROR] error reading snapshot: NoSuchKey (status: 404)" >&2; return 1
+  fi
+  NO_COLOR=1 ${real()} "$@"
+}` });
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).not.to.match(/test: the lease write failed/);
+    expect(r.out).to.match(/retention deferred to the next backup: repository maintenance started meanwhile \(check \(v2@host-b\)\)/);
+    expect(r.out).not.to.match(/attempt 2 of 4/);
+    expect(await snapshots()).to.deep.equal(all);
+    expect(fs.existsSync(since())).to.equal(true);
+    fs.rmSync(path.join(dir, "raced"));
+    fs.rmSync(since());
+  });
+
+  it("an S3 answer without a Date header gives no clock offset (not today's midnight)", async () => {
+    fs.writeFileSync(path.join(dir, "h"), "HTTP/1.1 200 OK\r\nETag: \"x\"\r\n\r\n");
+    const r = await new Promise<string>((resolve, reject) => execFile("bash", ["-c", `. ${JSON.stringify(AGENT)}; srv_offset ${JSON.stringify(path.join(dir, "h"))} 1000`],
+      (err, stdout) => err ? reject(err) : resolve(stdout.trim())));
+    expect(r).to.equal("0");
   });
 });
