@@ -254,54 +254,8 @@ rustic_() {
 # Crash-report directories of rustic runs killed (a stopped unit) before they could remove them.
 sweep_rustic_tmp() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'dboxed-rustic.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true; }
 
-# maint_running: prints "prune (HOLDER)" or "check (HOLDER)" for the first repository task whose
-# lease is held now (on the S3 server's clock); nothing when both are free. The lease is only a
-# hint here: one short try per lease, and an unreadable lease counts as free (no backup waits
-# minutes on an S3 server that does not answer). An expiry further ahead than any live holder
-# writes (MAINT_TTL from its write) is a broken record: ignored, with a warning.
-maint_running() {
-  local task d code holder expires t_req now
-  for task in prune check; do
-    d=$(mktemp -d -t dboxed-rustic.XXXXXX) || return 0
-    t_req=$(date +%s)
-    code=$(S3_MAX_TIME=10 S3_RETRY=0 s3_get "$MAINT_URL$task.json" "$d")
-    if [ "$code" = 200 ]; then
-      now=$(( $(date +%s) + $(srv_offset "$d/h" "$t_req") ))
-      holder=$(clean "$(mfield holder "$d/b")"); expires=$(num "$(mfield expiresAt "$d/b")")
-      if [ -n "$holder" ] && [ "$expires" -gt "$now" ]; then
-        if [ "$expires" -gt $(( now + MAINT_TTL + 60 )) ]; then
-          echo "the repository's $task lease (held by $holder) expires $(( expires - now )) s from now, further ahead than a live holder writes ($MAINT_TTL s): ignored" >&2
-        else
-          rm -rf "$d"; echo "$task ($holder)"; return 0
-        fi
-      fi
-    fi
-    rm -rf "$d"
-  done
-}
-
 # apply_retention: forgets this volume's snapshots that the keep-* policy no longer keeps.
-# While a prune or check of the repository runs, retention waits for the next backup: both begin
-# by listing every snapshot and then reading each (check: its cache against S3), and a snapshot
-# forgotten in between fails them with a 404 (in the soak test twelve volumes forgetting every few
-# minutes failed a 4-9 minute check three attempts in a row). Deferring keeps a few snapshots a
-# little longer; the lease is read again before each retry of a failed forget. A deferral is
-# bounded: after RETENTION_DEFER_MAX seconds of deferring (repository maintenance back to back)
-# retention runs anyway, and the task's retry_race takes the race.
 apply_retention() {
-  local busy="" since now_ forced=0 max=${RETENTION_DEFER_MAX:-21600}
-  now_=$(date +%s)
-  since=$(num "$(cat "$STATE_DIR/retention-deferred-since" 2>/dev/null || true)")
-  if [ -n "${MAINT_URL:-}" ]; then busy=$(maint_running); fi
-  if [ -n "$busy" ] && [ "$since" -gt 0 ] && [ $(( now_ - since )) -ge "$max" ]; then
-    echo "retention deferred since $(date -u -d "@$since" +%FT%TZ) (repository maintenance ran back to back): applied now, while $busy runs"
-    busy=""; forced=1
-  fi
-  if [ -n "$busy" ]; then
-    [ "$since" -gt 0 ] || echo "$now_" > "$STATE_DIR/retention-deferred-since"
-    echo "retention deferred to the next backup: repository maintenance is running ($busy); it lists every snapshot, and a forget now would fail it"
-    return 0
-  fi
   echo "applying retention"
   # forget reads every snapshot file of the repository before it filters: another volume's
   # forget may delete one in between (a 404, seen in the soak test). A fresh listing is past it;
@@ -311,20 +265,13 @@ apply_retention() {
     if rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
       --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
       --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY" > /dev/null 2> "$STATE_DIR/forget.err"; then
-      cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err" "$STATE_DIR/retention-deferred-since"; break
+      cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
     fi
     cat "$STATE_DIR/forget.err" >&2
     if [ "$attempt" = 4 ] || { [ "$attempt" -ge 2 ] && ! race "$STATE_DIR/forget.err"; }; then
       local tail_; tail_=$(said "$STATE_DIR/forget.err")
       rm -f "$STATE_DIR/forget.err"
       die "rustic forget failed: $tail_"
-    fi
-    # A prune or check that started meanwhile is listing snapshots: do not forget under it.
-    if [ -n "${MAINT_URL:-}" ] && [ "$forced" = 0 ] && busy=$(maint_running) && [ -n "$busy" ]; then
-      rm -f "$STATE_DIR/forget.err"
-      [ "$since" -gt 0 ] || echo "$now_" > "$STATE_DIR/retention-deferred-since"
-      echo "retention deferred to the next backup: repository maintenance started meanwhile ($busy)"
-      return 0
     fi
     echo "rustic forget failed (another volume's forget deletes snapshots meanwhile?): listing them again (attempt $((attempt + 1)) of 4)" >&2
     sleep $((2 * attempt))
@@ -689,6 +636,8 @@ retry_race() { # retry_race NAME COMMAND...
   for i in 1 2 3; do
     rc=0
     "$@" 2> "$out" || rc=$?
+    # STOP_IF FILE (the caller's): a failure the caller handles itself; its code is 75.
+    if [ "$rc" != 0 ] && [ -n "${STOP_IF:-}" ] && "$STOP_IF" "$out"; then cat "$out" >&2; rm -f "$out"; return 75; fi
     if [ "$rc" != 0 ] && [ "$i" -lt 3 ] && race "$out"; then
       if grep -q '^rustic crashed: index still in use' "$out"; then
         # The crash comes of a busy host (threads starved past rustic's 100 ms): wait longer.
@@ -704,7 +653,45 @@ retry_race() { # retry_race NAME COMMAND...
 }
 
 prune_repository() { retry_race prune rustic_ prune --keep-delete "${KEEP_DELETE}s"; }
-check_repository() { retry_race check rustic_ check --read-data --read-data-subset "$MAINT_SUBSET"; }
+# check_repository: rustic check of the snapshots listed when it starts (full ids: rustic reads
+# them without listing again). A check first reads every snapshot file (from this host's cache,
+# or from S3 those it has not cached), while retention on other volumes forgets snapshots: under
+# load that first pass took long enough in the soak test that every attempt met one (a 404,
+# before anything was checked). A snapshot that answered 404 and is no longer listed was
+# forgotten: the check runs again at once without it (at most 20 times). One still listed is a
+# failed read, not a forget: retried as a race, then reported.
+check_repository() {
+  local ids rc n=0 dropped=""
+  ids=$(rustic_ list snapshots) || { echo "check: cannot list the repository's snapshots" >&2; return 1; }
+  # rustic 0.11.4 prints "SnapshotId(<64 hex>)" per line.
+  ids=$(printf '%s\n' "$ids" | { grep -oE '\b[0-9a-f]{64}\b' || true; } | tr '\n' ' ')
+  while :; do
+    rc=0; GONE=""
+    # shellcheck disable=SC2086 # ids: 64-hex words only
+    STOP_IF=snapshot_gone retry_race check rustic_ check --read-data --read-data-subset "$MAINT_SUBSET" $ids || rc=$?
+    if [ "$rc" = 75 ] && [ -n "$GONE" ] && [ "$n" -lt 20 ] && [[ " $ids" == *" $GONE "* ]]; then
+      n=$((n + 1)); dropped="$dropped ${GONE:0:8}"
+      ids=$(printf '%s' " $ids" | sed "s/ $GONE//")
+      echo "check: snapshot ${GONE:0:8} was forgotten by another volume's retention after the check listed it: checking the others again without it" >&2
+      continue
+    fi
+    [ "$rc" != 75 ] || rc=1
+    break
+  done
+  if [ "$rc" = 0 ] && [ -n "$dropped" ]; then echo "check: ok; left out$dropped (forgotten while the check ran: gone, not damaged)" >&2; fi
+  return "$rc"
+}
+
+# snapshot_gone FILE: whether a failed rustic run could not read a snapshot file (404) that is no
+# longer listed (sets GONE to its id).
+snapshot_gone() {
+  local id
+  id=$(grep -oE 'snapshots/[0-9a-f]{64}' "$1" | head -n1 | cut -d/ -f2)
+  [ -n "$id" ] && grep -qE 'NotFound|NoSuchKey|status: 404' "$1" || return 1
+  rustic_ list snapshots > "$1.now" 2>/dev/null || { rm -f "$1.now"; return 1; }
+  if grep -qE "\b$id\b" "$1.now"; then rm -f "$1.now"; return 1; fi
+  rm -f "$1.now"; GONE=$id
+}
 
 maintain() {
   load "$1"

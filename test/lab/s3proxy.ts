@@ -21,6 +21,8 @@ export interface S3ProxyOptions {
   checkThenWrite?: boolean;
   /** For a request this returns true for: forward it, then cut the client's connection instead of answering (a lost answer). */
   loseAnswer?: (method: string, url: string) => boolean;
+  /** Called before a request is forwarded (it may act on the upstream first); an answer it returns is sent instead. */
+  intercept?: (method: string, url: string) => Promise<{ status: number; body: string } | void>;
 }
 
 const CONDITIONAL = ["if-none-match", "if-match"];
@@ -57,6 +59,12 @@ export class S3Proxy {
   private async forward(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const chunks: Buffer[] = [];
     for await (const c of req) chunks.push(c as Buffer);
+    const answer = await this.o.intercept?.(req.method!, req.url!);
+    if (answer) {
+      res.writeHead(answer.status, { "content-type": "application/xml" });
+      res.end(answer.body);
+      return;
+    }
     const body = Buffer.concat(chunks);
     const headers: Record<string, string> = {};
     for (const [k, v] of Object.entries(req.headers)) {
