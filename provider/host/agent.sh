@@ -619,6 +619,12 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     msg=$(said "$err")
     [ -n "$msg" ] || msg="exit code $rc"
     cat "$err" >&2
+  else
+    # What the task said of itself (retries, snapshots left out) reaches the journal, and its
+    # "TASK: ok; ..." summary the record.
+    grep -E "^$task: " "$err" >&2 || true
+    msg=$({ grep -E "^$task: ok; " "$err" || true; } | tail -n1 | sed "s/^$task: //")
+    [ -n "$msg" ] || msg=ok
   fi
   rm -f "$err"
   maint_json "" 0 "$runs" $(( $(date +%s) + off )) "$result" "$(clean "$msg")" "$me" "$dur" "$subset" > "$dir/n"
@@ -632,12 +638,12 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
 # prune and check meet the same races as a backup (see race): tried again, at most 3 times.
 retry_race() { # retry_race NAME COMMAND...
   local name=$1 i rc out; shift
-  out=$(mktemp)
+  out=$(mktemp -t dboxed-rustic.XXXXXX)
   for i in 1 2 3; do
     rc=0
     "$@" 2> "$out" || rc=$?
-    # STOP_IF FILE (the caller's): a failure the caller handles itself; its code is 75.
-    if [ "$rc" != 0 ] && [ -n "${STOP_IF:-}" ] && "$STOP_IF" "$out"; then cat "$out" >&2; rm -f "$out"; return 75; fi
+    # A check that could not read a snapshot forgotten meanwhile: check_repository reruns without it.
+    if [ "$rc" != 0 ] && [ "$name" = check ] && snapshot_gone "$out"; then cat "$out" >&2; rm -f "$out"; return 75; fi
     if [ "$rc" != 0 ] && [ "$i" -lt 3 ] && race "$out"; then
       if grep -q '^rustic crashed: index still in use' "$out"; then
         # The crash comes of a busy host (threads starved past rustic's 100 ms): wait longer.
@@ -657,37 +663,45 @@ prune_repository() { retry_race prune rustic_ prune --keep-delete "${KEEP_DELETE
 # them without listing again). A check first reads every snapshot file (from this host's cache,
 # or from S3 those it has not cached), while retention on other volumes forgets snapshots: under
 # load that first pass took long enough in the soak test that every attempt met one (a 404,
-# before anything was checked). A snapshot that answered 404 and is no longer listed was
-# forgotten: the check runs again at once without it (at most 20 times). One still listed is a
-# failed read, not a forget: retried as a race, then reported.
+# before anything was checked). A listed snapshot that answered 404 and is no longer listed was
+# forgotten: the check runs again at once without it (at most 20 times). Any other 404 (a
+# snapshot still listed, or one this run did not list) is a race or a failed read: retried as
+# such (retry_race), then reported. Beyond CHECK_MAX_IDS snapshots (the command line's limit) the
+# check lists them itself, as before.
 check_repository() {
-  local ids rc n=0 dropped=""
-  ids=$(rustic_ list snapshots) || { echo "check: cannot list the repository's snapshots" >&2; return 1; }
+  local list rc n=0 dropped=""
+  list=$(rustic_ list snapshots) || { echo "check: cannot list the repository's snapshots" >&2; return 1; }
   # rustic 0.11.4 prints "SnapshotId(<64 hex>)" per line.
-  ids=$(printf '%s\n' "$ids" | { grep -oE '\b[0-9a-f]{64}\b' || true; } | tr '\n' ' ')
+  CHECK_IDS=$(printf '%s\n' "$list" | { grep -oE '\b[0-9a-f]{64}\b' || true; } | tr '\n' ' ')
+  local want have
+  want=$(printf '%s\n' "$list" | grep -c . || true); have=$(printf '%s' "$CHECK_IDS" | wc -w)
+  if [ "$have" != "$want" ] || [ "$have" -gt "${CHECK_MAX_IDS:-10000}" ]; then
+    echo "check: $want snapshot(s) listed, $have id(s) read from the listing: rustic lists them itself" >&2
+    CHECK_IDS=""
+  fi
   while :; do
     rc=0; GONE=""
     # shellcheck disable=SC2086 # ids: 64-hex words only
-    STOP_IF=snapshot_gone retry_race check rustic_ check --read-data --read-data-subset "$MAINT_SUBSET" $ids || rc=$?
-    if [ "$rc" = 75 ] && [ -n "$GONE" ] && [ "$n" -lt 20 ] && [[ " $ids" == *" $GONE "* ]]; then
-      n=$((n + 1)); dropped="$dropped ${GONE:0:8}"
-      ids=$(printf '%s' " $ids" | sed "s/ $GONE//")
-      echo "check: snapshot ${GONE:0:8} was forgotten by another volume's retention after the check listed it: checking the others again without it" >&2
-      continue
+    retry_race check rustic_ check --read-data --read-data-subset "$MAINT_SUBSET" $CHECK_IDS || rc=$?
+    [ "$rc" = 75 ] || break
+    if [ "$n" -ge 20 ]; then
+      echo "check: 20 snapshots were forgotten under this check; giving up (the next check starts afresh)" >&2
+      rc=1; break
     fi
-    [ "$rc" != 75 ] || rc=1
-    break
+    n=$((n + 1)); dropped="$dropped ${GONE:0:8}"
+    CHECK_IDS=$(printf '%s' " $CHECK_IDS" | sed "s/ $GONE//")
+    echo "check: snapshot ${GONE:0:8} was forgotten by another volume's retention after the check listed it: checking the others again without it" >&2
   done
   if [ "$rc" = 0 ] && [ -n "$dropped" ]; then echo "check: ok; left out$dropped (forgotten while the check ran: gone, not damaged)" >&2; fi
   return "$rc"
 }
 
-# snapshot_gone FILE: whether a failed rustic run could not read a snapshot file (404) that is no
-# longer listed (sets GONE to its id).
+# snapshot_gone FILE: whether a failed check could not read (404) a snapshot it was given
+# (CHECK_IDS) that is no longer listed; sets GONE to its id.
 snapshot_gone() {
   local id
   id=$(grep -oE 'snapshots/[0-9a-f]{64}' "$1" | head -n1 | cut -d/ -f2)
-  [ -n "$id" ] && grep -qE 'NotFound|NoSuchKey|status: 404' "$1" || return 1
+  [ -n "$id" ] && [[ " ${CHECK_IDS:-}" == *" $id "* ]] && grep -qE 'NotFound|NoSuchKey|status: 404' "$1" || return 1
   rustic_ list snapshots > "$1.now" 2>/dev/null || { rm -f "$1.now"; return 1; }
   if grep -qE "\b$id\b" "$1.now"; then rm -f "$1.now"; return 1; fi
   rm -f "$1.now"; GONE=$id

@@ -308,6 +308,18 @@ ${fn}() { if [ ! -e "$LOG.stalled-$VOLUME_ID" ]; then touch "$LOG.stalled-$VOLUM
     const metric = metricsText();
     expect(metric).to.contain(`dboxed_repository_maintenance_success{task="prune",repository="s3://${lab().s3.bucket}/${prefix}"} 0`);
   });
+
+  it("a task that succeeds says what it did of note in the journal (its TASK: lines) and its summary in the record", async () => {
+    await put(lease({ runs: 20 }), "check");
+    const r = await runTask("s", { task: "check", interval: 60, hook: `work() { echo "[INFO] noise" >&2; echo "check: snapshot abcd1234 was forgotten ...: checking the others again without it" >&2; echo "check: ok; left out abcd1234 (forgotten while the check ran: gone, not damaged)" >&2; }` });
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/maintenance check: run 21 ok/);
+    expect(r.out).to.match(/^check: snapshot abcd1234 was forgotten/m);
+    expect(r.out).to.match(/^check: ok; left out abcd1234/m);
+    expect(r.out).not.to.match(/\[INFO\] noise/);
+    const m = (await record("check"))!;
+    expect([m.lastResult, m.lastMessage]).to.deep.equal(["ok", "ok; left out abcd1234 (forgotten while the check ran: gone, not damaged)"]);
+  });
 });
 
 describe("prune and check under concurrent backups (the agent's retry_race, rustic's answers replayed)", function () {
@@ -330,6 +342,7 @@ kill -ABRT $$`;
   const SNAP_A = "2ea662310f5d8e4c7b6a5948372615049f8e7d6c5b4a39281706f5e4d3c2b1a0", SNAP_B = "7c1d9e0f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5";
   const answer = {
     ok: 'echo "done" >&2; exit 0',
+    forgottenC: `printf '%s\\n' "error: Reading file \\\`snapshots/${"c".repeat(64)}\\\` failed in the backend." "NotFound (persistent) at read, context: { response: Parts { status: 404 } }" >&2; exit 1`,
     forgotten: `printf '%s\\n' "[WARN] service=s3 name=lab-volumes path=snapshots/${SNAP_A} range=0-: read failed NotFound (persistent) at read" "error: Reading file \\\`snapshots/${SNAP_A}\\\` failed in the backend." "NotFound (persistent) at read, context: { uri: http://10.0.2.100:9000/lab-volumes/p/snapshots/${SNAP_A}, response: Parts { status: 404 } }" >&2; exit 1`,
     index: 'echo "error: Tree ID 4f1a2b7c not found in index" >&2; exit 1',
     gone: 'echo "NotFound (persistent) at read, context: { path: snapshots/2ea66231, response: Parts { status: 404 } } => S3Error { code: NoSuchKey }" >&2; exit 1',
@@ -381,6 +394,13 @@ RUSTIC=${dir}/rustic PROFILE=p KEEP_DELETE=300 MAINT_SUBSET=2/4 ${fn}`;
     expect(r.out).to.match(/check: snapshot 2ea66231 was forgotten by another volume's retention after the check listed it: checking the others again without it/);
     expect(r.out).to.match(/check: ok; left out 2ea66231 \(forgotten while the check ran: gone, not damaged\)/);
     expect(r.out).not.to.match(/trying again/);
+  });
+
+  it("a 404 for a snapshot the check was not given (saved after the listing, forgotten since) is retried as a race", async () => {
+    const r = await run("check_repository", ["forgottenC", "ok"], {}, [[SNAP_A, SNAP_B]]);
+    expect([r.code, r.calls, r.args], r.out).to.deep.equal([0, 2, `check --read-data --read-data-subset 2/4 ${SNAP_A} ${SNAP_B}`]);
+    expect(r.out).to.match(/check: the repository changed while check read it/);
+    expect(r.out).not.to.match(/left out|without it/);
   });
 
   it("a snapshot that answered 404 but is still listed is not left out: retried as a race, then reported", async () => {
@@ -584,7 +604,7 @@ describe("a check while other volumes' retention forgets snapshots (the agent's 
   };
   const check = () => new Promise<{ code: number; out: string }>((resolve) => {
     const script = `. ${JSON.stringify(AGENT)}
-rustic_() { env -u RUST_BACKTRACE -u CI NO_COLOR=1 ${JSON.stringify(lab().tools.rustic)} -P ${JSON.stringify(path.join(dir, "proxied"))} --no-progress --cache-dir ${JSON.stringify(path.join(dir, "cache"))} "$@"; }
+rustic_() { env -u RUST_BACKTRACE -u CI NO_COLOR=1 ${JSON.stringify(lab().tools.rustic)} -P ${JSON.stringify(path.join(dir, "proxied"))} --no-progress --no-cache "$@"; }
 MAINT_SUBSET=1/1 check_repository`;
     execFile("bash", ["-c", script], { maxBuffer: 16 << 20 }, (err, stdout, stderr) => resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr }));
   });
@@ -633,8 +653,8 @@ MAINT_SUBSET=1/1 check_repository`;
     const all = await snapshots();
     expect(all).to.have.length(5);
     mode = "forget";
-    // A cold cache: the check reads every snapshot file from S3 (as a host does for snapshots other hosts saved).
-    fs.rmSync(path.join(dir, "cache"), { recursive: true, force: true });
+    // No cache: each attempt reads every snapshot file from S3, as a host does for the snapshots
+    // other hosts saved since it last read them (with them cached, a forget under it is harmless).
     const r = await check();
     expect(deleted, r.out).to.have.length(3);
     expect(r.code, r.out).to.equal(0);
@@ -649,7 +669,6 @@ MAINT_SUBSET=1/1 check_repository`;
     const all = await snapshots();
     mode = "unreadable";
     unreadable = all[0];
-    fs.rmSync(path.join(dir, "cache"), { recursive: true, force: true });
     const r = await check();
     expect(r.code, r.out).to.not.equal(0);
     expect(r.out).to.match(new RegExp(`snapshots/${all[0]}`));
