@@ -254,30 +254,6 @@ rustic_() {
 # Crash-report directories of rustic runs killed (a stopped unit) before they could remove them.
 sweep_rustic_tmp() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'dboxed-rustic.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true; }
 
-# apply_retention: forgets this volume's snapshots that the keep-* policy no longer keeps.
-apply_retention() {
-  echo "applying retention"
-  # forget reads every snapshot file of the repository before it filters: another volume's
-  # forget may delete one in between (a 404, seen in the soak test). A fresh listing is past it;
-  # with many volumes forgetting every few minutes it may take a few.
-  local attempt
-  for attempt in 1 2 3 4; do
-    if rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
-      --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
-      --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY" > /dev/null 2> "$STATE_DIR/forget.err"; then
-      cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
-    fi
-    cat "$STATE_DIR/forget.err" >&2
-    if [ "$attempt" = 4 ] || { [ "$attempt" -ge 2 ] && ! race "$STATE_DIR/forget.err"; }; then
-      local tail_; tail_=$(said "$STATE_DIR/forget.err")
-      rm -f "$STATE_DIR/forget.err"
-      die "rustic forget failed: $tail_"
-    fi
-    echo "rustic forget failed (another volume's forget deletes snapshots meanwhile?): listing them again (attempt $((attempt + 1)) of 4)" >&2
-    sleep $((2 * attempt))
-  done
-}
-
 finish_backup() {
   local rc=$1
   trap - EXIT TERM
@@ -391,7 +367,26 @@ backup() {
   # Retention from the second backup on this host: the first one (a create's or a restore's)
   # follows snapshots that the previous holder's runs already thinned.
   if [ -e "$STATE_DIR/retention-started" ]; then
-    apply_retention
+    echo "applying retention"
+    # forget reads every snapshot file of the repository before it filters: another volume's
+    # forget may delete one in between (a 404, seen in the soak test). A fresh listing is past it;
+    # with many volumes forgetting every few minutes it may take a few.
+    local attempt
+    for attempt in 1 2 3 4; do
+      if rustic_ forget --filter-host "$RUSTIC_HOST" --group-by host,label,paths \
+        --keep-last "$KEEP_LAST" --keep-hourly "$KEEP_HOURLY" --keep-daily "$KEEP_DAILY" \
+        --keep-weekly "$KEEP_WEEKLY" --keep-monthly "$KEEP_MONTHLY" --keep-yearly "$KEEP_YEARLY" > /dev/null 2> "$STATE_DIR/forget.err"; then
+        cat "$STATE_DIR/forget.err" >&2; rm -f "$STATE_DIR/forget.err"; break
+      fi
+      cat "$STATE_DIR/forget.err" >&2
+      if [ "$attempt" = 4 ] || { [ "$attempt" -ge 2 ] && ! race "$STATE_DIR/forget.err"; }; then
+        local tail_; tail_=$(said "$STATE_DIR/forget.err")
+        rm -f "$STATE_DIR/forget.err"
+        die "rustic forget failed: $tail_"
+      fi
+      echo "rustic forget failed (another volume's forget deletes snapshots meanwhile?): listing them again (attempt $((attempt + 1)) of 4)" >&2
+      sleep $((2 * attempt))
+    done
     timing forget
   else
     touch "$STATE_DIR/retention-started"
@@ -689,7 +684,7 @@ check_repository() {
       rc=1; break
     fi
     n=$((n + 1)); dropped="$dropped ${GONE:0:8}"
-    CHECK_IDS=$(printf '%s' " $CHECK_IDS" | sed "s/ $GONE//")
+    CHECK_IDS=${CHECK_IDS/"$GONE "/}
     echo "check: snapshot ${GONE:0:8} was forgotten by another volume's retention after the check listed it: checking the others again without it" >&2
   done
   if [ "$rc" = 0 ] && [ -n "$dropped" ]; then echo "check: ok; left out$dropped (forgotten while the check ran: gone, not damaged)" >&2; fi
@@ -702,9 +697,9 @@ snapshot_gone() {
   local id
   id=$(grep -oE 'snapshots/[0-9a-f]{64}' "$1" | head -n1 | cut -d/ -f2)
   [ -n "$id" ] && [[ " ${CHECK_IDS:-}" == *" $id "* ]] && grep -qE 'NotFound|NoSuchKey|status: 404' "$1" || return 1
-  rustic_ list snapshots > "$1.now" 2>/dev/null || { rm -f "$1.now"; return 1; }
-  if grep -qE "\b$id\b" "$1.now"; then rm -f "$1.now"; return 1; fi
-  rm -f "$1.now"; GONE=$id
+  local now; now=$(rustic_ list snapshots 2>/dev/null) || return 1
+  [[ $now != *"$id"* ]] || return 1
+  GONE=$id
 }
 
 maintain() {
