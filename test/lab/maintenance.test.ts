@@ -17,6 +17,10 @@ import { S3Proxy } from "./s3proxy";
 
 const AGENT = path.join(__dirname, "..", "..", "provider", "host", "agent.sh");
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** The real rustic on this machine, with profile PROFILE(.toml) and no cache; resolves with its stdout. */
+const rusticWith = (profile: string, args: string[]) => new Promise<string>((resolve, reject) =>
+  execFile(lab().tools.rustic, ["-P", profile, "--no-progress", "--no-cache", ...args], { env: { ...process.env, NO_COLOR: "1" }, maxBuffer: 16 << 20 },
+    (err, stdout, stderr) => err ? reject(new Error(`rustic ${args.join(" ")}: ${stderr}`)) : resolve(stdout)));
 
 describe("repository maintenance lease (agent functions against the lab's S3 server)", function () {
   const prefix = `maint-${crypto.randomBytes(3).toString("hex")}`;
@@ -510,9 +514,7 @@ describe("prune reclaims what retention forgot (the agent's prune_repository, re
   const prefix = `reclaim-${crypto.randomBytes(3).toString("hex")}`;
   let dir: string;
   const s3 = () => ({ ...lab().s3, prefix, forcePathStyle: true });
-  const rustic = (args: string[]) => new Promise<string>((resolve, reject) =>
-    execFile(lab().tools.rustic, ["-P", path.join(dir, "profile"), "--no-progress", "--no-cache", ...args], { env: { ...process.env, NO_COLOR: "1" }, maxBuffer: 16 << 20 },
-      (err, stdout, stderr) => err ? reject(new Error(`rustic ${args.join(" ")}: ${stderr}`)) : resolve(stdout)));
+  const rustic = (args: string[]) => rusticWith(path.join(dir, "profile"), args);
   /** Bytes and count of the repository's pack files (data/). */
   async function packs(): Promise<{ bytes: number; keys: Set<string> }> {
     const { ListObjectsV2Command } = await import("@aws-sdk/client-s3");
@@ -594,10 +596,7 @@ describe("a check while other volumes' retention forgets snapshots (the agent's 
   const deleted: string[] = [];
   let unreadable = "";
   const s3 = () => ({ ...lab().s3, prefix, forcePathStyle: true });
-  const rustic = (args: string[], profile = "direct") => new Promise<string>((resolve, reject) =>
-    execFile(lab().tools.rustic, ["-P", path.join(dir, profile), "--no-progress", "--cache-dir", path.join(dir, "cache"), ...args],
-      { env: { ...process.env, NO_COLOR: "1" }, maxBuffer: 16 << 20 },
-      (err, stdout, stderr) => err ? reject(new Error(`rustic ${args.join(" ")}: ${stderr}`)) : resolve(stdout)));
+  const rustic = (args: string[]) => rusticWith(path.join(dir, "direct"), args);
   const snapshots = async () => {
     const { parseSnapshots } = await import("../../provider/host/rustic");
     return parseSnapshots(await rustic(["snapshots", "--json", "-g", ""])).map((s) => s.id).sort();
