@@ -23,7 +23,7 @@ const BIN = path.join(CACHE, "bin");
 /** The S3 server as the hosts see it: qemu forwards this guest address to the host's server. */
 const GUEST_S3 = { ip: "10.0.2.100", port: 9000 };
 const GUEST_MEM_MB = 1024;
-const GUEST_CPUS = 2;
+const GUEST_CPUS = Number(process.env.DBOXED_LAB_GUEST_CPUS ?? "1");
 const LVM_DISK_SIZE = "4G";
 
 export interface LabHost {
@@ -234,6 +234,11 @@ async function startHost(labDir: string, index: number, s3Port: number, labKeyPu
     const res = await remote.run(
       [
         `date -s @${Math.floor(Date.now() / 1000)} >/dev/null`,
+        // Every clone resumes with the golden guest's random state, and this kernel has no
+        // vmgenid to notice: seeded from here and reseeded at once (RNDRESEEDCRNG), or hosts
+        // restored alike draw the same bytes (one vCPU each: identical SSH host keys were seen).
+        `perl -e 'open(my $f, ">", "/dev/urandom") or die "urandom: $!"; print $f pack("H*", $ARGV[0]); close $f or die "urandom: $!"; ` +
+          `open($f, "<", "/dev/urandom") or die "urandom: $!"; ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!"' ${crypto.randomBytes(64).toString("hex")}`,
         "rm -f /etc/machine-id && systemd-machine-id-setup >/dev/null 2>&1",
         `echo ${name} > /etc/hostname && hostname ${name}`,
         `sed -i 's/lab-host/${name}/' /etc/hosts`,
@@ -336,6 +341,8 @@ export async function up(labDir: string, hosts: number): Promise<LabJson> {
       }
       return res;
     });
+    const keys = new Set(started.map((s) => s.host.hostKey));
+    if (keys.size !== started.length) throw new Error("lab hosts came up with the same SSH host key: their random state was not reseeded");
     const lab: LabJson = {
       dir: labDir,
       s3: s3.s3,

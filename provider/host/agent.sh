@@ -102,7 +102,7 @@ remove_snapshot() {
 }
 
 write_status() { # write_status STATUS SNAPSHOT_ID MESSAGE
-  local now; now=$(date +%s)
+  local now; now=$EPOCHSECONDS
   local final_req=""; [ "${FINAL:-0}" = 1 ] && final_req=$REQUEST
   local msg; msg=$(printf '%s' "$3" | tr -c 'A-Za-z0-9 .,:;_/()=+@-' ' ' | cut -c1-500)
   local last_ok=${LAST_OK:-0}
@@ -171,7 +171,7 @@ renew_lease() {
     if [ -z "${LEASE_SECONDS:-}" ] || ! grep -q '^  "expiresAt": [0-9]*,\{0,1\}$' "$dir/b"; then rm -rf "$dir"; return 0; fi
     etag=$(etag_of "$dir/h")
     [ -n "$etag" ] || { rm -rf "$dir"; die "the lease of $VOLUME_ID came without an ETag: cannot renew it"; }
-    sed "s/^  \"expiresAt\": [0-9]*/  \"expiresAt\": $(( $(date +%s) + LEASE_SECONDS ))/" "$dir/b" > "$dir/n"
+    sed "s/^  \"expiresAt\": [0-9]*/  \"expiresAt\": $(( $EPOCHSECONDS + LEASE_SECONDS ))/" "$dir/b" > "$dir/n"
     code=$(curl -sS -m 60 -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$dir/n" -H "Content-Type: application/json" \
       -H "If-Match: $etag" -H "x-amz-content-sha256: $(sha256sum < "$dir/n" | cut -c1-64)" \
       --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$LEASE_URL" 2>&1) || code="($code)"
@@ -206,9 +206,11 @@ forget_discarded() {
 }
 
 # timing NAME: appends "NAME=seconds" since the last mark to STEPS (status.json, journal).
+# Bash's own clocks, not date(1): a process costs a busy host more than the step it times.
 timing() {
-  local now; now=$(date +%s.%N)
-  STEPS="${STEPS:+$STEPS }$1=$(awk -v a="$MARK" -v b="$now" 'BEGIN{printf "%.1f", b-a}')"
+  local now=${EPOCHREALTIME//[!0-9]/} d
+  d=$(( (now - MARK + 50000) / 100000 ))
+  STEPS="${STEPS:+$STEPS }$1=$((d / 10)).$((d % 10))"
   MARK=$now
 }
 
@@ -272,8 +274,8 @@ backup() {
   load "$1"
   mkdir -p "$STATE_DIR" "/run/dboxed-volumes/$VOLUME_ID"
   SNAP_MNT="/run/dboxed-volumes/$VOLUME_ID/snapshot"
-  STARTED=$(date +%s)
-  MARK=$(date +%s.%N); STEPS=""
+  STARTED=$EPOCHSECONDS
+  MARK=${EPOCHREALTIME//[!0-9]/}; STEPS=""
   SNAPSHOT_ID=""; SNAPSHOT_AT=0; FINAL=0; REQUEST=""
   LAST_OK=$(sed -n 's/.*"lastSuccessAt":\([0-9]*\).*/\1/p' "$STATE_DIR/status.json" 2>/dev/null || true)
   sweep_rustic_tmp
@@ -302,13 +304,13 @@ backup() {
   local src
   if [ "$FINAL" = 1 ]; then
     # Nothing can change a read-only filesystem: back it up directly, no lvm2 snapshot needed.
-    SNAPSHOT_AT=$(date +%s)
+    SNAPSHOT_AT=$EPOCHSECONDS
     src=$MOUNT_PATH
     echo "final backup of the read-only volume (request $REQUEST)"
   else
     sync -f "$MOUNT_PATH"
     echo "creating snapshot $VG/$SNAP_LV"
-    SNAPSHOT_AT=$(date +%s)
+    SNAPSHOT_AT=$EPOCHSECONDS
     # lvcreate suspends the origin and freezes the filesystem: the snapshot is crash-consistent.
     if [ "$OWN_VG" = 1 ]; then
       step "lvm snapshot" /dev/null lvcreate -q -s -kn -l 100%FREE -n "$SNAP_LV" "$VG/$LV"
@@ -393,7 +395,10 @@ backup() {
   fi
   # Repository maintenance runs in a unit of its own, so that a long prune or check never holds
   # this volume's backups (or a move's final backup, which waits for a running backup) back.
-  if [ -n "${MAINT_URL:-}" ]; then systemctl start --no-block "dboxed-volume-$VOLUME_ID-maintain.service" 2>/dev/null || true; fi
+  MAINT_CACHE="$STATE_DIR/maint-"
+  if [ -n "${MAINT_URL:-}" ] && ! { maint_known_not_due prune "$PRUNE_INTERVAL" && maint_known_not_due check "$CHECK_INTERVAL"; }; then
+    systemctl start --no-block "dboxed-volume-$VOLUME_ID-maintain.service" 2>/dev/null || true
+  fi
   echo "backup of $VOLUME_ID done"
 }
 
@@ -438,7 +443,7 @@ maint_metric() { # maint_metric TASK OK DURATION
     echo "dboxed_repository_maintenance_success{task=\"$1\",repository=\"$REPOSITORY\"} $2"
     echo "# HELP dboxed_repository_maintenance_last_run_timestamp_seconds When this host last finished the task."
     echo "# TYPE dboxed_repository_maintenance_last_run_timestamp_seconds gauge"
-    echo "dboxed_repository_maintenance_last_run_timestamp_seconds{task=\"$1\",repository=\"$REPOSITORY\"} $(date +%s)"
+    echo "dboxed_repository_maintenance_last_run_timestamp_seconds{task=\"$1\",repository=\"$REPOSITORY\"} $EPOCHSECONDS"
     echo "# HELP dboxed_repository_maintenance_duration_seconds How long the task took."
     echo "# TYPE dboxed_repository_maintenance_duration_seconds gauge"
     echo "dboxed_repository_maintenance_duration_seconds{task=\"$1\",repository=\"$REPOSITORY\"} $3"
@@ -468,7 +473,7 @@ maint_busy() {
   code=$(s3_get "$MAINT_URL$1.json" "$d")
   if [ "$code" = 200 ]; then
     holder=$(mfield holder "$d/b"); expires=$(num "$(mfield expiresAt "$d/b")")
-    [ -z "$holder" ] || [ "$expires" -le $(( $(date +%s) + $2 )) ] || echo "$holder"
+    [ -z "$holder" ] || [ "$expires" -le $(( $EPOCHSECONDS + $2 )) ] || echo "$holder"
   elif [ "$code" != 404 ]; then
     echo "(its lease is unreadable: HTTP $code)"
   fi
@@ -477,7 +482,7 @@ maint_busy() {
 
 maint_renew() {
   local url=$1 dir=$2 off=$3; shift 3
-  maint_json "$me" $(( $(date +%s) + off + MAINT_TTL )) "$@" > "$dir/r/n"
+  maint_json "$me" $(( $EPOCHSECONDS + off + MAINT_TTL )) "$@" > "$dir/r/n"
   local c; c=$(s3_put_cas "$url" "$dir/r/n" "$(cat "$dir/cur")" "$dir/r")
   case "$c" in
     200) [ -s "$dir/r/etag" ] || return 2; cp "$dir/r/etag" "$dir/cur"; return 0 ;;
@@ -493,13 +498,29 @@ maint_renew() {
   esac
 }
 
+# A task's last run as this host last read it from the task's lease: lastRunAt on this host's
+# clock (lower bound: the offset is an upper bound) and the lease's URL, in MAINT_CACHE<task>.last.
+# Until lastRunAt + interval the task cannot be due (other hosts' runs only move lastRunAt on, a
+# failed or cut-off run leaves it), so a backup neither starts the maintenance unit nor reads S3
+# then: reading and parsing the leases costs a busy host seconds per backup. The record is ignored
+# for another repository, and when it lies in the future (the clock was set back).
+maint_known_not_due() { # maint_known_not_due TASK INTERVAL
+  local f="${MAINT_CACHE:-}$1.last" at url
+  [ -n "${MAINT_CACHE:-}" ] || return 1
+  [[ "$2" =~ ^[0-9]+$ ]] || return 1
+  [ "$2" -gt 0 ] || return 0 # a task turned off is never due
+  [ -r "$f" ] && read -r at url < "$f" || return 1
+  [[ "$at" =~ ^[0-9]+$ ]] && [ "$url" = "$MAINT_URL$1.json" ] || return 1
+  [ "$at" -le "$EPOCHSECONDS" ] && [ $((at + $2)) -gt "$EPOCHSECONDS" ]
+}
+
 maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due and this host takes the lease
   local task=$1 interval=$2; shift 2
   [ "$(num "$interval")" -gt 0 ] || return 0
   local url="$MAINT_URL$task.json" dir code etag now off
   me="$VOLUME_ID@$(hostname)"
   dir=$(mktemp -d)
-  local t_req; t_req=$(date +%s)
+  local t_req; t_req=$EPOCHSECONDS
   code=$(s3_get "$url" "$dir")
   case "$code" in
     200) etag=$(etag_of "$dir/h") ;;
@@ -507,15 +528,16 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     *) echo "maintenance $task: cannot read its lease (HTTP $code): skipped" >&2; rm -rf "$dir"; return 0 ;;
   esac
   off=$(srv_offset "$dir/h" "$t_req")
-  if [ $(( $(date +%s) - t_req )) -gt $(( MAINT_TTL / 10 + 2 )) ]; then
-    echo "maintenance $task: this host took $(( $(date +%s) - t_req )) s to read the S3 server's clock: too slow to hold a lease, the next run tries again"
+  if [ $(( $EPOCHSECONDS - t_req )) -gt $(( MAINT_TTL / 10 + 2 )) ]; then
+    echo "maintenance $task: this host took $(( $EPOCHSECONDS - t_req )) s to read the S3 server's clock: too slow to hold a lease, the next run tries again"
     rm -rf "$dir"; return 0
   fi
   local holder expires runs last_run last_result last_msg last_holder last_dur last_subset
   holder=$(mfield holder "$dir/b"); expires=$(num "$(mfield expiresAt "$dir/b")"); runs=$(num "$(mfield runs "$dir/b")")
   last_run=$(num "$(mfield lastRunAt "$dir/b")"); last_result=$(mfield lastResult "$dir/b"); last_msg=$(mfield lastMessage "$dir/b")
   last_holder=$(mfield lastHolder "$dir/b"); last_dur=$(num "$(mfield lastDurationSeconds "$dir/b")"); last_subset=$(mfield lastSubset "$dir/b")
-  now=$(( $(date +%s) + off ))
+  now=$(( $EPOCHSECONDS + off ))
+  [ -z "${MAINT_CACHE:-}" ] || printf '%s %s\n' "$((last_run - off))" "$url" > "$MAINT_CACHE$task.last" || true
   if [ "$expires" -gt "$now" ]; then echo "maintenance $task: $holder runs it (its lease holds for $((expires - now)) s)"; rm -rf "$dir"; return 0; fi
   if [ $((last_run + interval)) -gt "$now" ]; then rm -rf "$dir"; return 0; fi
   runs=$((runs + 1))
@@ -524,7 +546,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   local fields=("$runs" "$last_run" "$last_result" "$last_msg" "$last_holder" "$last_dur" "$last_subset")
   # The expiry counts from just before the write, not from the read above: on a busy host minutes
   # may pass in between (seen in the soak), and a lease written already expired excludes nobody.
-  local wrote_at; wrote_at=$(( $(date +%s) + off ))
+  local wrote_at; wrote_at=$(( $EPOCHSECONDS + off ))
   maint_json "$me" $((wrote_at + MAINT_TTL)) "${fields[@]}" > "$dir/n"
   code=$(s3_put_cas "$url" "$dir/n" "$etag" "$dir")
   case "$code" in
@@ -550,7 +572,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   local holds_until=$((wrote_at + MAINT_TTL))   # on the server's clock: how long the lease surely holds
   # Another host reads this lease as held only until it expires: a run that starts with little of
   # it left (this host slowed down since the write) could overlap the other task's next run.
-  local left=$(( holds_until - $(date +%s) - off ))
+  local left=$(( holds_until - $EPOCHSECONDS - off ))
   if [ -z "$busy" ] && [ "$left" -lt $((MAINT_TTL / 2)) ]; then
     echo "maintenance $task: this host took $((MAINT_TTL - left)) s to take its lease and read $other's; $left s of it left is too little to start: the next run tries again"
     busy=slow
@@ -566,7 +588,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   mkdir "$dir/r"
   local err t0 rc=0 lost=""
   err=$(mktemp)
-  t0=$(date +%s)
+  t0=$EPOCHSECONDS
   # The task yields to everything else on the host; this loop, which keeps its lease, does not
   # (starved, it could let the lease lapse while the task runs).
   ( renice -n 19 -p "$BASHPID" > /dev/null 2>&1 || true; ionice -c 3 -p "$BASHPID" 2>/dev/null || true
@@ -580,14 +602,14 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   while kill -0 "$task_pid" 2>/dev/null; do
     sleep 2
     kill -0 "$task_pid" 2>/dev/null || break
-    [ $(( $(date +%s) - last_renew )) -ge $((MAINT_TTL / 3)) ] || continue
-    local r=0 before; before=$(date +%s)
+    [ $(( $EPOCHSECONDS - last_renew )) -ge $((MAINT_TTL / 3)) ] || continue
+    local r=0 before; before=$EPOCHSECONDS
     if [ $(( before + off + 2 * rt )) -ge "$holds_until" ]; then
       # Lapsed unrenewed: another host may have started the other task meanwhile.
       lost="its lease would lapse before a renewal could land (this host was too busy to renew it in time)"
     else
       S3_MAX_TIME=$rt S3_RETRY=0 maint_renew "$url" "$dir" "$off" "${fields[@]}" || r=$?
-      if [ "$r" = 0 ] && [ $(( $(date +%s) + off )) -ge "$holds_until" ]; then
+      if [ "$r" = 0 ] && [ $(( $EPOCHSECONDS + off )) -ge "$holds_until" ]; then
         # Renewed, but only after the lease had lapsed: meanwhile another host may have read it
         # as free and started the other task.
         lost="its lease lapsed before the renewal landed (this host or S3 was too slow)"
@@ -595,7 +617,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     fi
     if [ -n "$lost" ]; then :
     elif [ "$r" = 1 ]; then lost="another host wrote its lease"
-    elif [ $(( $(date +%s) + off + 20 + 2 * rt )) -ge "$holds_until" ]; then lost="its lease could not be renewed before it expired"
+    elif [ $(( $EPOCHSECONDS + off + 20 + 2 * rt )) -ge "$holds_until" ]; then lost="its lease could not be renewed before it expired"
     else continue; fi
     echo "maintenance $task: $lost: stopping the run" >&2
     pkill -TERM -P "$task_pid" 2>/dev/null || true
@@ -603,7 +625,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     break
   done
   wait "$task_pid" || rc=$?
-  local dur=$(( $(date +%s) - t0 )) result=ok msg=ok
+  local dur=$(( $EPOCHSECONDS - t0 )) result=ok msg=ok
   if [ -n "$lost" ]; then
     rm -f "$err"; rm -rf "$dir"
     echo "maintenance $task: run $runs stopped after $dur s: $lost" >&2
@@ -622,7 +644,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     [ -n "$msg" ] || msg=ok
   fi
   rm -f "$err"
-  maint_json "" 0 "$runs" $(( $(date +%s) + off )) "$result" "$(clean "$msg")" "$me" "$dur" "$subset" > "$dir/n"
+  maint_json "" 0 "$runs" $(( $EPOCHSECONDS + off )) "$result" "$(clean "$msg")" "$me" "$dur" "$subset" > "$dir/n"
   code=$(s3_put_cas "$url" "$dir/n" "$(cat "$dir/cur")" "$dir")
   [ "$code" = 200 ] || echo "maintenance $task: its lease changed while it ran (HTTP $code): this run is not recorded" >&2
   maint_metric "$task" "$([ "$result" = ok ] && echo 1 || echo 0)" "$dur"
@@ -709,8 +731,9 @@ maintain() {
   exec 8>/run/dboxed-volumes-maintenance.lock
   flock -n 8 || { echo "another volume's maintenance runs on this host"; return 0; }
   sweep_rustic_tmp
-  maintain_task prune "$PRUNE_INTERVAL" prune_repository
-  maintain_task check "$CHECK_INTERVAL" check_repository
+  MAINT_CACHE="$STATE_DIR/maint-"
+  maint_known_not_due prune "$PRUNE_INTERVAL" || maintain_task prune "$PRUNE_INTERVAL" prune_repository
+  maint_known_not_due check "$CHECK_INTERVAL" || maintain_task check "$CHECK_INTERVAL" check_repository
 }
 
 # Sourced (tests of the functions): define, do not dispatch.

@@ -84,6 +84,31 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     expect((await record())!.runs).to.equal(1);
   });
 
+  it("a host remembers a task's last run as it read it, and skips reading the lease until the interval has passed since then", async () => {
+    const cache = path.join(dir, "cache-");
+    const r = await runTask("c", { interval: 3600, hook: `MAINT_CACHE=${JSON.stringify(cache)}` });
+    expect(r.code, r.out).to.equal(0);
+    const m = (await record())!;
+    const [at, url] = fs.readFileSync(`${cache}prune.last`, "utf8").trim().split(" ");
+    // lastRunAt on this host's clock, taken as early as the server clock's offset allows.
+    expect(Number(at)).to.be.within(m.lastRunAt - 3, m.lastRunAt);
+    expect(url).to.equal(`${env.MAINT_URL}prune.json`);
+    const notDue = (task: string, interval: number, over = "") => new Promise<boolean>((resolve) =>
+      execFile("bash", ["-c", `. ${JSON.stringify(AGENT)}; MAINT_CACHE=${JSON.stringify(cache)}; ${over} maint_known_not_due ${task} ${interval}`],
+        { env }, (err) => resolve(!err)));
+    expect(await notDue("prune", 3600), "read an hour ago: not due").to.equal(true);
+    expect(await notDue("prune", 0), "turned off: never due").to.equal(true);
+    expect(await notDue("prune", now() - Number(at) - 1), "the interval since has passed").to.equal(false);
+    expect(await notDue("check", 3600), "another task, never read").to.equal(false);
+    expect(await notDue("prune", 3600, "MAINT_URL=http://127.0.0.1:1/other/;"), "another repository").to.equal(false);
+    expect(await notDue("prune", 3600, "MAINT_CACHE=;"), "no record kept (the functions' own tests)").to.equal(false);
+    fs.writeFileSync(`${cache}prune.last`, `${now() + 600} ${url}\n`);
+    expect(await notDue("prune", 3600), "a record from the future: the clock was set back").to.equal(false);
+    fs.writeFileSync(`${cache}prune.last`, `-5 ${url}\n`);
+    expect(await notDue("prune", 3600), "never run (lastRunAt 0)").to.equal(false);
+    fs.rmSync(`${cache}prune.last`);
+  });
+
   it("a lease held by a live holder is respected; an expired one is taken over", async () => {
     const last = now() - 7200;
     await put(lease({ holder: "x@host-x", expiresAt: now() + 120, runs: 7, lastRunAt: last, lastHolder: "x@host-x", lastDurationSeconds: 3 }));
