@@ -210,6 +210,7 @@ forget_discarded() {
 timing() {
   local now=${EPOCHREALTIME//[!0-9]/} d
   d=$(( (now - MARK + 50000) / 100000 ))
+  [ "$d" -ge 0 ] || d=0 # the clock set back meanwhile
   STEPS="${STEPS:+$STEPS }$1=$((d / 10)).$((d % 10))"
   MARK=$now
 }
@@ -498,20 +499,23 @@ maint_renew() {
   esac
 }
 
-# A task's last run as this host last read it from the task's lease: lastRunAt on this host's
-# clock (lower bound: the offset is an upper bound) and the lease's URL, in MAINT_CACHE<task>.last.
-# Until lastRunAt + interval the task cannot be due (other hosts' runs only move lastRunAt on, a
-# failed or cut-off run leaves it), so a backup neither starts the maintenance unit nor reads S3
-# then: reading and parsing the leases costs a busy host seconds per backup. The record is ignored
-# for another repository, and when it lies in the future (the clock was set back).
+# A task's last run as this host last read it from the task's lease, in MAINT_CACHE<task>.last:
+# lastRunAt on this host's clock (a lower bound: the offset is an upper bound), the lease's URL,
+# and when it was read. Until lastRunAt + interval the task cannot be due (every run, also a
+# failed one, only moves lastRunAt on; a cut-off run leaves it), so a backup neither starts the
+# maintenance unit nor reads S3 then: reading and parsing the leases cost a busy host seconds per
+# backup. A record is trusted for an hour after it was read (a lease reset by hand, or the clock set
+# back, is seen within the hour), not at all when it lies in the future, or is of another repository.
+MAINT_CACHE_MAX=${MAINT_CACHE_MAX:-3600}
 maint_known_not_due() { # maint_known_not_due TASK INTERVAL
-  local f="${MAINT_CACHE:-}$1.last" at url
+  local f="${MAINT_CACHE:-}$1.last" at url read_at
   [ -n "${MAINT_CACHE:-}" ] || return 1
-  [[ "$2" =~ ^[0-9]+$ ]] || return 1
-  [ "$2" -gt 0 ] || return 0 # a task turned off is never due
-  [ -r "$f" ] && read -r at url < "$f" || return 1
-  [[ "$at" =~ ^[0-9]+$ ]] && [ "$url" = "$MAINT_URL$1.json" ] || return 1
-  [ "$at" -le "$EPOCHSECONDS" ] && [ $((at + $2)) -gt "$EPOCHSECONDS" ]
+  [[ "$2" =~ ^[0-9]{1,12}$ ]] || return 1
+  [ $((10#$2)) -gt 0 ] || return 0 # a task turned off is never due
+  [ -r "$f" ] && read -r at url read_at < "$f" || return 1
+  [[ "$at" =~ ^(0|[1-9][0-9]{0,17})$ && "$read_at" =~ ^[1-9][0-9]{0,17}$ ]] && [ "$url" = "$MAINT_URL$1.json" ] || return 1
+  [ "$read_at" -le "$EPOCHSECONDS" ] && [ $((EPOCHSECONDS - read_at)) -lt "$MAINT_CACHE_MAX" ] || return 1
+  [ "$at" -le "$EPOCHSECONDS" ] && [ $((at + 10#$2)) -gt "$EPOCHSECONDS" ]
 }
 
 maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due and this host takes the lease
@@ -537,7 +541,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   last_run=$(num "$(mfield lastRunAt "$dir/b")"); last_result=$(mfield lastResult "$dir/b"); last_msg=$(mfield lastMessage "$dir/b")
   last_holder=$(mfield lastHolder "$dir/b"); last_dur=$(num "$(mfield lastDurationSeconds "$dir/b")"); last_subset=$(mfield lastSubset "$dir/b")
   now=$(( $EPOCHSECONDS + off ))
-  [ -z "${MAINT_CACHE:-}" ] || printf '%s %s\n' "$((last_run - off))" "$url" > "$MAINT_CACHE$task.last" || true
+  [ -z "${MAINT_CACHE:-}" ] || printf '%s %s %s\n' "$((last_run - off))" "$url" "$t_req" > "$MAINT_CACHE$task.last" || true
   if [ "$expires" -gt "$now" ]; then echo "maintenance $task: $holder runs it (its lease holds for $((expires - now)) s)"; rm -rf "$dir"; return 0; fi
   if [ $((last_run + interval)) -gt "$now" ]; then rm -rf "$dir"; return 0; fi
   runs=$((runs + 1))

@@ -54,6 +54,9 @@ ${opts.readOnly ? `  missing="" # read-only: apt-get installs them on the real r
   for c in lvcreate losetup blkid systemctl mount flock findmnt getfattr getfacl ${mkfs}; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done`}
 fi
 [ -z "$missing" ] || { echo "missing commands:$missing (install ${pkgs})"; exit 31; }
+# The agent reads bash 5's clocks (EPOCHSECONDS, EPOCHREALTIME).
+bv=$(bash -c 'echo "\${BASH_VERSINFO[0]}"' 2>/dev/null) || bv=""
+[ "\${bv:-0}" -ge 5 ] 2>/dev/null || { echo "bash \${bv:-(none)}"; exit 37; }
 ${opts.readOnly ? "" : `modprobe dm_snapshot >/dev/null 2>&1 || true
 modprobe loop >/dev/null 2>&1 || true`}
 grep -q device-mapper /proc/misc ${opts.readOnly ? "|| modinfo dm_mod >/dev/null 2>&1 " : ""}|| { echo "the kernel has no device-mapper"; exit 32; }
@@ -78,6 +81,7 @@ exit 0`, { allowFailure: true });
     case 30: throw new UserError(`host ${r.name}: need root or passwordless sudo (host.user)`);
     case 31: throw new UserError(`host ${r.name}: ${out}`);
     case 32: throw new UserError(`host ${r.name}: the kernel has no device-mapper, which lvm2 snapshots need`);
+    case 37: throw new UserError(`host ${r.name}: the volume agent needs bash 5 or later, found ${out}: upgrade bash`);
     case 33: throw new UserError(`backupSchedule: systemd on ${r.name} rejects "${v.backupSchedule}" (check with: systemd-analyze calendar '${v.backupSchedule}')`);
     case 36: throw new UserError(`backupRandomDelay: ${v.backupRandomDelay} s is not shorter than the ${gap} s between backups of ` +
       `backupSchedule "${v.backupSchedule}": set backupRandomDelay below ${gap} (0 for none)`);

@@ -89,23 +89,36 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     const r = await runTask("c", { interval: 3600, hook: `MAINT_CACHE=${JSON.stringify(cache)}` });
     expect(r.code, r.out).to.equal(0);
     const m = (await record())!;
-    const [at, url] = fs.readFileSync(`${cache}prune.last`, "utf8").trim().split(" ");
+    const [at, url, readAt] = fs.readFileSync(`${cache}prune.last`, "utf8").trim().split(" ");
     // lastRunAt on this host's clock, taken as early as the server clock's offset allows.
     expect(Number(at)).to.be.within(m.lastRunAt - 3, m.lastRunAt);
     expect(url).to.equal(`${env.MAINT_URL}prune.json`);
-    const notDue = (task: string, interval: number, over = "") => new Promise<boolean>((resolve) =>
+    expect(Number(readAt)).to.be.within(now() - 30, now());
+    const notDue = (task: string, interval: number | string, over = "") => new Promise<boolean>((resolve) =>
       execFile("bash", ["-c", `. ${JSON.stringify(AGENT)}; MAINT_CACHE=${JSON.stringify(cache)}; ${over} maint_known_not_due ${task} ${interval}`],
         { env }, (err) => resolve(!err)));
-    expect(await notDue("prune", 3600), "read an hour ago: not due").to.equal(true);
+    expect(await notDue("prune", 3600), "run just now, due in an hour").to.equal(true);
     expect(await notDue("prune", 0), "turned off: never due").to.equal(true);
-    expect(await notDue("prune", now() - Number(at) - 1), "the interval since has passed").to.equal(false);
     expect(await notDue("check", 3600), "another task, never read").to.equal(false);
     expect(await notDue("prune", 3600, "MAINT_URL=http://127.0.0.1:1/other/;"), "another repository").to.equal(false);
     expect(await notDue("prune", 3600, "MAINT_CACHE=;"), "no record kept (the functions' own tests)").to.equal(false);
-    fs.writeFileSync(`${cache}prune.last`, `${now() + 600} ${url}\n`);
-    expect(await notDue("prune", 3600), "a record from the future: the clock was set back").to.equal(false);
-    fs.writeFileSync(`${cache}prune.last`, `-5 ${url}\n`);
+    const rec = (a: string | number, r: string | number) => fs.writeFileSync(`${cache}prune.last`, `${a} ${url} ${r}\n`);
+    rec(now() - 100, now());
+    expect(await notDue("prune", 50), "the interval since has passed").to.equal(false);
+    expect(await notDue("prune", 200), "the interval since has not passed").to.equal(true);
+    rec(now() + 600, now());
+    expect(await notDue("prune", 3600), "a last run in the future: the clock was set back").to.equal(false);
+    rec(now() - 10, now() + 600);
+    expect(await notDue("prune", 3600), "read in the future: the clock was set back").to.equal(false);
+    rec(now() - 10, now() - 3700);
+    expect(await notDue("prune", 86400), "read more than an hour ago (the lease may have been reset since)").to.equal(false);
+    rec(-5, now());
     expect(await notDue("prune", 3600), "never run (lastRunAt 0)").to.equal(false);
+    rec(`0${now() - 10}`, now());
+    expect(await notDue("prune", 3600), "a number with a leading zero: not read as octal, not trusted").to.equal(false);
+    rec(now() - 10, now());
+    expect(await notDue("prune", 3600), "the same record, well formed").to.equal(true);
+    expect(await notDue("prune", "09"), "an interval of 09 s is 9 s, long past").to.equal(false);
     fs.rmSync(`${cache}prune.last`);
   });
 
