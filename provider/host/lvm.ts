@@ -50,7 +50,19 @@ dev=$(losetup -j ${q(l.image)} -n -O NAME | head -n1)
 losetup -c "$dev"
 pvresize -q "$dev" >/dev/null
 ` : "";
-  return `set -e${own}
+  // A backup in progress holds the volume's backup lock and an lvm2 snapshot of the LV, and lvm2
+  // resizes no origin that has a snapshot: wait for the backup (the timer may have started one).
+  // Under the lock a snapshot LV is a leftover of a killed run: removed, as the next backup would.
+  const snapLv = q(`${l.vg}/${l.snapshotLv}`);
+  return `set -e
+export LVM_SUPPRESS_FD_WARNINGS=1
+mkdir -p ${q(l.stateDir)}
+exec 9>${q(`${l.stateDir}/backup.lock`)}
+flock -w 900 9 || { echo "a backup of volume ${l.volumeId} held it for 15 minutes: run pulumi up again later" >&2; exit 9; }
+if lvs ${snapLv} >/dev/null 2>&1; then
+  umount ${q(`/run/dboxed-volumes/${l.volumeId}/snapshot`)} 2>/dev/null || true
+  lvremove -q -f -y ${snapLv} >/dev/null
+fi${own}
 cur=$(lvs --noheadings --units b --nosuffix -o lv_size ${lvPath} | tr -d ' ')
 [ "$cur" -ge ${sizeBytes} ] || lvextend -q -L ${sizeBytes}b ${lvPath} >/dev/null
 ${growFs}
