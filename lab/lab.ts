@@ -219,6 +219,18 @@ async function buildGolden(key: string, stamp: string): Promise<void> {
   });
 }
 
+/**
+ * A guest command that makes a clone's random state its own. Every clone resumes with the golden
+ * guest's, and this kernel has no vmgenid to notice: 64 bytes from here are written into the
+ * guest's pool and the pool is reseeded at once (RNDRESEEDCRNG), or hosts restored alike draw the
+ * same bytes (with one vCPU each, identical SSH host keys were seen).
+ */
+function reseedGuestRandom(): string {
+  const RNDRESEEDCRNG = "0x5207";
+  return `perl -e 'open(my $f, ">", "/dev/urandom") or die "urandom: $!"; print $f pack("H*", $ARGV[0]); close $f or die "urandom: $!"; ` +
+    `open($f, "<", "/dev/urandom") or die "urandom: $!"; ioctl($f, ${RNDRESEEDCRNG}, 0) or die "RNDRESEEDCRNG: $!"' ${crypto.randomBytes(64).toString("hex")}`;
+}
+
 /** Starts one clone of the golden guest and makes it a distinct host (clock, ids, keys). */
 async function startHost(labDir: string, index: number, s3Port: number, labKeyPub: string, ports: number[]): Promise<{ host: LabHost; state: LabState["hosts"][0] }> {
   const name = `host-${index + 1}`;
@@ -239,11 +251,7 @@ async function startHost(labDir: string, index: number, s3Port: number, labKeyPu
     const res = await remote.run(
       [
         `date -s @${Math.floor(Date.now() / 1000)} >/dev/null`,
-        // Every clone resumes with the golden guest's random state, and this kernel has no
-        // vmgenid to notice: seeded from here and reseeded at once (RNDRESEEDCRNG), or hosts
-        // restored alike draw the same bytes (one vCPU each: identical SSH host keys were seen).
-        `perl -e 'open(my $f, ">", "/dev/urandom") or die "urandom: $!"; print $f pack("H*", $ARGV[0]); close $f or die "urandom: $!"; ` +
-          `open($f, "<", "/dev/urandom") or die "urandom: $!"; ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!"' ${crypto.randomBytes(64).toString("hex")}`,
+        reseedGuestRandom(),
         "rm -f /etc/machine-id && systemd-machine-id-setup >/dev/null 2>&1",
         `echo ${name} > /etc/hostname && hostname ${name}`,
         `sed -i 's/lab-host/${name}/' /etc/hosts`,

@@ -66,6 +66,7 @@ load() {
   [ -r "/etc/dboxed-volumes/$id/volume.env" ] || die "volume $id is not configured on this host"
   # shellcheck disable=SC1090
   . "/etc/dboxed-volumes/$id/volume.env"
+  MAINT_CACHE="$STATE_DIR/maint-" # maint_known_not_due's records, per volume
 }
 
 loop_device() { losetup -j "$IMAGE" -n -O NAME 2>/dev/null | head -n1; }
@@ -396,7 +397,6 @@ backup() {
   fi
   # Repository maintenance runs in a unit of its own, so that a long prune or check never holds
   # this volume's backups (or a move's final backup, which waits for a running backup) back.
-  MAINT_CACHE="$STATE_DIR/maint-"
   if [ -n "${MAINT_URL:-}" ] && ! { maint_known_not_due prune "$PRUNE_INTERVAL" && maint_known_not_due check "$CHECK_INTERVAL"; }; then
     systemctl start --no-block "dboxed-volume-$VOLUME_ID-maintain.service" 2>/dev/null || true
   fi
@@ -735,7 +735,6 @@ maintain() {
   exec 8>/run/dboxed-volumes-maintenance.lock
   flock -n 8 || { echo "another volume's maintenance runs on this host"; return 0; }
   sweep_rustic_tmp
-  MAINT_CACHE="$STATE_DIR/maint-"
   maint_known_not_due prune "$PRUNE_INTERVAL" || maintain_task prune "$PRUNE_INTERVAL" prune_repository
   maint_known_not_due check "$CHECK_INTERVAL" || maintain_task check "$CHECK_INTERVAL" check_repository
 }

@@ -13,6 +13,8 @@ export interface VolumeLayout {
   vg: string;
   lv: string;
   snapshotLv: string;
+  /** Where a backup mounts its snapshot (the agent's SNAP_MNT). */
+  snapshotMount: string;
   device: string;
   image: string;
   configDir: string;
@@ -34,7 +36,7 @@ export function layoutFor(v: { volumeId: string; volumeGroup?: string; mountPath
   const configDir = `/etc/dboxed-volumes/${id}`;
   const stateDir = `/var/lib/dboxed-volumes/${id}`;
   return {
-    volumeId: id, ownVg, vg, lv, snapshotLv: `${lv}-backup`, device: `/dev/${vg}/${lv}`,
+    volumeId: id, ownVg, vg, lv, snapshotLv: `${lv}-backup`, snapshotMount: `/run/dboxed-volumes/${id}/snapshot`, device: `/dev/${vg}/${lv}`,
     image: `${stateDir}/disk.img`, configDir, stateDir, envFile: `${configDir}/volume.env`,
     profile: `${configDir}/rustic`, mountPath: v.mountPath, filesystem: v.filesystem,
     rusticHost: `dboxed-volume-${id}`,

@@ -60,7 +60,7 @@ mkdir -p ${q(l.stateDir)}
 exec 9>${q(`${l.stateDir}/backup.lock`)}
 flock -w 900 9 || { echo "a backup of volume ${l.volumeId} held it for 15 minutes: run pulumi up again later" >&2; exit 9; }
 if lvs ${snapLv} >/dev/null 2>&1; then
-  umount ${q(`/run/dboxed-volumes/${l.volumeId}/snapshot`)} 2>/dev/null || true
+  umount ${q(l.snapshotMount)} 2>/dev/null || true
   lvremove -q -f -y ${snapLv} >/dev/null
 fi${own}
 cur=$(lvs --noheadings --units b --nosuffix -o lv_size ${lvPath} | tr -d ' ')
