@@ -1,57 +1,131 @@
 // A manifest of a directory tree: path, type, mode, owner, size, mtime, symlink target,
 // hardlink group, content hash, xattrs and ACLs of every entry. A move is verified by
 // comparing the manifests of the source and the restored tree, not by counting files.
+//
+// Hashing every byte on both hosts while the volume is down made the verification most of a warm
+// move's downtime. So a move hashes both trees before the stop as well (the old one while it
+// runs, the new one after the warm restore), and after it hashes again only the files that may
+// have changed since: a hash taken before is reused only for the same inode with the same change
+// time (ctime), a time the kernel sets on every change of content or metadata and no program can
+// set, and only when that ctime lies over a second before the earlier listing began (a change
+// within the clock's granularity of it could leave ctime as it was). Every entry's metadata is
+// still listed and compared after the stop.
 import { quote } from "./shell";
 
 export interface ManifestEntry {
   type: string; mode: string; uid: number; gid: number; size: number; mtime: string;
   target: string; links: number; hardlinkGroup: string; sha256: string;
 }
-export interface Manifest { entries: Record<string, ManifestEntry>; xattrs: string; acls: string; root: string }
+/** What proves that a file has not changed since it was listed: not compared between trees. */
+export interface Stamp { ino: string; ctime: string }
+export interface Manifest {
+  entries: Record<string, ManifestEntry>; xattrs: string; acls: string; root: string;
+  /** When the listing began, on the host's clock (seconds), and each entry's inode and change time. */
+  start: number; stamps: Record<string, Stamp>;
+}
 
-/** The host script: one section per kind of data, base64 so that any file name survives. */
-export function manifestScript(dir: string, exclude: string[] = []): string {
+const TOOLS_CHECK = (tools: string[]) =>
+  `for t in ${tools.join(" ")}; do command -v $t >/dev/null 2>&1 || { echo "manifest: $t is missing (install the attr and acl packages)" >&2; exit 44; }; done`;
+
+/**
+ * The host script: one section per kind of data, base64 so that any file name survives.
+ * `hash: false` lists everything but hashes nothing (hashScript hashes what must be, after).
+ */
+export function manifestScript(dir: string, exclude: string[] = [], opts: { hash?: boolean } = {}): string {
   const d = quote(dir);
   const prune = exclude.map((e) => `-path ${quote("./" + e)} -prune -o`).join(" ");
+  const hash = opts.hash ?? true;
   // Without getfattr/getfacl the xattr and ACL sections would be empty on both sides and
-  // compare equal: a manifest that cannot see them fails instead.
+  // compare equal: a manifest that cannot see them fails instead. Each entry is three
+  // NUL-terminated fields (metadata, path, symlink target): a tab in a name is no separator.
   return `set -e; cd ${d}
-for t in getfattr getfacl sha256sum; do command -v $t >/dev/null 2>&1 || { echo "manifest: $t is missing (install the attr and acl packages)" >&2; exit 44; }; done
+${TOOLS_CHECK(["getfattr", "getfacl", "sha256sum"])}
+echo '==start'; date +%s.%N
 echo '==root'; stat -c '%f\t%u\t%g' .
-echo '==meta'; find . -xdev -mindepth 1 ${prune} -printf '%y\\t%m\\t%U\\t%G\\t%s\\t%T@\\t%n\\t%i\\t%l\\t%p\\0' | base64 -w0; echo
-echo '==sums'; find . -xdev -mindepth 1 ${prune} -type f -print0 | xargs -0 -r sha256sum -z | base64 -w0; echo
+echo '==meta'; find . -xdev -mindepth 1 ${prune} -printf '%y\\t%m\\t%U\\t%G\\t%s\\t%T@\\t%n\\t%i\\t%C@\\0%p\\0%l\\0' | base64 -w0; echo
+echo '==sums'; ${hash ? `find . -xdev -mindepth 1 ${prune} -type f -print0 | xargs -0 -r sha256sum -z | base64 -w0` : "true"}; echo
 echo '==xattrs'; find . -xdev -mindepth 1 ${prune} -print0 | sort -z | xargs -0 -r getfattr -h -d -m - --absolute-names 2>/dev/null | base64 -w0; echo
 echo '==acls'; find . -xdev -mindepth 1 ${prune} ! -type l -print0 | sort -z | xargs -0 -r getfacl -p -n 2>/dev/null | base64 -w0; echo
 `;
 }
 
-export function parseManifest(stdout: string): Manifest {
-  const sec = (name: string) => {
-    const part = stdout.split(`==${name}\n`)[1];
-    if (part === undefined) throw new Error(`manifest output lacks its ${name} section`);
-    return Buffer.from(part.split("\n")[0], "base64").toString("utf8");
-  };
+/** The host script that hashes the files named on stdin (NUL-terminated paths relative to dir). */
+export function hashScript(dir: string): string {
+  return `set -e; cd ${quote(dir)}
+${TOOLS_CHECK(["sha256sum"])}
+echo '==sums'; xargs -0 -r sha256sum -z -- | base64 -w0; echo
+`;
+}
+
+function section(stdout: string, name: string): string {
+  const part = stdout.split(`==${name}\n`)[1];
+  if (part === undefined) throw new Error(`manifest output lacks its ${name} section`);
+  return Buffer.from(part.split("\n")[0], "base64").toString("utf8");
+}
+
+/** The sums section of manifestScript or hashScript output: path -> sha256. */
+export function parseSums(stdout: string): Map<string, string> {
   const sums = new Map<string, string>();
-  for (const rec of sec("sums").split("\0").filter(Boolean)) {
+  for (const rec of section(stdout, "sums").split("\0").filter(Boolean)) {
     const m = /^([0-9a-f]{64}) {2}(.*)$/s.exec(rec);
     if (m) sums.set(m[2], m[1]);
   }
-  const raw = sec("meta").split("\0").filter(Boolean).map((rec) => rec.split("\t"));
+  return sums;
+}
+
+export function parseManifest(stdout: string): Manifest {
+  const sums = parseSums(stdout);
+  const fields = section(stdout, "meta").split("\0");
+  const raw: { f: string[]; path: string; target: string }[] = [];
+  for (let i = 0; i + 2 < fields.length; i += 3) raw.push({ f: fields[i].split("\t"), path: fields[i + 1], target: fields[i + 2] });
   const byInode = new Map<string, string[]>();
-  for (const f of raw) if (f[0] === "f" && Number(f[6]) > 1) byInode.set(f[7], [...(byInode.get(f[7]) ?? []), f.slice(9).join("\t")]);
+  for (const { f, path } of raw) if (f[0] === "f" && Number(f[6]) > 1) byInode.set(f[7], [...(byInode.get(f[7]) ?? []), path]);
   const entries: Record<string, ManifestEntry> = {};
-  for (const f of raw) {
-    const p = f.slice(9).join("\t");
+  const stamps: Record<string, Stamp> = {};
+  for (const { f, path, target } of raw) {
     const group = byInode.get(f[7]);
-    entries[p] = {
+    entries[path] = {
       type: f[0], mode: f[1], uid: Number(f[2]), gid: Number(f[3]), size: f[0] === "d" ? 0 : Number(f[4]),
-      mtime: f[5], target: f[8], links: f[0] === "d" ? 0 : Number(f[6]),
-      hardlinkGroup: group ? [...group].sort()[0] : "", sha256: sums.get(p) ?? "",
+      mtime: f[5], target, links: f[0] === "d" ? 0 : Number(f[6]),
+      hardlinkGroup: group ? [...group].sort()[0] : "", sha256: sums.get(path) ?? "",
     };
+    stamps[path] = { ino: f[7], ctime: f[8] };
   }
   const root = /==root\n([^\n]*)\n/.exec(stdout)?.[1];
   if (root === undefined) throw new Error("manifest output lacks its root section");
-  return { entries, xattrs: sec("xattrs"), acls: sec("acls"), root };
+  const start = Number(/==start\n([^\n]*)\n/.exec(stdout)?.[1]);
+  if (!Number.isFinite(start)) throw new Error("manifest output lacks its start section");
+  return { entries, xattrs: section(stdout, "xattrs"), acls: section(stdout, "acls"), root, start, stamps };
+}
+
+/**
+ * The regular files of `now` (listed without hashes) whose hash from `before` cannot be reused:
+ * new, another inode, another size, another change time, a change time within a second of
+ * `before`'s listing, or not hashed then.
+ */
+export function filesToHash(before: Manifest | undefined, now: Manifest): string[] {
+  const out: string[] = [];
+  for (const [p, e] of Object.entries(now.entries)) {
+    if (e.type !== "f") continue;
+    const b = before?.entries[p], bs = before?.stamps[p], ns = now.stamps[p];
+    const reusable = !!b && !!bs && !!ns && b.type === "f" && b.sha256 !== "" && b.size === e.size &&
+      bs.ino === ns.ino && bs.ctime === ns.ctime && Number(bs.ctime) < before!.start - 1;
+    if (!reusable) out.push(p);
+  }
+  return out.sort();
+}
+
+/**
+ * `now` with every file's hash: those filesToHash names from `sums` (none when sha256sum could not
+ * read it), the others reused from `before`.
+ */
+export function withHashes(before: Manifest | undefined, now: Manifest, sums: Map<string, string>): Manifest {
+  const fresh = new Set(filesToHash(before, now));
+  const entries: Record<string, ManifestEntry> = {};
+  for (const [p, e] of Object.entries(now.entries)) {
+    entries[p] = e.type === "f" ? { ...e, sha256: (fresh.has(p) ? sums.get(p) : before?.entries[p]?.sha256) ?? "" } : e;
+  }
+  return { ...now, entries };
 }
 
 /** The differences between two manifests, as readable lines (empty when they are equal). */
@@ -65,6 +139,8 @@ export function diffManifests(a: Manifest, b: Manifest, limit = 20): string[] {
     else {
       const fields = (Object.keys(x) as (keyof ManifestEntry)[]).filter((f) => x[f] !== y[f]);
       if (fields.length) out.push(`${k}: ${fields.map((f) => `${f} ${x[f]} != ${y[f]}`).join(", ")}`);
+      // Two empty hashes are no proof of equal content.
+      else if (x.type === "f" && !x.sha256) out.push(`${k}: its content could not be read on either host`);
     }
     if (out.length >= limit) break;
   }

@@ -9,7 +9,7 @@
 // volume mounted read-write: the new host mounts it only after the old one is read-only.
 import { UserError } from "../errors";
 import { formatSize, VolumeInputs } from "../inputs";
-import { diffManifests, manifestScript, parseManifest } from "../host/manifest";
+import { diffManifests, filesToHash, hashScript, Manifest, manifestScript, parseManifest, parseSums, withHashes } from "../host/manifest";
 import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { acquireRemote, Remote, withRemote } from "../remote/ssh";
@@ -95,6 +95,28 @@ async function notSameMachine(oldR: Remote, newR: Remote, v: VolumeInputs, l: Vo
   }
 }
 
+const HASH_TIMEOUT_MS = 3600_000;
+
+/** A tree's manifest with every file hashed (none when the listing fails: the tree changed under it). */
+async function hashedTree(r: Remote, dir: string): Promise<Manifest | undefined> {
+  const res = await r.run(manifestScript(dir), { allowFailure: true, timeoutMs: HASH_TIMEOUT_MS }).catch(() => undefined);
+  try { return res?.code === 0 ? parseManifest(res.stdout) : undefined; } catch { return undefined; }
+}
+
+/**
+ * A stopped tree's manifest for the verification: every entry listed, and each file hashed unless
+ * `before` (hashed before the stop) proves it unchanged since (see manifest.ts).
+ */
+async function verifiedTree(r: Remote, dir: string, before?: Manifest): Promise<{ manifest: Manifest; hashed: number }> {
+  const now = parseManifest((await r.run(manifestScript(dir, [], { hash: !before }), { timeoutMs: HASH_TIMEOUT_MS })).stdout);
+  if (!before) return { manifest: now, hashed: Object.values(now.entries).filter((e) => e.type === "f").length };
+  const todo = filesToHash(before, now);
+  const sums = todo.length
+    ? parseSums((await r.run(hashScript(dir), { stdin: todo.map((p) => `${p}\0`).join(""), timeoutMs: HASH_TIMEOUT_MS })).stdout)
+    : new Map<string, string>();
+  return { manifest: withHashes(before, now, sums), hashed: todo.length };
+}
+
 /** Mounts the new host's filesystem where nobody uses it, for restores before the switch. */
 async function mountStaging(r: Remote, l: VolumeLayout) {
   await r.run(`set -e; systemctl start ${q(l.units.device)}; mkdir -p ${q(staging(l))}
@@ -151,6 +173,9 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
   };
   let downtimeStart = 0;
   let downtimeEnd = 0;
+  // Both trees hashed before the stop (a warm move, in this run): the verification after it hashes
+  // only what may have changed since.
+  let oldBefore: Manifest | undefined, newBefore: Manifest | undefined;
 
   return withRemote(news.host, (newR) => lock(newR, lNew, async () => {
     const prepareNew = async () => {
@@ -184,12 +209,15 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       if (!reached(m, "final-backup")) {
         await mountStaging(newR, lNew);
         if (news.warmMove) {
+          // The running tree is hashed meanwhile (its second host's work: no downtime).
+          const oldHashed = hashedTree(oldR!, lOld.mountPath);
           const snaps = await timed("warm restore", () => steps.listSnapshots(newR, lNew));
           const latest = snaps[snaps.length - 1];
           if (latest) {
             log(`warm move: restoring the latest periodic snapshot ${latest.id.slice(0, 8)} on ${newR.name} while ${oldR!.name} still runs`);
             await timed("warm restore", () => steps.restoreInto(newR, lNew, latest.id, staging(lNew), log));
           }
+          await timed("warm hash", async () => { [newBefore, oldBefore] = await Promise.all([hashedTree(newR, staging(lNew)), oldHashed]); });
         }
         downtimeStart = Date.now();
         await timed("stop old", async () => {
@@ -210,22 +238,23 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       if (!reached(m, "restored")) {
         if (!downtimeStart) downtimeStart = Date.now();
         await mountStaging(newR, lNew);
+        // The old tree is read-only from the fence on: listed (and hashed) while the new host restores.
+        const oldTree = verifiedTree(oldR!, lOld.mountPath, oldBefore);
+        oldTree.catch(() => undefined); // awaited below; a failed restore must not leave it unhandled
         faultPoint("during-final-restore", 1500);
         await timed("final restore", () => steps.restoreInto(newR, lNew, m!.snapshotId!, staging(lNew), log));
         faultPoint("after-final-restore");
         await pausePoint("after-final-restore");
         await timed("verify", async () => {
-          const [a, b] = await Promise.all([
-            oldR!.run(manifestScript(lOld.mountPath), { timeoutMs: 3600_000 }),
-            newR.run(manifestScript(staging(lNew)), { timeoutMs: 3600_000 }),
-          ]);
-          const diff = diffManifests(parseManifest(a.stdout), parseManifest(b.stdout));
+          const [a, b] = await Promise.all([oldTree, verifiedTree(newR, staging(lNew), newBefore)]);
+          const diff = diffManifests(a.manifest, b.manifest);
           if (diff.length) {
             await retakeFinal("verification failed: the next run takes a new final backup");
             throw new UserError(`volume ${news.volumeId}: the tree restored on ${newR.name} differs from the final state on ${oldR!.name}; ` +
               `the move stops here, the old host keeps the data (read-only); run pulumi up again to retry with a new final backup:\n${diff.join("\n")}`);
           }
-          log(`verified: the restored tree equals the old host's (${Object.keys(parseManifest(b.stdout).entries).length} entries)`);
+          log(`verified: the restored tree equals the old host's (${Object.keys(b.manifest.entries).length} entries; ` +
+            `files hashed after the stop: ${a.hashed} on ${oldR!.name}, ${b.hashed} on ${newR.name}${oldBefore || newBefore ? "; the others unchanged since hashed before it" : ""})`);
         });
         m = { ...m!, phase: "restored" };
         await setPhase(news, from, m);

@@ -76,11 +76,15 @@ echo kept > ${mountPath}/data/sub/kept.txt; systemctl start ${service}; sync`);
     expect(fs.existsSync(path.join(dir, "paused")), "the provider paused after the final restore").to.equal(true);
     // While paused: the old host is read-only with its service stopped, the new one only has a staging mount.
     expect(await neverTwoWriters(h1, h2)).to.deep.equal(["ro", "unmounted"]);
-    await onHost(h2, `echo corrupted >> /run/dboxed-volumes/${volumeId}/staging/data/sub/kept.txt`);
+    // Same size, same mtime, one byte changed ("kept" -> "Kept"): only a fresh hash can see it (a
+    // warm move reuses hashes from before the stop only for files whose change time proves them unchanged).
+    await onHost(h2, `f=/run/dboxed-volumes/${volumeId}/staging/data/sub/kept.txt; touch -r "$f" /run/kept.ref
+printf K | dd of="$f" bs=1 seek=0 conv=notrunc status=none; touch -m -r /run/kept.ref "$f"; rm /run/kept.ref; sync; cat "$f"`);
     fs.writeFileSync(path.join(dir, "resume"), "");
     const res = await run;
     expect(res.code, res.stdout + res.stderr).to.not.equal(0);
     expect(res.stdout + res.stderr).to.match(/differs from the final state/, res.stdout + res.stderr);
+    expect(res.stdout + res.stderr).to.match(/kept\.txt: sha256 [0-9a-f]{64} != [0-9a-f]{64}\s/, "only the content differs");
     expect(res.stdout + res.stderr).to.match(/set host back to .* to undo it/, res.stdout + res.stderr);
     // The resource's outputs in state (a failed update does not update the stack's outputs).
     const o = await stack.resourceOutputs("u");

@@ -2,12 +2,13 @@
 // manifests, lease URLs.
 import { expect } from "chai";
 import { execFileSync, spawnSync } from "child_process";
+import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import { layoutFor, mountUnitName, volumeEnv } from "../../provider/host/layout";
 import { parseLvs } from "../../provider/host/lvm";
-import { diffManifests, manifestScript, parseManifest } from "../../provider/host/manifest";
+import { diffManifests, filesToHash, hashScript, manifestScript, parseManifest, parseSums, withHashes } from "../../provider/host/manifest";
 import { isMasterKey, parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
 import { leaseUrl, maintenanceUrl, sameHost } from "../../provider/storage/lease";
 import { diff, planDiff } from "../../provider/lifecycle/volume";
@@ -127,22 +128,91 @@ describe("lvm", () => {
 
 describe("manifests", () => {
   const out = (meta: string, sums: string, root = "41ed\t0\t0") =>
-    `==root\n${root}\n==meta\n${Buffer.from(meta).toString("base64")}\n==sums\n${Buffer.from(sums).toString("base64")}\n==xattrs\n\n==acls\n\n`;
+    `==start\n100.5\n==root\n${root}\n==meta\n${Buffer.from(meta).toString("base64")}\n==sums\n${Buffer.from(sums).toString("base64")}\n==xattrs\n\n==acls\n\n`;
   const h = "0".repeat(64);
   it("groups hardlinks and finds differences by field", () => {
-    const meta = "f\t644\t0\t0\t3\t1.5\t2\t11\t\t./a\0f\t644\t0\t0\t3\t1.5\t2\t11\t\t./b\0l\t777\t0\t0\t1\t2.0\t1\t12\ta\t./c\0";
+    const meta = "f\t644\t0\t0\t3\t1.5\t2\t11\t1.5\0./a\0\0f\t644\t0\t0\t3\t1.5\t2\t11\t1.5\0./b\0\0l\t777\t0\t0\t1\t2.0\t1\t12\t2.0\0./c\0a\0";
     const m = parseManifest(out(meta, `${h}  ./a\0${h}  ./b\0`));
     expect(m.entries["./b"].hardlinkGroup).to.equal("./a");
     expect(m.entries["./c"].target).to.equal("a");
+    expect(m.stamps["./c"]).to.deep.equal({ ino: "12", ctime: "2.0" });
+    expect(m.start).to.equal(100.5);
     expect(diffManifests(m, m)).to.deep.equal([]);
-    const other = parseManifest(out(meta.replace("\t644\t0\t0\t3\t1.5\t2\t11\t\t./b", "\t600\t0\t0\t3\t1.5\t2\t11\t\t./b"), `${h}  ./a\0${h}  ./b\0`));
+    const other = parseManifest(out(meta.replace("\t644\t0\t0\t3\t1.5\t2\t11\t1.5\0./b", "\t600\t0\t0\t3\t1.5\t2\t11\t1.5\0./b"), `${h}  ./a\0${h}  ./b\0`));
     expect(diffManifests(m, other)[0]).to.match(/^\.\/b: mode 644 != 600/);
+    // A file hashed on neither side (unreadable) is no match.
+    const unread = parseManifest(out(meta, `${h}  ./a\0`));
+    expect(diffManifests(unread, unread)).to.deep.equal(["./b: its content could not be read on either host"]);
   });
 
   it("compares the volume root's own mode and owner", () => {
     const a = parseManifest(out("", "", "41ed\t0\t0"));
     const b = parseManifest(out("", "", "41c0\t999\t999"));
     expect(diffManifests(a, b)).to.deep.equal(["the volume root's mode and owner differ: 41ed\t0\t0 != 41c0\t999\t999"]);
+  });
+
+  it("reuses a hash from before only for the same inode, size and change time, changed over a second before that listing", () => {
+    const e = (size: number, sha = h) => ({ type: "f", mode: "644", uid: 0, gid: 0, size, mtime: "1.0", target: "", links: 1, hardlinkGroup: "", sha256: sha });
+    const before = {
+      entries: { "./same": e(3), "./recent": e(3), "./ctime": e(3), "./ino": e(3), "./size": e(3), "./unread": e(3, ""), "./gone": e(3), "./dir": { ...e(0, ""), type: "d" } },
+      stamps: { "./same": { ino: "1", ctime: "50.1" }, "./recent": { ino: "2", ctime: "99.6" }, "./ctime": { ino: "3", ctime: "50.1" }, "./ino": { ino: "4", ctime: "50.1" },
+        "./size": { ino: "5", ctime: "50.1" }, "./unread": { ino: "6", ctime: "50.1" }, "./gone": { ino: "7", ctime: "50.1" }, "./dir": { ino: "8", ctime: "50.1" } },
+      xattrs: "", acls: "", root: "", start: 100.5,
+    };
+    const now = {
+      ...before,
+      entries: { "./same": e(3, ""), "./recent": e(3, ""), "./ctime": e(3, ""), "./ino": e(3, ""), "./size": e(4, ""), "./unread": e(3, ""), "./new": e(3, ""), "./dir": { ...e(0, ""), type: "d" } },
+      stamps: { ...before.stamps, "./ctime": { ino: "3", ctime: "120.0" }, "./ino": { ino: "40", ctime: "50.1" }, "./new": { ino: "9", ctime: "50.1" } },
+      start: 200,
+    };
+    expect(filesToHash(before, now)).to.deep.equal(["./ctime", "./ino", "./new", "./recent", "./size", "./unread"]);
+    expect(filesToHash(undefined, now)).to.have.length(7);
+    const sums = new Map([["./ctime", "1".repeat(64)], ["./same", "2".repeat(64)]]);
+    const merged = withHashes(before, now, sums);
+    expect(merged.entries["./same"].sha256, "reused, not the fresh sum of a file that was not to be hashed").to.equal(h);
+    expect(merged.entries["./ctime"].sha256).to.equal("1".repeat(64));
+    expect(merged.entries["./ino"].sha256, "to be hashed, and no fresh sum: no hash, never the old one").to.equal("");
+  });
+
+  it("lists a real tree (names and link targets with tabs and newlines) and hashes again only what changed", function () {
+    this.timeout(20000);
+    // The shell's tools with stand-ins for getfattr/getfacl (the attr and acl packages may be missing here).
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "manifest-tree-"));
+    const bin = fs.mkdtempSync(path.join(os.tmpdir(), "manifest-bin-"));
+    try {
+      for (const t of ["getfattr", "getfacl"]) fs.writeFileSync(path.join(bin, t), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
+      const env = { PATH: `${bin}:${process.env.PATH}` };
+      const run = (script: string, input?: string) => {
+        const res = spawnSync("/bin/bash", ["-c", script], { env, input });
+        expect(res.status, res.stderr.toString()).to.equal(0);
+        return res.stdout.toString();
+      };
+      fs.writeFileSync(path.join(dir, "a\tb"), "one");
+      fs.writeFileSync(path.join(dir, "line\nbreak"), "two");
+      fs.writeFileSync(path.join(dir, "kept"), "three");
+      fs.symlinkSync("x\ty", path.join(dir, "link"));
+      // Older than a second before the listing: only then may a hash be reused.
+      spawnSync("sleep", ["1.2"]);
+      const before = parseManifest(run(manifestScript(dir)));
+      expect(Object.keys(before.entries).sort()).to.deep.equal(["./a\tb", "./kept", "./line\nbreak", "./link"]);
+      expect(before.entries["./link"].target).to.equal("x\ty");
+      expect(before.entries["./a\tb"].sha256).to.equal(crypto.createHash("sha256").update("one").digest("hex"));
+      // Same size, mtime set back: only the change time tells.
+      const f = path.join(dir, "a\tb"), ref = path.join(bin, "mtime");
+      execFileSync("touch", ["-r", f, ref]);
+      fs.writeFileSync(f, "ONE");
+      execFileSync("touch", ["-m", "-r", ref, f]);
+      const now = parseManifest(run(manifestScript(dir, [], { hash: false })));
+      expect(now.entries["./a\tb"].sha256).to.equal("");
+      const todo = filesToHash(before, now);
+      expect(todo).to.deep.equal(["./a\tb"]);
+      const merged = withHashes(before, now, parseSums(run(hashScript(dir), todo.map((p) => `${p}\0`).join(""))));
+      expect(diffManifests(before, merged)).to.deep.equal([`./a\tb: sha256 ${before.entries["./a\tb"].sha256} != ${crypto.createHash("sha256").update("ONE").digest("hex")}`]);
+      expect(merged.entries["./kept"].sha256).to.equal(before.entries["./kept"].sha256);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+      fs.rmSync(bin, { recursive: true, force: true });
+    }
   });
 
   it("fails when getfattr or getfacl is missing instead of comparing empty sections", () => {
