@@ -9,7 +9,7 @@
 // volume mounted read-write: the new host mounts it only after the old one is read-only.
 import { UserError } from "../errors";
 import { formatSize, VolumeInputs } from "../inputs";
-import { diffManifests, filesToHash, hashScript, Manifest, manifestScript, parseManifest, parseSums, withHashes } from "../host/manifest";
+import { diffManifests, filesToHash, hashScript, Manifest, manifestScript, parseManifest, parseSums, pathsInput, withHashes } from "../host/manifest";
 import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { acquireRemote, Remote, withRemote } from "../remote/ssh";
@@ -98,8 +98,8 @@ async function notSameMachine(oldR: Remote, newR: Remote, v: VolumeInputs, l: Vo
 const HASH_TIMEOUT_MS = 3600_000;
 
 /** A tree's manifest with every file hashed (none when the listing fails: the tree changed under it). */
-async function hashedTree(r: Remote, dir: string): Promise<Manifest | undefined> {
-  const res = await r.run(manifestScript(dir), { allowFailure: true, timeoutMs: HASH_TIMEOUT_MS }).catch(() => undefined);
+async function hashedTree(r: Remote, dir: string, opts: { lowPriority?: boolean } = {}): Promise<Manifest | undefined> {
+  const res = await r.run(manifestScript(dir, [], opts), { allowFailure: true, timeoutMs: HASH_TIMEOUT_MS }).catch(() => undefined);
   try { return res?.code === 0 ? parseManifest(res.stdout) : undefined; } catch { return undefined; }
 }
 
@@ -112,7 +112,7 @@ async function verifiedTree(r: Remote, dir: string, before?: Manifest): Promise<
   if (!before) return { manifest: now, hashed: Object.values(now.entries).filter((e) => e.type === "f").length };
   const todo = filesToHash(before, now);
   const sums = todo.length
-    ? parseSums((await r.run(hashScript(dir), { stdin: todo.map((p) => `${p}\0`).join(""), timeoutMs: HASH_TIMEOUT_MS })).stdout)
+    ? parseSums((await r.run(hashScript(dir), { stdin: pathsInput(todo), timeoutMs: HASH_TIMEOUT_MS })).stdout)
     : new Map<string, string>();
   return { manifest: withHashes(before, now, sums), hashed: todo.length };
 }
@@ -210,7 +210,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         await mountStaging(newR, lNew);
         if (news.warmMove) {
           // The running tree is hashed meanwhile (its second host's work: no downtime).
-          const oldHashed = hashedTree(oldR!, lOld.mountPath);
+          const oldHashed = hashedTree(oldR!, lOld.mountPath, { lowPriority: true });
           const snaps = await timed("warm restore", () => steps.listSnapshots(newR, lNew));
           const latest = snaps[snaps.length - 1];
           if (latest) {

@@ -1,14 +1,14 @@
 // Pure builders and parsers of the host side: unit names, env files, TOML, JSON output parsing,
 // manifests, lease URLs.
 import { expect } from "chai";
-import { execFileSync, spawnSync } from "child_process";
+import { execFileSync, spawn, spawnSync } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import { layoutFor, mountUnitName, volumeEnv } from "../../provider/host/layout";
 import { parseLvs } from "../../provider/host/lvm";
-import { diffManifests, filesToHash, hashScript, manifestScript, parseManifest, parseSums, withHashes } from "../../provider/host/manifest";
+import { diffManifests, filesToHash, hashScript, manifestScript, parseManifest, parseSums, pathsInput, withHashes } from "../../provider/host/manifest";
 import { isMasterKey, parseSnapshots, profileToml, tomlString } from "../../provider/host/rustic";
 import { leaseUrl, maintenanceUrl, sameHost } from "../../provider/storage/lease";
 import { diff, planDiff } from "../../provider/lifecycle/volume";
@@ -128,7 +128,7 @@ describe("lvm", () => {
 
 describe("manifests", () => {
   const out = (meta: string, sums: string, root = "41ed\t0\t0") =>
-    `==start\n100.5\n==root\n${root}\n==meta\n${Buffer.from(meta).toString("base64")}\n==sums\n${Buffer.from(sums).toString("base64")}\n==xattrs\n\n==acls\n\n`;
+    `==start\n100.5 90.25\n==root\n${root}\n==meta\n${Buffer.from(meta).toString("base64")}\n==sums\n${Buffer.from(sums).toString("base64")}\n==xattrs\n\n==acls\n\n`;
   const h = "0".repeat(64);
   it("groups hardlinks and finds differences by field", () => {
     const meta = "f\t644\t0\t0\t3\t1.5\t2\t11\t1.5\0./a\0\0f\t644\t0\t0\t3\t1.5\t2\t11\t1.5\0./b\0\0l\t777\t0\t0\t1\t2.0\t1\t12\t2.0\0./c\0a\0";
@@ -136,7 +136,7 @@ describe("manifests", () => {
     expect(m.entries["./b"].hardlinkGroup).to.equal("./a");
     expect(m.entries["./c"].target).to.equal("a");
     expect(m.stamps["./c"]).to.deep.equal({ ino: "12", ctime: "2.0" });
-    expect(m.start).to.equal(100.5);
+    expect([m.start, m.bootTime]).to.deep.equal([100.5, 10.25]);
     expect(diffManifests(m, m)).to.deep.equal([]);
     const other = parseManifest(out(meta.replace("\t644\t0\t0\t3\t1.5\t2\t11\t1.5\0./b", "\t600\t0\t0\t3\t1.5\t2\t11\t1.5\0./b"), `${h}  ./a\0${h}  ./b\0`));
     expect(diffManifests(m, other)[0]).to.match(/^\.\/b: mode 644 != 600/);
@@ -151,22 +151,27 @@ describe("manifests", () => {
     expect(diffManifests(a, b)).to.deep.equal(["the volume root's mode and owner differ: 41ed\t0\t0 != 41c0\t999\t999"]);
   });
 
-  it("reuses a hash from before only for the same inode, size and change time, changed over a second before that listing", () => {
+  it("reuses a hash from before only for the same inode, size and change time, changed over two seconds before that listing, on the same clock", () => {
     const e = (size: number, sha = h) => ({ type: "f", mode: "644", uid: 0, gid: 0, size, mtime: "1.0", target: "", links: 1, hardlinkGroup: "", sha256: sha });
     const before = {
       entries: { "./same": e(3), "./recent": e(3), "./ctime": e(3), "./ino": e(3), "./size": e(3), "./unread": e(3, ""), "./gone": e(3), "./dir": { ...e(0, ""), type: "d" } },
       stamps: { "./same": { ino: "1", ctime: "50.1" }, "./recent": { ino: "2", ctime: "99.6" }, "./ctime": { ino: "3", ctime: "50.1" }, "./ino": { ino: "4", ctime: "50.1" },
         "./size": { ino: "5", ctime: "50.1" }, "./unread": { ino: "6", ctime: "50.1" }, "./gone": { ino: "7", ctime: "50.1" }, "./dir": { ino: "8", ctime: "50.1" } },
-      xattrs: "", acls: "", root: "", start: 100.5,
+      xattrs: "", acls: "", root: "", start: 100.5, bootTime: 10,
     };
     const now = {
       ...before,
       entries: { "./same": e(3, ""), "./recent": e(3, ""), "./ctime": e(3, ""), "./ino": e(3, ""), "./size": e(4, ""), "./unread": e(3, ""), "./new": e(3, ""), "./dir": { ...e(0, ""), type: "d" } },
       stamps: { ...before.stamps, "./ctime": { ino: "3", ctime: "120.0" }, "./ino": { ino: "40", ctime: "50.1" }, "./new": { ino: "9", ctime: "50.1" } },
-      start: 200,
+      start: 200, bootTime: 10.3,
     };
     expect(filesToHash(before, now)).to.deep.equal(["./ctime", "./ino", "./new", "./recent", "./size", "./unread"]);
     expect(filesToHash(undefined, now)).to.have.length(7);
+    // Changed 1.5 s before the listing began: within the margin of one-second timestamps.
+    expect(filesToHash({ ...before, start: 51.6 }, now)).to.include("./same");
+    // The clock stepped (or the host rebooted) between the listings: nothing is reused.
+    expect(filesToHash(before, { ...now, bootTime: 11 })).to.have.length(7);
+    expect(filesToHash(before, { ...now, bootTime: 9 })).to.have.length(7);
     const sums = new Map([["./ctime", "1".repeat(64)], ["./same", "2".repeat(64)]]);
     const merged = withHashes(before, now, sums);
     expect(merged.entries["./same"].sha256, "reused, not the fresh sum of a file that was not to be hashed").to.equal(h);
@@ -182,7 +187,7 @@ describe("manifests", () => {
     try {
       for (const t of ["getfattr", "getfacl"]) fs.writeFileSync(path.join(bin, t), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
       const env = { PATH: `${bin}:${process.env.PATH}` };
-      const run = (script: string, input?: string) => {
+      const run = (script: string, input?: Buffer) => {
         const res = spawnSync("/bin/bash", ["-c", script], { env, input });
         expect(res.status, res.stderr.toString()).to.equal(0);
         return res.stdout.toString();
@@ -191,10 +196,15 @@ describe("manifests", () => {
       fs.writeFileSync(path.join(dir, "line\nbreak"), "two");
       fs.writeFileSync(path.join(dir, "kept"), "three");
       fs.symlinkSync("x\ty", path.join(dir, "link"));
-      // Older than a second before the listing: only then may a hash be reused.
-      spawnSync("sleep", ["1.2"]);
+      // A name that is not UTF-8 ("caf" and latin1 e-acute) and one that is.
+      fs.writeFileSync(Buffer.concat([Buffer.from(dir + "/caf"), Buffer.from([0xe9])]), "four");
+      fs.writeFileSync(path.join(dir, "caf\u00e9"), "five");
+      // Older than two seconds before the listing: only then may a hash be reused.
+      spawnSync("sleep", ["2.2"]);
       const before = parseManifest(run(manifestScript(dir)));
-      expect(Object.keys(before.entries).sort()).to.deep.equal(["./a\tb", "./kept", "./line\nbreak", "./link"]);
+      const latin1 = (x: string) => Buffer.from(x, "utf8").toString("latin1");
+      expect(Object.keys(before.entries).sort()).to.deep.equal(["./a\tb", "./caf\u00e9", latin1("./caf\u00e9"), "./kept", "./line\nbreak", "./link"].sort());
+      expect(before.entries["./caf\u00e9"].sha256).to.equal(crypto.createHash("sha256").update("four").digest("hex"));
       expect(before.entries["./link"].target).to.equal("x\ty");
       expect(before.entries["./a\tb"].sha256).to.equal(crypto.createHash("sha256").update("one").digest("hex"));
       // Same size, mtime set back: only the change time tells.
@@ -202,14 +212,57 @@ describe("manifests", () => {
       execFileSync("touch", ["-r", f, ref]);
       fs.writeFileSync(f, "ONE");
       execFileSync("touch", ["-m", "-r", ref, f]);
+      fs.appendFileSync(Buffer.concat([Buffer.from(dir + "/caf"), Buffer.from([0xe9])]), "!");
       const now = parseManifest(run(manifestScript(dir, [], { hash: false })));
       expect(now.entries["./a\tb"].sha256).to.equal("");
       const todo = filesToHash(before, now);
-      expect(todo).to.deep.equal(["./a\tb"]);
-      const merged = withHashes(before, now, parseSums(run(hashScript(dir), todo.map((p) => `${p}\0`).join(""))));
-      expect(diffManifests(before, merged)).to.deep.equal([`./a\tb: sha256 ${before.entries["./a\tb"].sha256} != ${crypto.createHash("sha256").update("ONE").digest("hex")}`]);
+      expect(todo).to.deep.equal(["./a\tb", "./caf\u00e9"]);
+      const merged = withHashes(before, now, parseSums(run(hashScript(dir), pathsInput(todo))));
+      expect(merged.entries["./caf\u00e9"].sha256, "a name that is not UTF-8 is hashed as it is on disk").to.equal(crypto.createHash("sha256").update("four!").digest("hex"));
+      const diff = diffManifests(before, merged);
+      expect(diff[0]).to.equal(`./a\tb: sha256 ${before.entries["./a\tb"].sha256} != ${crypto.createHash("sha256").update("ONE").digest("hex")}`);
+      expect(diff[1]).to.match(/^\.\/caf\ufffd: size 4 != 5, .*sha256/);
       expect(merged.entries["./kept"].sha256).to.equal(before.entries["./kept"].sha256);
+      expect(merged.entries[latin1("./caf\u00e9")].sha256).to.equal(crypto.createHash("sha256").update("five").digest("hex"));
     } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+      fs.rmSync(bin, { recursive: true, force: true });
+    }
+  });
+
+  it("sees a write through a shared mapping after the listing (the listing syncs first: a dirty mapped page takes writes without setting ctime)", async function () {
+    this.timeout(30000);
+    // On a disk filesystem (as the volumes' ext4 and xfs): tmpfs never writes pages back.
+    let base = os.tmpdir();
+    if (execFileSync("stat", ["-f", "-c", "%T", base]).toString().trim() === "tmpfs") base = process.cwd();
+    const dir = fs.mkdtempSync(path.join(base, ".manifest-mmap-"));
+    const bin = fs.mkdtempSync(path.join(os.tmpdir(), "manifest-bin-"));
+    // A writer that maps the file, writes, waits past the reuse margin, then writes to the same page again when told.
+    const writer = spawn("python3", ["-c", `
+import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); os.ftruncate(fd, 4096)
+m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+m[0:1] = b"A"; time.sleep(2.5); print("ready", flush=True)
+sys.stdin.readline(); m[1:2] = b"B"; print("written", flush=True); sys.stdin.readline()
+`, path.join(dir, "mapped")], { stdio: ["pipe", "pipe", "inherit"] });
+    const lines: string[] = [];
+    writer.stdout.on("data", (d: Buffer) => lines.push(...d.toString().split("\n").filter(Boolean)));
+    const waitFor = async (l: string) => { for (let i = 0; i < 200 && !lines.includes(l); i++) await new Promise((r) => setTimeout(r, 100)); expect(lines, "python3 (the mmap writer) ran").to.include(l); };
+    try {
+      for (const t of ["getfattr", "getfacl"]) fs.writeFileSync(path.join(bin, t), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
+      const run = (script: string) => {
+        const res = spawnSync("/bin/bash", ["-c", script], { env: { PATH: `${bin}:${process.env.PATH}` } });
+        expect(res.status, res.stderr.toString()).to.equal(0);
+        return res.stdout.toString();
+      };
+      await waitFor("ready");
+      const before = parseManifest(run(manifestScript(dir)));
+      writer.stdin.write("go\n");
+      await waitFor("written");
+      const now = parseManifest(run(manifestScript(dir, [], { hash: false })));
+      expect(filesToHash(before, now), "the second mapped write changed the file's ctime").to.deep.equal(["./mapped"]);
+    } finally {
+      writer.kill();
       fs.rmSync(dir, { recursive: true, force: true });
       fs.rmSync(bin, { recursive: true, force: true });
     }
