@@ -169,7 +169,9 @@ for i in $(seq 1 ${FILES}); do head -c ${per} /dev/urandom > d$((i % 30 + 1))/f$
     const cold = lastMove();
     const downPhases = (m: any) => Object.fromEntries(["stop old", "final backup", "final restore", "verify", "switch"].map((k) => [k, m.phases[k] ?? 0]));
     row("warm move downtime / cold move downtime (256 MiB, 3000 files, 1% changed)", warm.downtimeSeconds / cold.downtimeSeconds, 0.15, "<=",
-      `warm ${warm.downtimeSeconds} s, cold ${cold.downtimeSeconds} s; warm: ${Object.entries(downPhases(warm)).map(([k, v]) => `${k} ${v}`).join(", ")}`);
+      `warm ${warm.downtimeSeconds} s, cold ${cold.downtimeSeconds} s; warm: ${Object.entries(downPhases(warm)).map(([k, v]) => `${k} ${v}`).join(", ")}` +
+      (warm.hashedAfterStop ? `; files hashed after the stop (old/new host, of ${warm.hashedAfterStop.files}): warm ${warm.hashedAfterStop.old}/${warm.hashedAfterStop.new}` : "") +
+      (cold.hashedAfterStop ? `, cold ${cold.hashedAfterStop.old}/${cold.hashedAfterStop.new}` : ""));
     row("warm move downtime / two-pass rsync final pass of the same tree, same hosts, same run", warm.downtimeSeconds / rsyncFinal, 3, "<=",
       `rsync final pass ${rsyncFinal.toFixed(1)} s (first pass ${rsyncFirst.toFixed(1)} s), over SSH between the guests through the lab's relay on the machine running pulumi`);
     const perHost = (c: Record<string, number>) => Math.max(0, ...Object.values(c));

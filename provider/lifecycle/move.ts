@@ -24,6 +24,8 @@ const reached = (m: MoveState | undefined, p: MovePhase) => !!m && ORDER.indexOf
 export interface MoveReport {
   from: string; to: string; snapshotId: string; downtimeSeconds: number; warm: boolean;
   phases: Record<string, number>;
+  /** Files hashed after the stop by the verification, on the old and the new host (of how many). */
+  hashedAfterStop?: { old: number; new: number; files: number };
   /** Set when the volume switched but its old host could not be cleaned: why (a later run retries). */
   pendingCleanup?: string;
 }
@@ -253,6 +255,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
             throw new UserError(`volume ${news.volumeId}: the tree restored on ${newR.name} differs from the final state on ${oldR!.name}; ` +
               `the move stops here, the old host keeps the data (read-only); run pulumi up again to retry with a new final backup:\n${diff.join("\n")}`);
           }
+          hashedAfterStop = { old: a.hashed, new: b.hashed, files: Object.values(b.manifest.entries).filter((e) => e.type === "f").length };
           log(`verified: the restored tree equals the old host's (${Object.keys(b.manifest.entries).length} entries; ` +
             `files hashed after the stop: ${a.hashed} on ${oldR!.name}, ${b.hashed} on ${newR.name}${oldBefore || newBefore ? "; the others unchanged since hashed before it" : ""})`);
         });
@@ -309,11 +312,13 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       });
     };
     let pendingCleanup: string | undefined;
+    let hashedAfterStop: MoveReport["hashedAfterStop"];
     const report = (): MoveReport => ({
       from: hostName(from), to: hostName(to), snapshotId: m!.snapshotId ?? "", warm: news.warmMove,
       downtimeSeconds: downtimeStart && downtimeEnd ? Math.round((downtimeEnd - downtimeStart) / 100) / 10 : 0,
       phases: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10])),
       ...(pendingCleanup ? { pendingCleanup } : {}),
+      ...(hashedAfterStop ? { hashedAfterStop } : {}),
     });
     let oldR: Remote | undefined;
     let releaseOld = () => undefined as void;

@@ -93,6 +93,11 @@ describe("moving a volume by editing host (real pulumi, lab hosts)", function ()
       const res = await stack.up(input(to));
       expect(res.code, res.stdout + res.stderr).to.equal(0);
       expect(res.stdout).to.match(/verified: the restored tree equals/);
+      // A warm move hashed both trees before the stop: after it, the old host's unchanged files
+      // (all of them: nothing wrote since) are not hashed again.
+      const hashed = /files hashed after the stop: (\d+) on [^,]+, (\d+) on /.exec(res.stdout);
+      expect(hashed, res.stdout).to.not.equal(null);
+      expect(Number(hashed![1]), "files hashed again on the old host after the stop").to.equal(0);
       const h = lab().hosts[to];
       const after = await manifest(h, mountPath);
       expect(after.entries).to.deep.equal(reference.entries);
