@@ -76,8 +76,7 @@ echo kept > ${mountPath}/data/sub/kept.txt; systemctl start ${service}; sync`);
     expect(fs.existsSync(path.join(dir, "paused")), "the provider paused after the final restore").to.equal(true);
     // While paused: the old host is read-only with its service stopped, the new one only has a staging mount.
     expect(await neverTwoWriters(h1, h2)).to.deep.equal(["ro", "unmounted"]);
-    // Same size, same mtime, one byte changed ("kept" -> "Kept"): only a fresh hash can see it (a
-    // warm move reuses hashes from before the stop only for files whose change time proves them unchanged).
+    // Same size, same mtime, one byte changed ("kept" -> "Kept"): only a hash of the content sees it.
     await onHost(h2, `f=/run/dboxed-volumes/${volumeId}/staging/data/sub/kept.txt; touch -r "$f" /run/kept.ref
 printf K | dd of="$f" bs=1 seek=0 conv=notrunc status=none; touch -m -r /run/kept.ref "$f"; rm /run/kept.ref; sync; cat "$f"`);
     fs.writeFileSync(path.join(dir, "resume"), "");
