@@ -60,9 +60,17 @@ losetup -a | grep -c ${volumeId}`);
     await onHost(h, `mkdir -p ${mountPath}/d && head -c 2000000 /dev/urandom > ${mountPath}/d/blob && echo hi > ${mountPath}/d/t`);
     const before = await manifest(h, mountPath);
     // A filesystem change is a rebuild in place: final backup, teardown, new storage, restore (resumable through the lease).
-    const child = stack.run(["up", "--yes", "--skip-preview"], { input: { ...input(), volumes: [{ ...input().volumes[0], args: { ...input().volumes[0].args, filesystem: "xfs", size: "320MiB" } }] }, timeoutMs: 25_000, killSignal: "SIGKILL" });
-    const killed = await child;
-    expect(killed.code, "pulumi should have been killed by the timeout").to.not.equal(0);
+    const run = stack.start(["up", "--yes", "--skip-preview"], { input: { ...input(), volumes: [{ ...input().volumes[0], args: { ...input().volumes[0].args, filesystem: "xfs", size: "320MiB" } }] } });
+    // Killed in the middle, keyed to the host (a fixed delay was outrun once the lab got faster):
+    // as soon as the old ext4 storage is gone (torn down after the final backup), before the new
+    // xfs one holds the data again. Only the CLI: its provider is left working, as after a killed terminal.
+    const seen = await onHost(h, `for i in $(seq 1 3000); do t=$(blkid -p -o value -s TYPE /dev/dbv-${volumeId}/data 2>/dev/null || true)
+[ "$t" = ext4 ] || { echo "gone"; exit 0; }; sleep 0.1; done; echo "still ext4"`, { timeoutMs: 600_000 });
+    expect(seen.stdout.trim()).to.equal("gone");
+    expect(run.running(), "pulumi still runs when the old storage is gone").to.equal(true);
+    run.kill("cli");
+    const killed = await run.done;
+    expect(killed.code, "pulumi was killed").to.not.equal(0);
     // What a user does after a killed pulumi: release its lock, drop the creates it left pending.
     stack.clearLocks();
     const refresh = await stack.run(["refresh", "--yes", "--skip-preview", "--clear-pending-creates"]);
@@ -75,6 +83,7 @@ losetup -a | grep -c ${volumeId}`);
     const fs = await onHost(h, `findmnt -n -o FSTYPE ${mountPath}`);
     expect(fs.stdout.trim()).to.equal("xfs");
     expect((await manifest(h, mountPath)).entries).to.deep.equal(before.entries);
+    run.reap();
   });
 
   after(async () => {
