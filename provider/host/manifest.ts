@@ -40,8 +40,9 @@ const TOOLS_CHECK = (tools: string[]) =>
 /**
  * The host script: one section per kind of data, base64 so that any file name survives.
  * `hash: false` lists everything but hashes nothing (hashScript hashes what must be, after).
+ * `forReuse`: hashes that a later listing may reuse (filesToHash): the filesystem is synced first.
  */
-export function manifestScript(dir: string, exclude: string[] = [], opts: { hash?: boolean; lowPriority?: boolean } = {}): string {
+export function manifestScript(dir: string, exclude: string[] = [], opts: { hash?: boolean; lowPriority?: boolean; forReuse?: boolean } = {}): string {
   const d = quote(dir);
   const prune = exclude.map((e) => `-path ${quote("./" + e)} -prune -o`).join(" ");
   const hash = opts.hash ?? true;
@@ -53,8 +54,7 @@ export function manifestScript(dir: string, exclude: string[] = [], opts: { hash
   return `set -e; cd ${d}
 ${TOOLS_CHECK(["getfattr", "getfacl", "sha256sum"])}
 echo '==start'; read -r up _ < /proc/uptime; echo "$(date +%s.%N) $up"
-sync -f .
-echo '==root'; stat -c '%f\t%u\t%g' .
+${opts.forReuse ? "sync -f .\n" : ""}echo '==root'; stat -c '%f\t%u\t%g' .
 echo '==meta'; find . -xdev -mindepth 1 ${prune} -printf '%y\\t%m\\t%U\\t%G\\t%s\\t%T@\\t%n\\t%i\\t%C@\\0%p\\0%l\\0' | base64 -w0; echo
 echo '==sums'; ${hash ? `find . -xdev -mindepth 1 ${prune} -type f -print0 | xargs -0 -r ${nice}sha256sum -z | base64 -w0` : "true"}; echo
 echo '==xattrs'; find . -xdev -mindepth 1 ${prune} -print0 | sort -z | xargs -0 -r getfattr -h -d -m - --absolute-names 2>/dev/null | base64 -w0; echo

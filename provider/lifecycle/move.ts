@@ -101,7 +101,7 @@ const HASH_TIMEOUT_MS = 3600_000;
 
 /** A tree's manifest with every file hashed (none when the listing fails: the tree changed under it). */
 async function hashedTree(r: Remote, dir: string, opts: { lowPriority?: boolean } = {}): Promise<Manifest | undefined> {
-  const res = await r.run(manifestScript(dir, [], opts), { allowFailure: true, timeoutMs: HASH_TIMEOUT_MS }).catch(() => undefined);
+  const res = await r.run(manifestScript(dir, [], { ...opts, forReuse: true }), { allowFailure: true, timeoutMs: HASH_TIMEOUT_MS }).catch(() => undefined);
   try { return res?.code === 0 ? parseManifest(res.stdout) : undefined; } catch { return undefined; }
 }
 

@@ -201,7 +201,7 @@ describe("manifests", () => {
       fs.writeFileSync(path.join(dir, "caf\u00e9"), "five");
       // Older than two seconds before the listing: only then may a hash be reused.
       spawnSync("sleep", ["2.2"]);
-      const before = parseManifest(run(manifestScript(dir)));
+      const before = parseManifest(run(manifestScript(dir, [], { forReuse: true })));
       const latin1 = (x: string) => Buffer.from(x, "utf8").toString("latin1");
       expect(Object.keys(before.entries).sort()).to.deep.equal(["./a\tb", "./caf\u00e9", latin1("./caf\u00e9"), "./kept", "./line\nbreak", "./link"].sort());
       expect(before.entries["./caf\u00e9"].sha256).to.equal(crypto.createHash("sha256").update("four").digest("hex"));
@@ -256,7 +256,7 @@ sys.stdin.readline(); m[1:2] = b"B"; print("written", flush=True); sys.stdin.rea
         return res.stdout.toString();
       };
       await waitFor("ready");
-      const before = parseManifest(run(manifestScript(dir)));
+      const before = parseManifest(run(manifestScript(dir, [], { forReuse: true })));
       writer.stdin.write("go\n");
       await waitFor("written");
       const now = parseManifest(run(manifestScript(dir, [], { hash: false })));
