@@ -58,7 +58,7 @@ pvresize -q "$dev" >/dev/null
 export LVM_SUPPRESS_FD_WARNINGS=1
 mkdir -p ${q(l.stateDir)}
 exec 9>${q(`${l.stateDir}/backup.lock`)}
-flock -w 900 9 || { echo "a backup of volume ${l.volumeId} held it for 15 minutes: run pulumi up again later" >&2; exit 9; }
+flock -w 900 9 || { echo ${q(`a backup of volume ${l.volumeId} held it for 15 minutes: run pulumi up again later`)} >&2; exit 9; }
 if lvs ${snapLv} >/dev/null 2>&1; then
   umount ${q(l.snapshotMount)} 2>/dev/null || true
   lvremove -q -f -y ${snapLv} >/dev/null

@@ -130,6 +130,23 @@ describe("manifests", () => {
   const out = (meta: string, sums: string, root = "41ed\t0\t0") =>
     `==start\n100.5 90.25\n==root\n${root}\n==meta\n${Buffer.from(meta).toString("base64")}\n==sums\n${Buffer.from(sums).toString("base64")}\n==xattrs\n\n==acls\n\n`;
   const h = "0".repeat(64);
+  /**
+   * Runs host scripts here, with the shell's tools and stand-ins for getfattr/getfacl (the attr and
+   * acl packages may be missing on this machine); `done` removes the stand-ins.
+   */
+  const localHost = () => {
+    const bin = fs.mkdtempSync(path.join(os.tmpdir(), "manifest-bin-"));
+    for (const t of ["getfattr", "getfacl"]) fs.writeFileSync(path.join(bin, t), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
+    return {
+      bin,
+      run: (script: string, input?: Buffer) => {
+        const res = spawnSync("/bin/bash", ["-c", script], { env: { PATH: `${bin}:${process.env.PATH}` }, input });
+        expect(res.status, res.stderr.toString()).to.equal(0);
+        return res.stdout.toString();
+      },
+      done: () => fs.rmSync(bin, { recursive: true, force: true }),
+    };
+  };
   it("groups hardlinks and finds differences by field", () => {
     const meta = "f\t644\t0\t0\t3\t1.5\t2\t11\t1.5\0./a\0\0f\t644\t0\t0\t3\t1.5\t2\t11\t1.5\0./b\0\0l\t777\t0\t0\t1\t2.0\t1\t12\t2.0\0./c\0a\0";
     const m = parseManifest(out(meta, `${h}  ./a\0${h}  ./b\0`));
@@ -181,17 +198,9 @@ describe("manifests", () => {
 
   it("lists a real tree (names and link targets with tabs and newlines) and hashes again only what changed", function () {
     this.timeout(20000);
-    // The shell's tools with stand-ins for getfattr/getfacl (the attr and acl packages may be missing here).
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), "manifest-tree-"));
-    const bin = fs.mkdtempSync(path.join(os.tmpdir(), "manifest-bin-"));
+    const { bin, run, done } = localHost();
     try {
-      for (const t of ["getfattr", "getfacl"]) fs.writeFileSync(path.join(bin, t), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
-      const env = { PATH: `${bin}:${process.env.PATH}` };
-      const run = (script: string, input?: Buffer) => {
-        const res = spawnSync("/bin/bash", ["-c", script], { env, input });
-        expect(res.status, res.stderr.toString()).to.equal(0);
-        return res.stdout.toString();
-      };
       fs.writeFileSync(path.join(dir, "a\tb"), "one");
       fs.writeFileSync(path.join(dir, "line\nbreak"), "two");
       fs.writeFileSync(path.join(dir, "kept"), "three");
@@ -226,7 +235,7 @@ describe("manifests", () => {
       expect(merged.entries[latin1("./caf\u00e9")].sha256).to.equal(crypto.createHash("sha256").update("five").digest("hex"));
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
-      fs.rmSync(bin, { recursive: true, force: true });
+      done();
     }
   });
 
@@ -236,7 +245,7 @@ describe("manifests", () => {
     let base = os.tmpdir();
     if (execFileSync("stat", ["-f", "-c", "%T", base]).toString().trim() === "tmpfs") base = process.cwd();
     const dir = fs.mkdtempSync(path.join(base, ".manifest-mmap-"));
-    const bin = fs.mkdtempSync(path.join(os.tmpdir(), "manifest-bin-"));
+    const { run, done } = localHost();
     // A writer that maps the file, writes, waits past the reuse margin, then writes to the same page again when told.
     const writer = spawn("python3", ["-c", `
 import mmap, os, sys, time
@@ -249,12 +258,6 @@ sys.stdin.readline(); m[1:2] = b"B"; print("written", flush=True); sys.stdin.rea
     writer.stdout.on("data", (d: Buffer) => lines.push(...d.toString().split("\n").filter(Boolean)));
     const waitFor = async (l: string) => { for (let i = 0; i < 200 && !lines.includes(l); i++) await new Promise((r) => setTimeout(r, 100)); expect(lines, "python3 (the mmap writer) ran").to.include(l); };
     try {
-      for (const t of ["getfattr", "getfacl"]) fs.writeFileSync(path.join(bin, t), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
-      const run = (script: string) => {
-        const res = spawnSync("/bin/bash", ["-c", script], { env: { PATH: `${bin}:${process.env.PATH}` } });
-        expect(res.status, res.stderr.toString()).to.equal(0);
-        return res.stdout.toString();
-      };
       await waitFor("ready");
       const before = parseManifest(run(manifestScript(dir, [], { forReuse: true })));
       writer.stdin.write("go\n");
@@ -264,7 +267,7 @@ sys.stdin.readline(); m[1:2] = b"B"; print("written", flush=True); sys.stdin.rea
     } finally {
       writer.kill();
       fs.rmSync(dir, { recursive: true, force: true });
-      fs.rmSync(bin, { recursive: true, force: true });
+      done();
     }
   });
 
