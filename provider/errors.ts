@@ -8,6 +8,22 @@ export class UserError extends Error {
   }
 }
 
+/** A host that could not be dialled (no answer, refused, timed out): not a wrong key or login. */
+export class DialError extends UserError {
+  constructor(message: string) {
+    super(message);
+    this.name = "DialError";
+  }
+}
+
+/** A host a step needs, and could not reach: the caller decides again without it. */
+export class HostUnreachable extends UserError {
+  constructor(readonly host: { address: string; port: number; hostKey?: string }, readonly cause: Error) {
+    super(cause.message);
+    this.name = "HostUnreachable";
+  }
+}
+
 /** A command on a host that exited non-zero: carries the command, exit code and output. */
 export class CommandError extends Error {
   constructor(

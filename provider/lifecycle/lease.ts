@@ -4,8 +4,12 @@ import { UserError } from "../errors";
 import { VolumeInputs } from "../inputs";
 import {
   DEFAULT_LEASE_SECONDS, HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, newToken, normalizeHostKey, Owner, ownerName,
-  sameHost, sameOwner, updateLease,
+  sameHost, sameOwner, ServerClock, serverNow, updateLease,
 } from "../storage/lease";
+import { LeaseView } from "./placement";
+
+/** A volume's inputs, with this resource instance's id where the state has one (an update's, a delete's). */
+export type VolumeRef = VolumeInputs & { instanceId?: string };
 import { S3Settings } from "../storage/s3";
 
 export function leaseS3(v: VolumeInputs): S3Settings {
@@ -24,12 +28,32 @@ export function ownerOf(v: VolumeInputs): Owner | undefined {
 
 /**
  * Whether v's resource may act on a volume whose lease is `cur`: the lease names its owner, or
- * (a lease written before owners were recorded, adopted only by a resource that already has the
- * volume in its state) v's host holds it.
+ * this very resource instance (its random id, only in this resource's state: the stack, project
+ * or resource was renamed, with an alias), or (a lease written before owners were recorded,
+ * adopted only by a resource that already has the volume in its state) v's host holds it.
  */
-export function ownsLease(cur: Lease, v: VolumeInputs, adoptLegacy = true): boolean {
+export function ownsLease(cur: Lease, v: VolumeRef, adoptLegacy = true): boolean {
+  if (v.instanceId && cur.instance === v.instanceId) return true;
   if (cur.owner && v.owner) return sameOwner(cur.owner, v.owner);
   return adoptLegacy && sameHost(cur.holder, hostRef(v));
+}
+
+/**
+ * Whether the lease's holder renewed it lately, on the S3 server's clock (the earliest time its
+ * answer allows: a lease is never judged expired early).
+ */
+export function leaseLive(cur: Lease, clock: ServerClock | undefined, local = Date.now()): boolean {
+  return !!cur.expiresAt && cur.expiresAt * 1000 > serverNow(clock, "low", local);
+}
+
+/** The lease as the placement decision sees it. */
+export function leaseView(cur: Lease | undefined, v: VolumeRef, clock: ServerClock | undefined): LeaseView | undefined {
+  if (!cur) return undefined;
+  return {
+    holder: cur.holder, ours: ownsLease(cur, v), live: leaseLive(cur, clock),
+    move: cur.move ? { from: cur.move.from, to: cur.move.to, phase: cur.move.phase } : undefined,
+    interrupted: cur.deleting ? "delete" : cur.rebuild ? "rebuild" : undefined,
+  };
 }
 
 /** Whether the lease names another instance of v's resource (v's was replaced). */
@@ -42,18 +66,21 @@ export interface ClaimOptions {
   instance: string;
   /** Take over a lease without owner on v's host: only for a resource that has the volume in its state. */
   adoptLegacy: boolean;
-  /** The time to judge the lease's expiry by (ms; tests). */
+  /** The S3 server's clock, to judge the lease's expiry by. */
+  clock?: ServerClock;
+  /** The time on this machine (ms; tests). */
   now?: number;
 }
 
 /** Pure: the lease after v's resource claims the volume, or an error that says who has it. */
-export function claimedLease(cur: Lease | undefined, v: VolumeInputs, opts: ClaimOptions = { instance: "", adoptLegacy: true }): { next: Lease; forcedFrom?: Lease } {
+export function claimedLease(cur: Lease | undefined, v: VolumeRef, opts: ClaimOptions = { instance: "", adoptLegacy: true }): { next: Lease; forcedFrom?: Lease } {
   const me = hostRef(v);
   const owner = ownerOf(v);
   const instance = opts.instance || undefined;
   const durationSeconds = v.leaseDuration ?? DEFAULT_LEASE_SECONDS;
   if (!cur) return { next: { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "", owner, instance, durationSeconds } };
   if (ownsLease(cur, v, opts.adoptLegacy) && sameHost(cur.holder, me) && !cur.move) {
+    // (also a renamed stack or resource: the same instance re-owns it under its new name)
     // Same resource, same machine (perhaps at a new address): keep the token, record where it is now.
     return { next: { ...cur, holder: me, token: cur.token || newToken(), owner: owner ?? cur.owner, instance: instance ?? cur.instance, durationSeconds } };
   }
@@ -61,9 +88,16 @@ export function claimedLease(cur: Lease | undefined, v: VolumeInputs, opts: Clai
     throw new UserError(`force: volume ${v.volumeId} lives on this very host ${hostName(cur.holder)} for ${ownerName(cur.owner)}; ` +
       "force takes a volume from a host that is gone for good, never from a live one on the same host: give this Volume another volumeId");
   }
-  if (cur.move && sameHost(cur.move.to, me) && ownsLease(cur, v)) {
+  if (cur.move && ownsLease(cur, v)) {
     throw new UserError(`volume ${v.volumeId} is in the middle of a move from ${hostName(cur.move.from)} to ${hostName(cur.move.to)} ` +
       `(phase ${cur.move.phase}); set host to ${hostName(cur.move.to)} or back to ${hostName(cur.move.from)} in the stack that started it`);
+  }
+  if (cur.move && v.force && !v.forceDespiteLiveLease) {
+    // Nothing renews a lease while a move's final backup, restore or verification runs (the old
+    // host is fenced, the new one not started): its expiry says nothing about whether it is alive.
+    throw new UserError(`force: volume ${v.volumeId} is in the middle of a move from ${hostName(cur.move.from)} to ${hostName(cur.move.to)} ` +
+      `(phase ${cur.move.phase}) run by ${cur.owner ? ownerName(cur.owner) : "another resource"}: wait until that move is finished or undone; ` +
+      "only if both hosts are gone for good, set forceDespiteLiveLease: true");
   }
   if (!v.force) {
     const whose = cur.owner ? ` for ${ownerName(cur.owner)}` : "";
@@ -73,7 +107,7 @@ export function claimedLease(cur: Lease | undefined, v: VolumeInputs, opts: Clai
       "or, to move the volume, change host in the stack that holds it; if that host is gone for good, set force: true to restore " +
       "the latest snapshot here");
   }
-  const now = opts.now ?? Date.now();
+  const now = serverNow(opts.clock, "low", opts.now ?? Date.now());
   if (cur.expiresAt && cur.expiresAt * 1000 > now && !v.forceDespiteLiveLease) {
     const left = Math.ceil(cur.expiresAt - now / 1000);
     throw new UserError(`force: the lease of volume ${v.volumeId} is live: ${hostName(cur.holder)} renewed it until ` +
@@ -90,11 +124,11 @@ export function claimedLease(cur: Lease | undefined, v: VolumeInputs, opts: Clai
  * unless `force`; returns the lease it replaced when it took the volume by force, and whether
  * the lease is new (so a failed create can give it back).
  */
-export async function claim(v: VolumeInputs, opts: ClaimOptions): Promise<{ lease: Lease; forcedFrom?: Lease; fresh: boolean }> {
+export async function claim(v: VolumeRef, opts: ClaimOptions): Promise<{ lease: Lease; forcedFrom?: Lease; fresh: boolean }> {
   let forcedFrom: Lease | undefined;
   let fresh = false;
-  const lease = await updateLease(leaseS3(v), v.volumeId, (cur) => {
-    const r = claimedLease(cur, v, opts);
+  const lease = await updateLease(leaseS3(v), v.volumeId, (cur, clock) => {
+    const r = claimedLease(cur, v, { ...opts, clock });
     forcedFrom = r.forcedFrom;
     fresh = !cur || !!r.forcedFrom;
     return r.next;
@@ -103,11 +137,13 @@ export async function claim(v: VolumeInputs, opts: ClaimOptions): Promise<{ leas
 }
 
 /** Releases the lease if v's resource and host hold it (and no move is in progress). */
-export async function release(v: VolumeInputs, instanceId?: string): Promise<void> {
+export async function release(v: VolumeRef, instanceId?: string, opts: { withMove?: boolean } = {}): Promise<void> {
   const s = leaseS3(v);
   for (let i = 0; i < 5; i++) {
     const cur = await readLease(s, v.volumeId);
-    if (!cur || !sameHost(cur.lease.holder, hostRef(v)) || !ownsLease(cur.lease, v) || otherInstance(cur.lease, instanceId) || cur.lease.move) return;
+    // A move's record stays unless the caller cleaned (or gave up) both of its hosts.
+    if (!cur || !sameHost(cur.lease.holder, hostRef(v)) || !ownsLease(cur.lease, v) || otherInstance(cur.lease, instanceId) ||
+      (cur.lease.move && !opts.withMove)) return;
     try {
       await deleteLease(s, v.volumeId, cur.etag);
       return;
@@ -117,14 +153,24 @@ export async function release(v: VolumeInputs, instanceId?: string): Promise<voi
   }
 }
 
-/** Records (or clears) a rebuild's verified final snapshot in the lease, if v's resource holds it. */
-export async function setRebuild(v: VolumeInputs, rebuild: Lease["rebuild"]): Promise<Lease> {
+/** Records (or clears) a rebuild in progress in the lease, if v's resource holds it. */
+export async function setRebuild(v: VolumeRef, rebuild: Lease["rebuild"]): Promise<Lease> {
+  return setIntent(v, "rebuild", rebuild);
+}
+
+/** Records (or clears) a delete in progress in the lease, if v's resource holds it. */
+export async function setDeleting(v: VolumeRef, deleting: Lease["deleting"]): Promise<Lease> {
+  return setIntent(v, "deleting", deleting);
+}
+
+async function setIntent<K extends "rebuild" | "deleting">(v: VolumeRef, key: K, value: Lease[K]): Promise<Lease> {
   return updateLease(leaseS3(v), v.volumeId, (cur) => {
     if (!cur || !ownsLease(cur, v) || !sameHost(cur.holder, hostRef(v))) {
-      throw new UserError(`volume ${v.volumeId}: this resource does not hold the lease${cur ? ` (${hostName(cur.holder)} does)` : ""}: refusing to rebuild it`);
+      throw new UserError(`volume ${v.volumeId}: this resource does not hold the lease${cur ? ` (${hostName(cur.holder)} does)` : ""}: ` +
+        `refusing to ${key === "rebuild" ? "rebuild" : "delete"} it`);
     }
-    const next: Lease = { ...cur, rebuild };
-    if (!rebuild) delete next.rebuild;
+    const next: Lease = { ...cur, [key]: value, owner: v.owner ?? cur.owner };
+    if (!value) delete next[key];
     return next;
   });
 }

@@ -1,25 +1,30 @@
 // Moving a volume to another host (its `host` input changed). A persisted state machine, its
-// progress kept in the volume's lease in S3:
+// progress kept in the volume's lease in S3; each phase is recorded before the step it names
+// takes effect (lifecycle/placement.ts has the phases and the invariants):
 //   warm          new host prepared, latest periodic snapshot restored (staging mount)
 //   final-backup  old host stopped, read-only, final snapshot taken: the lease names it
 //   restored      final snapshot restored on the new host, verified against the old tree
+//   switching     the new host is about to mount read-write and start the users
 //   switched      new host mounted, scheduled, its units started; the lease names it holder
 //   (done)        old host cleaned, move removed from the lease
 // A run cut off anywhere resumes from the phase in the lease. Only one host ever has the
 // volume mounted read-write: the new host mounts it only after the old one is read-only.
-import { UserError } from "../errors";
+import { DialError, HostUnreachable, UserError } from "../errors";
 import { formatSize, VolumeInputs } from "../inputs";
 import { diffManifests, filesToHash, hashScript, Manifest, manifestScript, parseManifest, parseSums, pathsInput, withHashes } from "../host/manifest";
 import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { acquireRemote, Remote, withRemote } from "../remote/ssh";
 import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, ownerName, readLease, sameHost, updateLease } from "../storage/lease";
-import { hostRef, leaseS3, ownsLease } from "./lease";
+import { hostRef, leaseS3, ownsLease, VolumeRef } from "./lease";
 import * as steps from "./steps";
 import { faultPoint, pausePoint } from "./faults";
+import { reached as phaseReached } from "./placement";
 
-const ORDER: MovePhase[] = ["warm", "final-backup", "restored", "switched"];
-const reached = (m: MoveState | undefined, p: MovePhase) => !!m && ORDER.indexOf(m.phase) >= ORDER.indexOf(p);
+const reached = (m: MoveState | undefined, p: MovePhase) => !!m && phaseReached(m.phase, p);
+
+/** The lease is not what the decision that started this step saw (another run acted meanwhile): decide again. */
+export class Redecide extends UserError {}
 
 export interface MoveReport {
   from: string; to: string; snapshotId: string; downtimeSeconds: number; warm: boolean;
@@ -28,6 +33,13 @@ export interface MoveReport {
   hashedAfterStop?: { old: number; new: number; files: number };
   /** Set when the volume switched but its old host could not be cleaned: why (a later run retries). */
   pendingCleanup?: string;
+  /** Finished without its old host, by force: from which snapshot, and how much time of writes that gave up. */
+  forced?: { snapshot: "final" | "latest"; snapshotTime: string; dataLossWindowSeconds: number };
+}
+
+export interface MoveOptions {
+  /** The old host is gone for good (force): finish from its final snapshot, or before one, from the latest. */
+  withoutOld?: boolean;
 }
 
 function staging(l: VolumeLayout): string {
@@ -130,7 +142,7 @@ export async function unmountStaging(r: Remote, l: VolumeLayout) {
 }
 
 /** Records the move's phase (compare-and-swap on the old host holding it); `token` replaces the lease's token. */
-async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState, token?: string): Promise<Lease> {
+async function setPhase(v: VolumeRef, expectFrom: HostRef, move: MoveState, token?: string): Promise<Lease> {
   return updateLease(leaseS3(v), v.volumeId, (cur) => {
     if (cur && (!sameHost(cur.holder, expectFrom) || !ownsLease(cur, v))) {
       throw new UserError(`volume ${v.volumeId}: the lease is held by ${hostName(cur.holder)}${cur.owner ? ` for ${ownerName(cur.owner)}` : ""}, ` +
@@ -141,12 +153,12 @@ async function setPhase(v: VolumeInputs, expectFrom: HostRef, move: MoveState, t
       throw new UserError(`volume ${v.volumeId}: the move in the lease changed meanwhile (undone, or another run?): stopping this one`);
     }
     return { ...(cur ?? {}), volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1,
-      token: token ?? cur?.token ?? newToken(), updatedAt: "", move, owner: cur?.owner ?? v.owner };
+      token: token ?? cur?.token ?? newToken(), updatedAt: "", move, owner: v.owner ?? cur?.owner };
   });
 }
 
-export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: string) => void,
-  lock: <T>(r: Remote, l: VolumeLayout, fn: () => Promise<T>) => Promise<T>): Promise<MoveReport> {
+export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) => void,
+  lock: <T>(r: Remote, l: VolumeLayout, fn: () => Promise<T>) => Promise<T>, opts: MoveOptions = {}): Promise<MoveReport> {
   const from = hostRef(olds), to = hostRef(news);
   const lOld = steps.layout(olds), lNew = steps.layout(news);
   const phases: Record<string, number> = {};
@@ -154,21 +166,29 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
     const t0 = Date.now();
     try { return await fn(); } finally { phases[name] = (phases[name] ?? 0) + (Date.now() - t0) / 1000; }
   };
-  // The phase is read, and the next step chosen, only while both hosts' operation locks are held:
+  // The phase is read, and the next step chosen, only while the hosts' operation locks are held:
   // a second run, or the provider of a killed run that still works, makes this one wait for the
-  // locks instead of acting on a stale phase.
+  // locks instead of acting on a stale phase. Holder and owner are checked here too, before
+  // anything is written on the new host: a refused move touches nothing.
   let m: MoveState | undefined;
   let token = "";
   const decide = async () => {
     const existing = await readLease(leaseS3(news), news.volumeId);
     m = existing?.lease.move;
     if (m && !(sameHost(m.from, from) && sameHost(m.to, to))) {
-      throw new UserError(`volume ${news.volumeId} is in the middle of a move from ${hostName(m.from)} to ${hostName(m.to)}; ` +
+      throw new Redecide(`volume ${news.volumeId} is in the middle of a move from ${hostName(m.from)} to ${hostName(m.to)} now; ` +
         `set host back to ${hostName(m.to)} to finish that move first`);
     }
-    if (!m && existing && sameHost(existing.lease.holder, to) && ownsLease(existing.lease, news)) {
+    if (existing && !ownsLease(existing.lease, news)) {
+      throw new Redecide(`volume ${news.volumeId}: the lease is held by ${hostName(existing.lease.holder)} for ` +
+        `${existing.lease.owner ? ownerName(existing.lease.owner) : "another resource"}, not for this resource: refusing to move it; nothing was changed`);
+    }
+    if (!m && existing && sameHost(existing.lease.holder, to)) {
       // The lease already names the new host: a run that finished the switch and cleanup.
       m = { from, to, phase: "switched", startedAt: existing.lease.updatedAt, newToken: existing.lease.token };
+    } else if (!m && existing && !sameHost(existing.lease.holder, from)) {
+      throw new Redecide(`volume ${news.volumeId} is held by ${hostName(existing.lease.holder)} now, not by ${hostName(from)}: ` +
+        "refusing to move it from there; nothing was changed");
     }
     token = m?.newToken ?? newToken();
     if (m) log(`resuming the move from ${hostName(from)} to ${hostName(to)} at phase ${m.phase}`);
@@ -178,11 +198,21 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
   // The old tree hashed before the stop (a warm move, in this run): the verification after it
   // hashes only what may have changed since there.
   let oldBefore: Manifest | undefined;
+  let pendingCleanup: string | undefined;
+  let hashedAfterStop: MoveReport["hashedAfterStop"];
+  let forced: MoveReport["forced"];
 
   return withRemote(news.host, (newR) => lock(newR, lNew, async () => {
     const prepareNew = async () => {
-      if (reached(m, "switched")) return;
+      if (reached(m, "switching")) return;
       await timed("preflight", async () => {
+        // Before its switch the new host never serves: if it shows the volume in service, the records
+        // are wrong (a lease deleted or rewritten by hand), and a restore would go over live data.
+        const served = await steps.servedOn(newR, lNew);
+        if (served) {
+          throw new UserError(`volume ${news.volumeId}: ${newR.name} shows the volume in service (${served}) although the move to it has not ` +
+            "begun its switch: nothing was changed. Check the volume's lease and that host");
+        }
         await preflightNew(newR, news, lNew);
         await steps.installTools(newR, news, log);
         await steps.writeConfig(newR, news, lNew, token);
@@ -198,25 +228,58 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       delete m.oldToken;
       await setPhase(news, from, m, oldToken);
     };
-    const run = async (oldR: Remote | undefined) => {
+    /** Up to the final snapshot, restored and verified: with the old host (its tree) or, forced, without it. */
+    const toRestored = async (oldR: Remote | undefined) => {
       if (!m) {
         m = { from, to, phase: "warm", startedAt: new Date().toISOString(), newToken: token };
         await setPhase(news, from, m);
       }
-      if (reached(m, "final-backup") && !reached(m, "switched")) {
+      if (!oldR) {
+        if (!reached(m, "final-backup")) {
+          // The old host is gone: its latest snapshot stands in for the final one. Recorded with
+          // the new token first, so that the old host, should it come back, can no longer back up.
+          const latest = (await steps.listSnapshots(newR, lNew)).slice(-1)[0];
+          if (!latest) throw new UserError(`volume ${news.volumeId} has no snapshot in the repository: nothing to finish the move from`);
+          const cur = await readLease(leaseS3(news), news.volumeId);
+          m = { ...m, phase: "final-backup", snapshotId: latest.id, oldToken: cur?.lease.token };
+          await setPhase(news, from, m, m.newToken);
+          forced = { snapshot: "latest", snapshotTime: latest.time, dataLossWindowSeconds: Math.max(0, Math.round((Date.now() - Date.parse(latest.time)) / 1000)) };
+          log(`FORCED: finishing the move to ${newR.name} from the latest snapshot ${latest.id.slice(0, 8)} of ${latest.time}; ` +
+            `anything written on ${hostName(from)} after it (up to ${forced.dataLossWindowSeconds} s) is lost`);
+        } else if (!reached(m, "restored")) {
+          forced = { snapshot: "final", snapshotTime: "", dataLossWindowSeconds: 0 };
+          log(`FORCED: finishing the move to ${newR.name} from its final snapshot ${m.snapshotId!.slice(0, 8)} (the old host was read-only since: nothing is lost)`);
+        }
+        if (!reached(m, "restored")) {
+          if (!downtimeStart) downtimeStart = Date.now();
+          await mountStaging(newR, lNew);
+          await timed("final restore", () => steps.restoreInto(newR, lNew, m!.snapshotId!, staging(lNew), log));
+          await timed("verify", () => steps.verifyRestored(newR, lNew, m!.snapshotId!, log, staging(lNew)));
+          m = { ...m!, phase: "restored" };
+          await setPhase(news, from, m);
+        }
+        return;
+      }
+      if (reached(m, "final-backup")) {
         // A resumed move: the final snapshot only stands while the old host stayed fenced.
-        const f = await steps.isFenced(oldR!, lOld);
-        if (!f.fenced) await retakeFinal(`the old host ${oldR!.name} is no longer fenced (${f.why}): its final backup no longer stands; taking a new one`);
+        const f = await steps.isFenced(oldR, lOld);
+        if (!f.fenced && reached(m, "switching")) {
+          throw new UserError(`volume ${news.volumeId}: the old host ${oldR.name} is no longer fenced (${f.why}) although the move reached its ` +
+            `switch: both hosts may have been written to since. Nothing was changed. Make ${oldR.name} read-only again (stop what writes ` +
+            `to ${lOld.mountPath}, mount -o remount,ro ${lOld.mountPath}, touch ${lOld.configDir}/fenced), copy by hand anything written there ` +
+            "since, and run pulumi up again");
+        }
+        if (!f.fenced && !reached(m, "restored")) await retakeFinal(`the old host ${oldR.name} is no longer fenced (${f.why}): its final backup no longer stands; taking a new one`);
       }
       if (!reached(m, "final-backup")) {
         await mountStaging(newR, lNew);
         if (news.warmMove) {
           // The running tree is hashed meanwhile (its second host's work: no downtime).
-          const oldHashed = hashedTree(oldR!, lOld.mountPath, { lowPriority: true });
+          const oldHashed = hashedTree(oldR, lOld.mountPath, { lowPriority: true });
           const snaps = await timed("warm restore", () => steps.listSnapshots(newR, lNew));
           const latest = snaps[snaps.length - 1];
           if (latest) {
-            log(`warm move: restoring the latest periodic snapshot ${latest.id.slice(0, 8)} on ${newR.name} while ${oldR!.name} still runs`);
+            log(`warm move: restoring the latest periodic snapshot ${latest.id.slice(0, 8)} on ${newR.name} while ${oldR.name} still runs`);
             await timed("warm restore", () => steps.restoreInto(newR, lNew, latest.id, staging(lNew), log));
           }
           // Only the old tree: rustic's restore sets every file's metadata (ctime) anew, so the
@@ -225,14 +288,15 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         }
         downtimeStart = Date.now();
         await timed("stop old", async () => {
-          const users = await steps.usersOf(oldR!, olds, lOld);
-          if (users.length) log(`stopping ${users.join(", ")} on ${oldR!.name}`);
+          const users = await steps.usersOf(oldR, olds, lOld);
+          if (users.length) log(`stopping ${users.join(", ")} on ${oldR.name}`);
           // Read-only and stopped until cleaned or given back, reboots included.
-          await steps.fence(oldR!, lOld, [...new Set([...users, ...olds.stopUnits])], { stopFirst: users });
-          await steps.quiesce(oldR!, lOld);
+          await steps.fence(oldR, lOld, [...new Set([...users, ...olds.stopUnits])], { stopFirst: users });
+          await steps.quiesce(oldR, lOld);
         });
-        log(`final backup on ${oldR!.name}`);
-        const status = await timed("final backup", () => steps.finalBackup(oldR!, lOld, log));
+        log(`final backup on ${oldR.name}`);
+        const status = await timed("final backup", () => steps.finalBackup(oldR, lOld, log));
+        await pausePoint("after-final-backup");
         // From here the old host's token is revoked: it can no longer upload a backup.
         const cur = await readLease(leaseS3(news), news.volumeId);
         m = { ...m!, phase: "final-backup", snapshotId: status.snapshotId, oldToken: m!.oldToken ?? cur?.lease.token };
@@ -243,7 +307,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         if (!downtimeStart) downtimeStart = Date.now();
         await mountStaging(newR, lNew);
         // The old tree is read-only from the fence on: listed (and hashed) while the new host restores.
-        const oldTree = verifiedTree(oldR!, lOld.mountPath, oldBefore);
+        const oldTree = verifiedTree(oldR, lOld.mountPath, oldBefore);
         oldTree.catch(() => undefined); // awaited below; a failed restore must not leave it unhandled
         faultPoint("during-final-restore", 1500);
         await timed("final restore", () => steps.restoreInto(newR, lNew, m!.snapshotId!, staging(lNew), log));
@@ -254,20 +318,29 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
           const diff = diffManifests(a.manifest, b.manifest);
           if (diff.length) {
             await retakeFinal("verification failed: the next run takes a new final backup");
-            throw new UserError(`volume ${news.volumeId}: the tree restored on ${newR.name} differs from the final state on ${oldR!.name}; ` +
+            throw new UserError(`volume ${news.volumeId}: the tree restored on ${newR.name} differs from the final state on ${oldR.name}; ` +
               `the move stops here, the old host keeps the data (read-only); run pulumi up again to retry with a new final backup:\n${diff.join("\n")}`);
           }
           hashedAfterStop = { old: a.hashed, new: b.hashed, files: Object.values(b.manifest.entries).filter((e) => e.type === "f").length };
           log(`verified: the restored tree equals the old host's (${Object.keys(b.manifest.entries).length} entries; ` +
-            `files hashed after the stop: ${a.hashed} on ${oldR!.name}, ${b.hashed} on ${newR.name}${oldBefore ? ` (the others on ${oldR!.name} unchanged since hashed before it)` : ""})`);
+            `files hashed after the stop: ${a.hashed} on ${oldR.name}, ${b.hashed} on ${newR.name}${oldBefore ? ` (the others on ${oldR.name} unchanged since hashed before it)` : ""})`);
         });
         m = { ...m!, phase: "restored" };
         await setPhase(news, from, m);
       }
+    };
+    /** The switch: recorded first (from here the new host may serve: no undo), then the new host takes over. */
+    const toSwitched = async () => {
+      if (!reached(m, "switching")) {
+        m = { ...m!, phase: "switching" };
+        await setPhase(news, from, m);
+      }
       if (!reached(m, "switched")) {
+        if (!downtimeStart) downtimeStart = Date.now();
         await timed("switch", async () => {
           await steps.switchOn(newR, lNew, staging(lNew), news.stopUnits);
         });
+        faultPoint("after-switch-on");
         downtimeEnd = Date.now();
         m = { ...m!, phase: "switched" };
         try {
@@ -279,7 +352,7 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
                 "a forced takeover or another run?): not switching");
             }
             return { ...cur, volumeId: news.volumeId, holder: to, generation: cur.generation + 1, token: m!.newToken, updatedAt: "", move: m,
-              owner: cur.owner ?? news.owner };
+              owner: news.owner ?? cur.owner };
           });
         } catch (e) {
           // Disabled too: after a reboot the new host must not mount what it does not hold.
@@ -288,40 +361,66 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
         }
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);
       }
+    };
+    const cleanupOld = async (oldR: Remote | undefined) => {
       faultPoint("before-old-cleanup");
-      if (oldR) {
-        try {
-          await timed("clean old", async () => {
-            log(`cleaning ${oldR.name}`);
-            await steps.teardown(oldR, lOld);
-          });
-        } catch (e) {
-          // The volume lives on the new host now; the old one stays fenced (read-only, no timer,
-          // its token revoked) until a later run cleans it.
-          pendingCleanup = `cleaning ${oldR.name} failed: ${(e as Error).message.split("\n")[0]}`;
-          log(`${pendingCleanup}; the next pulumi up retries`);
-          return;
-        }
+      if (!oldR) return;
+      try {
+        await timed("clean old", async () => {
+          log(`cleaning ${oldR.name}`);
+          // Its users first: after a forced takeover they may still run there (no fence).
+          const users = await steps.usersOf(oldR, olds, lOld);
+          if (users.length) await oldR.runArgv(["systemctl", "stop", ...users], { allowFailure: true });
+          await steps.teardown(oldR, lOld);
+        });
+      } catch (e) {
+        // The volume lives on the new host now; the old one stays fenced (read-only, no timer,
+        // its token revoked) until a later run cleans it.
+        pendingCleanup = `cleaning ${oldR.name} failed: ${(e as Error).message.split("\n")[0]}`;
+        log(`${pendingCleanup}; the next pulumi up retries`);
+        return;
       }
       await updateLease(leaseS3(news), news.volumeId, (cur) => {
         if (!cur || !sameHost(cur.holder, to) || cur.token !== m!.newToken) {
           throw new UserError(`volume ${news.volumeId}: the lease changed after the switch (${cur ? `held by ${hostName(cur.holder)}` : "gone"}): ` +
             "not marking the move done");
         }
-        const next: Lease = { ...cur, owner: cur.owner ?? news.owner };
+        const next: Lease = { ...cur, owner: news.owner ?? cur.owner };
         delete next.move;
         return next;
       });
     };
-    let pendingCleanup: string | undefined;
-    let hashedAfterStop: MoveReport["hashedAfterStop"];
     const report = (): MoveReport => ({
-      from: hostName(from), to: hostName(to), snapshotId: m!.snapshotId ?? "", warm: news.warmMove,
+      from: hostName(from), to: hostName(to), snapshotId: m?.snapshotId ?? "", warm: news.warmMove,
       downtimeSeconds: downtimeStart && downtimeEnd ? Math.round((downtimeEnd - downtimeStart) / 100) / 10 : 0,
       phases: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10])),
       ...(pendingCleanup ? { pendingCleanup } : {}),
       ...(hashedAfterStop ? { hashedAfterStop } : {}),
+      ...(forced ? { forced } : {}),
     });
+    /** Where the move stood, for the caller to record even if the lease cannot be read then. */
+    const tagged = (e: unknown) => {
+      if (m && e && typeof e === "object") Object.assign(e, { movePhase: m.phase, moveStartedAt: m.startedAt });
+      return e;
+    };
+    /** The rest of the move without the old host: only from the switch on, or by force. */
+    const withoutOldHost = async (why: string) => {
+      pendingCleanup = why;
+      try {
+        await prepareNew();
+        if (!reached(m, "switching")) await toRestored(undefined);
+        await toSwitched();
+      } catch (e) {
+        throw tagged(e);
+      }
+      log(`volume ${news.volumeId} lives on ${newR.name}; ${pendingCleanup}: a later pulumi up cleans it`);
+      return report();
+    };
+
+    if (opts.withoutOld) {
+      await decide();
+      return withoutOldHost(`the old host ${hostName(from)} was given up by force`);
+    }
     let oldR: Remote | undefined;
     let releaseOld = () => undefined as void;
     // Once switched, the old host only needs cleaning: one short dial, and a dead host is no error.
@@ -331,24 +430,25 @@ export async function move(olds: VolumeInputs, news: VolumeInputs, log: (m: stri
       ({ remote: oldR, release: releaseOld } = await acquireRemote(olds.host, onlyCleanup ? { log, attempts: 1, dialTimeoutMs: 15_000 } : { log, attempts: 4 }));
     } catch (e) {
       await decide();
-      if (!reached(m, "switched")) throw e;
-      // After the switch a dead old host does not block the stack: it stays fenced, and the
-      // resource's pendingCleanup output says a later run must clean it.
-      pendingCleanup = `the old host ${hostName(from)} cannot be reached (${(e as Error).message.split("\n")[0]})`;
-      log(`volume ${news.volumeId} lives on ${newR.name}; ${pendingCleanup}: a later pulumi up cleans it`);
-      return report();
+      if (!(e instanceof DialError)) throw e;
+      // From the switch on, a dead old host does not block the stack: it stays fenced, and the
+      // resource's pendingCleanup output says a later run must clean it. Before it, the caller
+      // decides again knowing the old host is unreachable (refused, or with force finished without it).
+      if (!reached(m, "switching")) throw new HostUnreachable(from, e);
+      return withoutOldHost(`the old host ${hostName(from)} cannot be reached (${e.message.split("\n")[0]})`);
     }
     try {
+      // Before the old host's lock: one machine under two names would wait for its own lock.
+      if (!onlyCleanup && !(peek?.move && phaseReached(peek.move.phase, "switching"))) await notSameMachine(oldR, newR, news, lNew);
       await lock(oldR, lOld, async () => {
         await decide();
-        if (!reached(m, "switched")) await notSameMachine(oldR!, newR, news, lNew);
         await prepareNew();
-        await run(oldR);
+        if (!reached(m, "switching")) await toRestored(oldR);
+        await toSwitched();
+        await cleanupOld(oldR);
       });
     } catch (e) {
-      // Where the move stood, for the caller to record even if the lease cannot be read then.
-      if (m && e && typeof e === "object") Object.assign(e, { movePhase: m.phase, moveStartedAt: m.startedAt });
-      throw e;
+      throw tagged(e);
     } finally {
       releaseOld();
     }

@@ -303,9 +303,9 @@ test -e ${q(`${l.stateDir}/initialized`)} || exit 1
 }
 
 /** Checks a restored tree's content against its snapshot (every chunk re-hashed). */
-export async function verifyRestored(r: Remote, l: VolumeLayout, snapshotId: string, log: Log): Promise<void> {
+export async function verifyRestored(r: Remote, l: VolumeLayout, snapshotId: string, log: Log, dir = l.mountPath): Promise<void> {
   const t0 = Date.now();
-  const res = await r.run(command(rusticArgv(RUSTIC_PATH, l.profile, ["diff", "-x", snapshotId, l.mountPath])),
+  const res = await r.run(command(rusticArgv(RUSTIC_PATH, l.profile, ["diff", "-x", snapshotId, dir])),
     { allowFailure: true, timeoutMs: 6 * 3600_000 });
   // A new ext4 filesystem brings lost+found, which the snapshot of an xfs volume lacks.
   const changes = parseDiff(res.stdout).filter((c) => !/^\+\s+"?\/?lost\+found"?$/.test(c));
@@ -636,4 +636,25 @@ export async function usersOf(r: Remote, v: VolumeInputs, l: VolumeLayout): Prom
   const deps = await r.run(`systemctl show -p RequiredBy -p BoundBy --value ${q(l.units.mount)} 2>/dev/null | tr ' ' '\\n' | grep -v '^$' || true`);
   return [...new Set([...v.stopUnits, ...deps.stdout.split("\n").map((x) => x.trim()).filter(Boolean)])]
     .filter((u) => u !== l.units.backup && u !== l.units.timer);
+}
+
+/**
+ * Why r may have served the volume (it is mounted at its mount path, its timer is enabled, or
+ * its restore was finished as the volume's), or "" when it only ever had a staging copy.
+ */
+export async function servedOn(r: Remote, l: VolumeLayout): Promise<string> {
+  const res = await r.run(`test -e ${q(fenceFile(l))} && exit 0 # a fenced copy: read-only since its final backup
+if mountpoint -q ${q(l.mountPath)} && [ "$(readlink -f "$(findmnt -n -o SOURCE --mountpoint ${q(l.mountPath)})")" = "$(readlink -f ${q(l.device)} 2>/dev/null)" ]; then
+  echo "mounted at ${l.mountPath}"; exit 0
+fi
+if systemctl is-enabled --quiet ${q(l.units.timer)} 2>/dev/null; then echo "its backup timer is enabled"; exit 0; fi
+if [ -e ${q(`${l.stateDir}/initialized`)} ]; then echo "it was switched on"; fi
+true`);
+  return res.stdout.trim();
+}
+
+/** Whether r holds a fenced copy of the volume (a move's old host, left fenced): stale, never to serve again. */
+export async function fencedLeftover(r: Remote, l: VolumeLayout): Promise<boolean> {
+  const res = await r.run(`test -e ${q(fenceFile(l))}`, { allowFailure: true });
+  return res.code === 0;
 }

@@ -9,8 +9,9 @@ import { VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { Remote, withRemote } from "../remote/ssh";
 import { hostName, Lease, MoveState, readLease, sameHost, updateLease } from "../storage/lease";
-import { hostRef, leaseS3, ownsLease } from "./lease";
-import { sameMachine, unmountStaging } from "./move";
+import { hostRef, leaseS3, ownsLease, VolumeRef } from "./lease";
+import { Redecide, sameMachine, unmountStaging } from "./move";
+import { newHostMayHaveServed } from "./placement";
 import * as steps from "./steps";
 import { unitsArgv } from "../host/systemd";
 
@@ -29,15 +30,12 @@ export async function giveBack(r: Remote, l: VolumeLayout, users: string[], stri
   if (users.length) await r.runArgv(unitsArgv("start", users), { allowFailure: true });
 }
 
-/** Before these phases the new host only ever had a staging mount: it never served the volume. */
-const NEVER_SERVED = ["warm", "final-backup"];
-
 /**
  * Undoes the move of `back` (the old host, where the volume goes back to) to `target` (the new
  * host, cleaned). Returns a warning when the new host could not be reached and did not need to
  * be (it never served the volume): what is left there holds no valid lease token.
  */
-export async function undoMove(back: VolumeInputs, target: VolumeInputs, log: (m: string) => void, lock: Lock): Promise<string | undefined> {
+export async function undoMove(back: VolumeRef, target: VolumeRef, log: (m: string) => void, lock: Lock): Promise<string | undefined> {
   const lBack = steps.layout(back), lTarget = steps.layout(target);
   let t: Remote | undefined;
   let unreachable: Error | undefined;
@@ -57,10 +55,16 @@ export async function undoMove(back: VolumeInputs, target: VolumeInputs, log: (m
         if ((await sameMachine(r, t, back.volumeId)).same) {
           throw new UserError(`host: ${t.name} is the very machine volume ${back.volumeId} lives on (${r.name}): not removing anything there`);
         }
+        // The phase says the new host never served (recorded before its switch): its own marks say so too.
+        const served = await steps.servedOn(t, lTarget);
+        if (served) {
+          throw new UserError(`host: the move of ${back.volumeId} to ${t.name} cannot be undone: ${t.name} shows the volume in service (${served}), ` +
+            `so it may hold writes made there. Set host to ${hostName(hostRef(target))} and run pulumi up (finishes the move), then move it back`);
+        }
         await unmountStaging(t, lTarget); // teardown removes /run/dboxed-volumes/<id> with it
         await steps.teardown(t, lTarget);
         log(`removed the volume's staging and storage from ${t.name}`);
-      } else if (m && !NEVER_SERVED.includes(m.phase)) {
+      } else if (m && m.phase !== "warm" && m.phase !== "final-backup") {
         throw new UserError(`cannot undo the move of ${back.volumeId} to ${hostName(m.to)}: that host cannot be reached ` +
           `(${unreachable!.message.split("\n")[0]}), and at phase ${m.phase} it may have started serving the volume. ` +
           `Run again when it is reachable; ${r.name} stays read-only meanwhile`);
@@ -96,20 +100,23 @@ export async function undoMove(back: VolumeInputs, target: VolumeInputs, log: (m
   }
 }
 
-/** Refuses an undo the lease does not allow: switched already, another move, another holder or owner. */
-function check(cur: Lease | undefined, m: MoveState | undefined, back: VolumeInputs, target: VolumeInputs, name: string): void {
+/**
+ * Refuses an undo the lease does not allow (read under the locks, so it may have changed since
+ * the decision: then the caller decides again from it): the switch begun, another move, another
+ * holder or owner.
+ */
+function check(cur: Lease | undefined, m: MoveState | undefined, back: VolumeRef, target: VolumeRef, name: string): void {
   if (cur && !ownsLease(cur, back)) {
-    throw new UserError(`volume ${back.volumeId} belongs to another resource now: not undoing anything`);
+    throw new Redecide(`volume ${back.volumeId} belongs to another resource now: not undoing anything`);
   }
-  if (m && m.phase === "switched") {
-    throw new UserError(`host: the move of volume ${back.volumeId} from ${hostName(m.from)} to ${hostName(m.to)} already switched: ` +
-      `the volume lives on ${hostName(m.to)}. Keep host at ${hostName(m.to)} (the next pulumi up cleans the old host), then move it back if you want`);
+  if (m && newHostMayHaveServed(m.phase)) {
+    throw new Redecide(`host: the move of volume ${back.volumeId} from ${hostName(m.from)} to ${hostName(m.to)} reached its switch meanwhile`);
   }
   if (m && (!sameHost(m.from, hostRef(back)) || !sameHost(m.to, hostRef(target)))) {
-    throw new UserError(`host: volume ${back.volumeId} is moving from ${hostName(m.from)} to ${hostName(m.to)}, not from ${name} ` +
-      `to ${hostName(hostRef(target))}: set host to one of those`);
+    throw new Redecide(`host: volume ${back.volumeId} is moving from ${hostName(m.from)} to ${hostName(m.to)}, not from ${name} ` +
+      `to ${hostName(hostRef(target))}`);
   }
   if (!m && cur && !sameHost(cur.holder, hostRef(back))) {
-    throw new UserError(`host: volume ${back.volumeId} is held by ${hostName(cur.holder)}, not by ${name}: nothing to undo here`);
+    throw new Redecide(`volume ${back.volumeId} is held by ${hostName(cur.holder)} now (another run finished the move meanwhile), not by ${name}`);
   }
 }

@@ -2,7 +2,7 @@
 // The dynamic-provider contract rules every step: if create fails, the volume must be able to be
 // created again by the next `pulumi up` (every host step is resumable); if delete fails, the
 // volume is still there, with its data.
-import { adoptionHint, UserError } from "../errors";
+import { adoptionHint, HostUnreachable, UserError } from "../errors";
 import { parseSize, PROXY_ABSENT, volumeSchema, VolumeInputs, formatSize } from "../inputs";
 import { legacyDefaultVolumeId } from "../volumeId";
 import { VolumeLayout } from "../host/layout";
@@ -12,11 +12,14 @@ import { Remote, withRemote } from "../remote/ssh";
 import { checkInputs } from "./check";
 import { progress } from "./progress";
 import * as steps from "./steps";
-import { claim, hostRef, leaseS3, otherInstance, ownsLease, release, setRebuild } from "./lease";
-import { checkMoveTarget, move, MoveReport } from "./move";
+import { claim, hostRef, leaseS3, leaseView, otherInstance, ownsLease, release, setDeleting, setRebuild, VolumeRef } from "./lease";
+import { checkMoveTarget, move, MoveOptions, MoveReport, Redecide } from "./move";
+import { Action, decide, describe as describeAction, Desired, isWork, newHostMayHaveServed, StateView } from "./placement";
 import { containsUnknown } from "./unknowns";
 import { giveBack, undoMove } from "./undo";
-import { DEFAULT_LEASE_SECONDS, Lease, MovePhase, readLease, sameHost, hostName, newToken, ownerName, updateLease } from "../storage/lease";
+import {
+  DEFAULT_LEASE_SECONDS, HostRef, Lease, MovePhase, readLease, readLeaseAndClock, RebuildLayout, sameHost, sameOwner, hostName, newToken, updateLease,
+} from "../storage/lease";
 import { unitsArgv } from "../host/systemd";
 
 type Props = Record<string, any>;
@@ -45,6 +48,8 @@ export interface VolumeOutputs {
   pendingCleanup: Record<string, unknown>;
   /** Secret: where the volume came from while unfinishedMove or pendingCleanup is set (null otherwise). */
   moveOrigin: MoveOrigin | null;
+  /** A delete or rebuild cut off on the volume's host (op, since; {} when none): the next update repairs it. */
+  interruptedOperation: Record<string, unknown>;
 }
 
 /** What of the old inputs a resumed, undone or cleaned-up move needs: the old host and its layout. */
@@ -156,21 +161,43 @@ function same(a: unknown, b: unknown): boolean {
   return JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
 }
 
+/** The placement's view of the Pulumi state: where it has the volume, and any move or cleanup it recorded. */
+function stateView(olds: Props, origin: VolumeRef | undefined): StateView {
+  const S = hostRef(olds as VolumeInputs);
+  const um = olds.unfinishedMove as Props | undefined;
+  if (origin && isSet(um)) return { host: S, move: { from: hostRef(origin), to: S, phase: (um!.phase as MovePhase) ?? "warm" } };
+  if (origin && isSet(olds.pendingCleanup)) return { host: S, pendingCleanup: hostRef(origin) };
+  return { host: S };
+}
+
+function desiredOf(v: VolumeInputs): Desired {
+  return { host: hostRef(v), force: !!v.force, forceDespiteLiveLease: !!v.forceDespiteLiveLease };
+}
+
+/** Where a move came from (the state's moveOrigin on top of its inputs), while one is unfinished or not cleaned. */
+function originOfState(olds: Props, o: VolumeRef): VolumeRef | undefined {
+  return isSet(olds.moveOrigin) ? { ...o, ...(olds.moveOrigin as MoveOrigin) } : undefined;
+}
+
 /** What diff decides, without touching a host: the changes, and whether they move the volume to another machine. */
 export async function planDiff(olds: Props, news: Props) {
   // Fields added later: a state without them had their default (no diff for existing stacks).
   const added: Record<string, unknown> = { leaseDuration: DEFAULT_LEASE_SECONDS, forceDespiteLiveLease: false };
   const changes: string[] = INPUT_FIELDS.filter((f) => !same(olds[f] ?? added[f], news[f] ?? added[f]));
+  // A renamed stack, project or resource (an alias): the lease is re-owned by the next update.
+  if (olds.owner && news.owner && !sameOwner(olds.owner, news.owner)) changes.push("owner");
   // An unfinished move (to finish or undo) or an old host to clean is work for an update too.
   if (isSet(olds.unfinishedMove) || isSet(olds.pendingCleanup)) changes.push("host");
-  else if (!changes.length && olds.repository && olds.host) {
-    // A run killed mid-move left no trace in the state, only in the lease: setting host back to
-    // the old host (where the state still has it) must undo that move. One S3 read, no SSH.
-    const cur = await readLease(leaseS3(olds as VolumeInputs), olds.volumeId).then((x) => x?.lease, () => undefined);
-    const m = cur?.move;
-    if (m && m.phase !== "switched" && sameHost(m.from, hostRef(olds as VolumeInputs))) changes.push("host");
-    // ... or finished it elsewhere: the update says where the volume is.
-    else if (cur && ownsLease(cur, olds as VolumeInputs) && !sameHost(cur.holder, hostRef(olds as VolumeInputs))) changes.push("host");
+  else if (!changes.length && olds.repository && olds.host && news.host && !containsUnknown(news)) {
+    // What only the lease knows (a run cut off mid-move, a move finished elsewhere, a delete or
+    // rebuild cut off): the placement decides whether an update has work. One S3 read, no SSH.
+    const o: VolumeRef = { ...(olds as VolumeInputs), instanceId: (olds.instanceId as string) || undefined };
+    const v: VolumeRef = { ...(news as VolumeInputs), instanceId: o.instanceId };
+    const read = await readLeaseAndClock(leaseS3(o), o.volumeId).catch(() => undefined);
+    if (read) {
+      const action = decide({ op: "update", state: stateView(olds, undefined), desired: desiredOf(v), lease: leaseView(read.found?.lease, v, read.clock) });
+      if (isWork(action, hostRef(o))) changes.push("host");
+    }
   }
   const move = changes.includes("host") && !isSet(olds.unfinishedMove) && !isSet(olds.pendingCleanup) && !!olds.host && !!news.host &&
     !containsUnknown(news) && !sameHost(hostRef(olds as VolumeInputs), hostRef(news as VolumeInputs));
@@ -212,6 +239,7 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
     unfinishedMove: prev.unfinishedMove ?? {},
     pendingCleanup: prev.pendingCleanup ?? {},
     moveOrigin: prev.moveOrigin ?? null,
+    interruptedOperation: prev.interruptedOperation ?? {},
   };
 }
 
@@ -219,6 +247,10 @@ function outputs(l: VolumeLayout, obs: steps.Observed, snaps: Snapshot[] | undef
 async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m: string) => void,
   restore?: string, preflightDone = false, clone?: steps.SourceSnapshot, made?: { storage: boolean }): Promise<{ restoredFrom?: string; snapshots?: Snapshot[]; clonedFrom?: Record<string, string> }> {
   const l = steps.layout(v);
+  // A copy left fenced here by a move (a cut-off undo, or an old host never cleaned before the
+  // volume came back): given back when it is the repository's latest state, else discarded.
+  let users: string[] = [];
+  if (await steps.fencedLeftover(r, l)) users = await takeBackFenced(r, l, log);
   if (!preflightDone) await steps.preflight(r, v, l);
   await steps.installTools(r, v, log);
   await steps.writeConfig(r, v, l, leaseToken);
@@ -226,9 +258,32 @@ async function converge(r: Remote, v: VolumeInputs, leaseToken: string, log: (m:
   await steps.installUnits(r, v, l);
   const init = await steps.initialize(r, l, log, restore, clone);
   await steps.startTimer(r, l);
+  if (users.length) await r.runArgv(unitsArgv("start", users), { allowFailure: true });
   const cloned = clone?.snapshot && init.restoredFrom === clone.snapshot.id
     ? { volumeId: clone.volumeId, snapshotId: clone.snapshot.id, snapshotTime: clone.snapshot.time } : undefined;
   return { ...init, clonedFrom: cloned };
+}
+
+/**
+ * A fenced copy of the volume on r, met where the lease lets this resource run it: if its last
+ * backup is the repository's latest snapshot (it was read-only since), it is the volume's latest
+ * state and is given back (the users the fence kept are returned, to start); otherwise the volume
+ * went on elsewhere since, and the copy is removed (the restore that follows brings the latest).
+ */
+async function takeBackFenced(r: Remote, l: VolumeLayout, log: (m: string) => void): Promise<string[]> {
+  const status = await steps.readStatus(r, l);
+  const latest = (await steps.listSnapshots(r, l)).slice(-1)[0];
+  if (latest && status.snapshotId === latest.id) {
+    const users = await steps.fencedUsers(r, l);
+    log(`${r.name} holds a fenced copy of ${l.volumeId} whose last backup ${latest.id.slice(0, 8)} is the latest snapshot: giving it back`);
+    await steps.unfence(r, l);
+    await steps.unquiesce(r, l);
+    return users;
+  }
+  log(`${r.name} holds an old fenced copy of ${l.volumeId} (its last backup ${status.snapshotId?.slice(0, 8) || "none"} is not the latest ` +
+    `snapshot ${latest?.id.slice(0, 8) ?? "(none)"}): removing it; the latest snapshot is restored instead`);
+  await steps.teardown(r, l);
+  return [];
 }
 
 async function snapshotsOrUndefined(r: Remote, l: VolumeLayout): Promise<Snapshot[] | undefined> {
@@ -307,27 +362,68 @@ export async function read(id: string, props: Props) {
   if (!props || !props.host || !props.repository) {
     throw new UserError(adoptionHint("read", id));
   }
-  const v = props as VolumeInputs;
+  const v: VolumeRef = { ...(props as VolumeInputs), instanceId: (props.instanceId as string) || undefined };
   const l = steps.layout(v);
-  return withRemote(v.host, async (r) => {
+  const origin = originOfState(props, v);
+  const observed = await withRemote(v.host, async (r) => {
     const obs = await steps.observe(r, l);
-    // Gone from the host: gone. Not while a move is unfinished (the data is on the old host).
-    if (!obs.present && !obs.configured && !isSet(props.moveOrigin)) return { id: "", props: {} };
-    let snaps: Snapshot[] | undefined;
-    try {
-      snaps = await steps.listSnapshots(r, l);
-    } catch (e) {
-      logger(v)(`cannot list snapshots (${(e as Error).message.split("\n")[0]}); keeping the last known values`);
-    }
-    // A move cut off with the CLI (nothing in the state) shows from the lease.
-    let unfinishedMove = props.unfinishedMove;
-    if (!isSet(props.moveOrigin)) {
-      const m = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease.move, () => undefined);
-      unfinishedMove = m && m.phase !== "switched" && sameHost(m.from, hostRef(v))
-        ? { from: hostName(m.from), to: hostName(m.to), phase: m.phase, reason: "a pulumi run stopped during the move", since: m.startedAt } : {};
-    }
-    return { id, props: { ...props, ...outputs(l, obs, snaps, { ...props, unfinishedMove }) } };
+    return { obs, snaps: obs.present || obs.configured ? await snapshotsOrNote(r, l, v) : undefined };
   });
+  const read = await readLeaseAndClock(leaseS3(v), v.volumeId).catch(() => undefined);
+  const cur = read?.found?.lease;
+  const action = decide({ op: "read", state: stateView(props, origin), lease: read ? leaseView(cur, v, read.clock) : undefined,
+    presentOnStateHost: observed.obs.present || observed.obs.configured });
+  // A move cut off with the CLI (nothing in the state) shows from the lease; so does a cut-off delete or rebuild.
+  const fromLease = (at: HostRef): Props => {
+    const m = cur?.move;
+    const unfinishedMove = isSet(props.moveOrigin) ? props.unfinishedMove
+      : m && m.phase !== "switched" && ownsLease(cur!, v) && (sameHost(m.from, at) || sameHost(m.to, at))
+        ? { from: hostName(m.from), to: hostName(m.to), phase: m.phase, reason: "a pulumi run stopped during the move", since: m.startedAt } : {};
+    const interruptedOperation = cur && ownsLease(cur, v) && sameHost(cur.holder, at) && (cur.deleting || cur.rebuild)
+      ? { op: cur.deleting ? "delete" : "rebuild", since: (cur.deleting ?? cur.rebuild)!.startedAt } : {};
+    return { unfinishedMove, interruptedOperation };
+  };
+  switch (action.kind) {
+    case "observe":
+      return { id, props: { ...props, ...outputs(l, observed.obs, observed.snaps, { ...props, ...fromLease(hostRef(v)) }) } };
+    case "relocate": {
+      // Never dropped: the volume lives on another host of this resource (a cut-off run moved it).
+      const at = inputsAt(action.to, v, v, origin);
+      logger(v)(`${action.message}`);
+      const there = await withRemote(at.host, async (r) => {
+        const obs = await steps.observe(r, l);
+        return { obs, snaps: await snapshotsOrNote(r, l, v) };
+      }, { attempts: 1, dialTimeoutMs: 15_000 }).catch(() => undefined);
+      // What is left on the state's host (a move switched, its cleanup cut off) is cleaned by the next up.
+      const leftover = action.leftoverOn
+        ? { pendingCleanup: { host: hostName(action.leftoverOn), reason: "a pulumi run that was cut off moved the volume; its old copy is still there" },
+          moveOrigin: originOf(v) }
+        : { pendingCleanup: {}, moveOrigin: null };
+      const base = { ...props, host: at.host, ...(props.hostAddress !== undefined ? { hostAddress: at.host.address } : {}),
+        unfinishedMove: {}, ...leftover };
+      return { id, props: there ? { ...base, ...outputs(l, there.obs, there.snaps, { ...base, ...fromLease(action.to) }) } : base };
+    }
+    default:
+      // Gone from its host, and nowhere else this resource holds it: gone.
+      return { id: "", props: {} };
+  }
+}
+
+async function snapshotsOrNote(r: Remote, l: VolumeLayout, v: VolumeInputs): Promise<Snapshot[] | undefined> {
+  try {
+    return await steps.listSnapshots(r, l);
+  } catch (e) {
+    logger(v)(`cannot list snapshots (${(e as Error).message.split("\n")[0]}); keeping the last known values`);
+    return undefined;
+  }
+}
+
+/** The inputs that reach host h: the desired ones, the state's, the move's origin, or (a host only the lease names) the state's connection at h's address. */
+function inputsAt(h: HostRef, v: VolumeRef, o: VolumeRef, origin?: VolumeRef): VolumeRef {
+  if (sameHost(h, hostRef(v))) return v;
+  if (sameHost(h, hostRef(o))) return o;
+  if (origin && sameHost(h, hostRef(origin))) return origin;
+  return { ...o, host: { ...o.host, address: h.address, port: h.port, hostKey: h.hostKey ?? o.host.hostKey } };
 }
 
 /**
@@ -357,28 +453,61 @@ async function finalBackupVerified(r: Remote, v: VolumeInputs, l: VolumeLayout, 
 }
 
 
+/** The layout fields a rebuild changes. */
+const layoutOf = (v: Pick<VolumeInputs, "filesystem" | "volumeGroup">): RebuildLayout =>
+  plain({ filesystem: v.filesystem, ...(v.volumeGroup ? { volumeGroup: v.volumeGroup } : {}) });
+const sameLayout = (a: RebuildLayout, b: RebuildLayout) => a.filesystem === b.filesystem && (a.volumeGroup ?? "") === (b.volumeGroup ?? "");
+
 /**
  * A new filesystem or volumeGroup on the same host: final backup of the read-only volume
  * (verified), the old storage removed, the new one created and the final snapshot restored.
- * The snapshot is recorded in the lease first, so a run cut off anywhere resumes without loss.
+ * The rebuild is recorded in the lease before the volume stops, and its snapshot once taken, so
+ * a run cut off anywhere is finished by the next, or rolled back when the change was reverted
+ * (`v` then has the layout the volume had: see repairRebuild).
  */
-async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, instanceId: string, log: (m: string) => void) {
-  const lOld = steps.layout(olds), l = steps.layout(v);
+async function rebuild(r: Remote, olds: VolumeRef, v: VolumeRef, instanceId: string, log: (m: string) => void) {
   const { lease } = await claim({ ...v, force: false }, { instance: instanceId, adoptLegacy: true });
-  let snapshotId = lease.rebuild?.snapshotId;
-  const users = [...new Set([...await steps.usersOf(r, olds, lOld), ...v.stopUnits])];
-  if (await steps.holdsData(r, lOld)) {
-    log(`rebuilding on ${r.name}: ${olds.filesystem}${olds.volumeGroup ? ` in ${olds.volumeGroup}` : ""} -> ` +
+  const rec = lease.rebuild;
+  // The layout the volume is leaving: as the lease recorded it when a cut-off run started it.
+  const from: VolumeRef = rec?.from ? { ...olds, ...rec.from, volumeGroup: rec.from.volumeGroup } : olds;
+  const lFrom = steps.layout(from), l = steps.layout(v);
+  const users = [...new Set([...await steps.usersOf(r, from, lFrom), ...v.stopUnits])];
+  let snapshotId = rec?.snapshotId;
+  if (await steps.holdsData(r, lFrom)) {
+    if (sameLayout(layoutOf(from), layoutOf(v))) {
+      // Reverted before the old storage went: it is given back as it was.
+      log(`the rebuild was cut off and its change reverted: ${r.name} keeps its ${from.filesystem} storage`);
+      await giveBack(r, lFrom, users);
+      await setRebuild(v, undefined);
+      return;
+    }
+    log(`rebuilding on ${r.name}: ${from.filesystem}${from.volumeGroup ? ` in ${from.volumeGroup}` : ""} -> ` +
       `${v.filesystem}${v.volumeGroup ? ` in ${v.volumeGroup}` : ""}`);
-    await r.run(`systemctl start ${q(lOld.units.device)} ${q(lOld.units.mount)}`);
-    snapshotId = await finalBackupVerified(r, olds, lOld, log, { users });
-    await setRebuild(v, { snapshotId, startedAt: new Date().toISOString() });
-    log(`removing the old ${olds.filesystem} storage from ${r.name}`);
-    await steps.teardown(r, lOld);
+    const startedAt = rec?.startedAt ?? new Date().toISOString();
+    // Intent first: a run cut off from here on is repaired from this record.
+    await setRebuild(v, { startedAt, from: layoutOf(from), to: layoutOf(v) });
+    await r.run(`systemctl start ${q(lFrom.units.device)} ${q(lFrom.units.mount)}`);
+    try {
+      snapshotId = await finalBackupVerified(r, from, lFrom, log, { users });
+    } catch (e) {
+      await setRebuild(v, undefined).catch(() => undefined);
+      throw e;
+    }
+    await setRebuild(v, { snapshotId, startedAt, from: layoutOf(from), to: layoutOf(v) });
+    log(`removing the old ${from.filesystem} storage from ${r.name}`);
+    await steps.teardown(r, lFrom);
   } else if (snapshotId) {
     log(`resuming the rebuild: restoring final snapshot ${snapshotId.slice(0, 8)}`);
-    // A teardown cut off half-way is finished first (the data is in the recorded snapshot).
-    if (!(await steps.holdsData(r, l))) await steps.teardown(r, lOld);
+    // What a cut-off run left of the old storage, or of a layout it was building that is not wanted
+    // now, goes first (the data is in the recorded, verified snapshot).
+    if (!(await steps.holdsData(r, l))) {
+      await steps.teardown(r, lFrom);
+      if (rec?.to && !sameLayout(rec.to, layoutOf(v))) await steps.teardown(r, steps.layout({ ...v, ...rec.to, volumeGroup: rec.to.volumeGroup }));
+    }
+  } else if (rec) {
+    // Recorded, but the old storage does not hold the data and no snapshot was taken: never guess.
+    throw new UserError(`volume ${v.volumeId} on ${r.name}: a rebuild was recorded but neither its ${from.filesystem} storage nor a final ` +
+      "snapshot holds the data; nothing was changed: check the host");
   }
   const init = await converge(r, v, lease.token, log, snapshotId);
   // Verified whenever a rebuild is recorded, also when a cut-off run had already restored it.
@@ -389,12 +518,12 @@ async function rebuild(r: Remote, olds: VolumeInputs, v: VolumeInputs, instanceI
 }
 
 /** Drops a switched move's record from the lease (its old host forgotten, left fenced). */
-async function forgetMove(v: VolumeInputs): Promise<void> {
+async function forgetMove(v: VolumeRef): Promise<void> {
   await updateLease(leaseS3(v), v.volumeId, (cur) => {
     if (!cur || !sameHost(cur.holder, hostRef(v)) || !ownsLease(cur, v)) {
       throw new UserError(`volume ${v.volumeId}: this resource's host does not hold the lease${cur ? ` (${hostName(cur.holder)} does)` : ""}`);
     }
-    const next: Lease = { ...cur };
+    const next: Lease = { ...cur, owner: v.owner ?? cur.owner };
     delete next.move;
     return next;
   });
@@ -406,12 +535,13 @@ async function forgetMove(v: VolumeInputs): Promise<void> {
  * so that setting host back undoes it and keeping it finishes it. A partial failure to Pulumi:
  * the deployment fails, and the state is written.
  */
-function unfinished(id: string, olds: Props, news: Props, origin: VolumeInputs, e: Error, phase: string, since: string): Error {
+function unfinished(id: string, olds: Props, news: Props, origin: VolumeInputs, e: Error, phase: MovePhase, since: string): Error {
   const v = news as VolumeInputs;
   const [from, to] = [hostName(hostRef(origin)), hostName(hostRef(v))];
-  return partialFailure(id, `${e.message}\nThe move of ${v.volumeId} from ${from} to ${to} is unfinished (phase ${phase}): ` +
-    `run pulumi up again to finish it, or set host back to ${from} to undo it.`, { ...olds, ...news,
-    unfinishedMove: { from, to, phase, reason: firstLine(e), since }, pendingCleanup: {}, moveOrigin: originOf(origin) });
+  const way = newHostMayHaveServed(phase) ? "run pulumi up again to finish it (it reached its switch: it can no longer be undone)"
+    : `run pulumi up again to finish it, or set host back to ${from} to undo it`;
+  return partialFailure(id, `${e.message}\nThe move of ${v.volumeId} from ${from} to ${to} is unfinished (phase ${phase}): ${way}.`,
+    { ...olds, ...news, unfinishedMove: { from, to, phase, reason: firstLine(e), since }, pendingCleanup: {}, moveOrigin: originOf(origin) });
 }
 
 const firstLine = (e: Error) => e.message.split("\n")[0].slice(0, 500);
@@ -422,13 +552,14 @@ function partialFailure(id: string, message: string, properties: Props): Error {
   return Object.assign(new Error(message), { id, reasons: [message], properties: plain(properties) });
 }
 
-async function moveTo(id: string, o: VolumeInputs, olds: Props, news: Props, log: (m: string) => void) {
-  const v = news as VolumeInputs;
+async function moveTo(id: string, o: VolumeRef, olds: Props, news: Props, v: VolumeRef, log: (m: string) => void, opts: MoveOptions = {}) {
   const l = steps.layout(v);
   let report: MoveReport;
   try {
-    report = await move(o, v, log, (r, lay, fn) => exclusive(r, lay, log, fn));
+    report = await move(o, v, log, (r, lay, fn) => exclusive(r, lay, log, fn), opts);
   } catch (e) {
+    // Nothing done by this run yet: the caller decides again (a host unreachable, the lease moved on).
+    if (e instanceof HostUnreachable || e instanceof Redecide) throw e;
     // Where the move stands: from the lease, or, if S3 cannot be read now, as move() last knew it.
     const known = e as { movePhase?: MovePhase; moveStartedAt?: string };
     const m = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease.move,
@@ -452,82 +583,151 @@ async function moveTo(id: string, o: VolumeInputs, olds: Props, news: Props, log
   return withRemote(v.host, async (r) => {
     const obs = await steps.observe(r, l);
     const snaps = await snapshotsOrUndefined(r, l);
-    return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, lastMove, unfinishedMove: {}, ...pending }) } };
+    return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, instanceId: v.instanceId ?? olds.instanceId, lastMove, unfinishedMove: {},
+      interruptedOperation: {}, ...pending }) } };
   });
 }
 
+interface UpdateContext { id: string; olds: Props; news: Props; v: VolumeRef; o: VolumeRef; origin?: VolumeRef; log: (m: string) => void }
+
 export async function update(id: string, olds: Props, news: Props) {
-  const v = news as VolumeInputs;
-  const log = logger(v);
-  const l = steps.layout(v);
-  // Where the volume is coming from, while a move is unfinished or its old host not cleaned.
-  const origin = isSet(olds.moveOrigin) ? { ...(olds as VolumeInputs), ...(olds.moveOrigin as MoveOrigin) } : undefined;
-  const lock = <T>(r: Remote, lay: VolumeLayout, fn: () => Promise<T>) => exclusive(r, lay, log, fn);
-  const hostText = (h: VolumeInputs["host"]) => hostName(h);
-  if (origin && isSet(olds.unfinishedMove)) {
-    if (sameHost(hostRef(origin), hostRef(v))) {
-      // host set back to where the volume came from: undo the move. The old host keeps its own
-      // layout; other changes made together with the move apply in the next update.
-      const back = { ...v, ...(olds.moveOrigin as MoveOrigin), host: v.host };
-      const warning = await undoMove(back, olds as VolumeInputs, log, lock);
-      const lBack = steps.layout(back);
-      return withRemote(v.host, async (r) => {
-        const obs = await steps.observe(r, lBack);
-        const snaps = await snapshotsOrUndefined(r, lBack);
-        return { outs: { ...news, ...(olds.moveOrigin as MoveOrigin), host: v.host, ...outputs(lBack, obs, snaps, { ...olds,
-          unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null,
-          lastMove: { undone: true, from: hostText(olds.host), to: r.name, ...(warning ? { warning } : {}) } }) } };
-      });
-    }
-    if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) {
-      throw new UserError(`host: volume ${v.volumeId} is in the middle of a move from ${hostText(origin.host)} to ` +
-        `${hostText(olds.host)} (${(olds.unfinishedMove as Props).phase}): set host to ${hostText(olds.host)} ` +
-        `to finish it, or back to ${hostText(origin.host)} to undo it, before moving it elsewhere`);
-    }
-    return moveTo(id, origin, olds, news, log); // finish it
-  }
-  if (origin && isSet(olds.pendingCleanup)) {
-    if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) {
-      throw new UserError(`host: the old host ${hostText(origin.host)} of volume ${v.volumeId} is not cleaned yet ` +
-        `(${(olds.pendingCleanup as Props).reason}): keep host at ${hostText(olds.host)} until a pulumi up has cleaned it ` +
-        "(or set force: true to forget it)");
-    }
-    // The move switched: this cleans the old host, if it is back (the inputs as applied on the new host).
-    const done = await moveTo(id, origin, olds, { ...olds, __provider: news.__provider }, log);
-    if (isSet(done.outs.pendingCleanup)) {
-      if (!v.force) {
-        const changed = INPUT_FIELDS.filter((f) => f !== "host" && !same(olds[f], news[f]));
-        if (changed.length) {
-          throw new UserError(`volume ${v.volumeId}: its old host ${hostText(origin.host)} is still not cleaned ` +
-            `(${(done.outs.pendingCleanup as Props).reason}); other changes (${changed.join(", ")}) wait until it is, ` +
-            "or set force: true to forget it");
-        }
-        return { outs: { ...done.outs, host: v.host } };
+  const instanceId = (olds.instanceId as string) || undefined;
+  const v: VolumeRef = { ...(news as VolumeInputs), instanceId };
+  const o: VolumeRef = { ...(olds as VolumeInputs), instanceId };
+  const ctx: UpdateContext = { id, olds, news, v, o, origin: originOfState(olds, o), log: logger(v) };
+  // Observe, decide, act; again when what an action met differs from what the decision saw (a
+  // host that cannot be reached, a lease another run changed while this one waited for its locks).
+  const unreachable: HostRef[] = [];
+  let last: Error | undefined;
+  for (let round = 0; round < 5; round++) {
+    const { found, clock } = await readLeaseAndClock(leaseS3(v), v.volumeId);
+    const action = decide({ op: "update", state: stateView(olds, ctx.origin), desired: desiredOf(v), lease: leaseView(found?.lease, v, clock), unreachable });
+    if (round > 0 || !(action.kind === "converge" || action.kind === "move")) ctx.log(`placement: ${describeAction(action)}`);
+    try {
+      return await carryOut(action, ctx);
+    } catch (e) {
+      if (e instanceof HostUnreachable && !unreachable.some((h) => sameHost(h, e.host))) {
+        unreachable.push(e.host);
+      } else if (e instanceof Redecide) {
+        ctx.log(`${e.message}: deciding again`);
+      } else {
+        throw e;
       }
-      log(`force: forgetting the old host ${hostText(origin.host)} without cleaning it; it stays fenced (read-only, no timer, ` +
-        `its lease token revoked): clean it by hand (units dboxed-volume-${v.volumeId}-*, /etc/dboxed-volumes/${v.volumeId}, its storage)`);
-      await forgetMove(v);
+      last = e as Error;
     }
-    // Cleaned (or forgotten): the rest is a normal update on the new host (outputs cleared below).
   }
-  if (!sameHost(hostRef(olds as VolumeInputs), hostRef(v))) return moveTo(id, olds as VolumeInputs, olds, news, log);
-  const o = olds as VolumeInputs;
-  const inLease = await readLease(leaseS3(v), v.volumeId).then((x) => x?.lease, () => undefined);
-  const pendingInLease = inLease?.move;
-  if (pendingInLease && pendingInLease.phase !== "switched" && sameHost(pendingInLease.from, hostRef(o))) {
-    // A killed run's move (nothing in the state): undo it. The new host is reached with this
-    // host's credentials at the address and pinned key the lease names.
-    if (!pendingInLease.to.hostKey) {
-      throw new UserError(`volume ${v.volumeId} is in the middle of a move to ${hostName(pendingInLease.to)} started by a run that was cut off; ` +
-        `its lease names no host key for that host, so it cannot be undone safely from here: set host to ${hostName(pendingInLease.to)} to finish it`);
+  throw last!;
+}
+
+async function carryOut(a: Action, ctx: UpdateContext) {
+  const { id, olds, news, v, o, origin, log } = ctx;
+  const at = (h: HostRef) => inputsAt(h, v, o, origin);
+  switch (a.kind) {
+    case "refuse":
+      throw new UserError(`volume ${v.volumeId}: ${a.message}`);
+    case "relocate": {
+      // The state follows the volume: it lives on a.to, reached with the state's connection settings.
+      const there = at(a.to);
+      throw partialFailure(id, `volume ${v.volumeId}: ${a.message}`, { ...olds, host: there.host,
+        ...(olds.hostAddress !== undefined ? { hostAddress: there.host.address } : {}), unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null });
     }
-    const target = { ...o, host: { ...o.host, address: pendingInLease.to.address, port: pendingInLease.to.port,
-      hostKey: pendingInLease.to.hostKey } } as VolumeInputs;
-    await undoMove(o, target, log, lock);
-  } else if (inLease && ownsLease(inLease, v) && !sameHost(inLease.holder, hostRef(o))) {
-    throw new UserError(`volume ${v.volumeId} lives on ${hostName(inLease.holder)} now (a pulumi run that was cut off finished moving it ` +
-      `there), not on ${hostText(o.host)}: set host to ${hostName(inLease.holder)}; move it back afterwards if you want`);
+    case "move":
+      return moveTo(id, at(a.from), olds, news, { ...v, ...(sameHost(a.to, hostRef(v)) ? {} : { host: at(a.to).host }) }, log);
+    case "finishWithoutOld":
+      return moveTo(id, at(a.from), olds, news, v, log, { withoutOld: true });
+    case "undo":
+      return undo(ctx, a.back, a.target);
+    case "cleanup": {
+      // The move switched: this cleans the old host, if it is back (the inputs as applied on the new host).
+      const done = await moveTo(id, origin!, olds, { ...olds, __provider: news.__provider }, o, log);
+      if (isSet(done.outs.pendingCleanup)) {
+        if (!v.force) {
+          const changed = INPUT_FIELDS.filter((f) => f !== "host" && !same(olds[f], news[f]));
+          if (changed.length) {
+            throw new UserError(`volume ${v.volumeId}: its old host ${hostName(hostRef(origin!))} is still not cleaned ` +
+              `(${(done.outs.pendingCleanup as Props).reason}); other changes (${changed.join(", ")}) wait until it is, ` +
+              "or set force: true to forget it");
+          }
+          return { outs: { ...done.outs, host: v.host } };
+        }
+        log(`force: forgetting the old host ${hostName(hostRef(origin!))} without cleaning it; it stays fenced (read-only, no timer, ` +
+          `its lease token revoked): clean it by hand (units dboxed-volume-${v.volumeId}-*, /etc/dboxed-volumes/${v.volumeId}, its storage)`);
+        await forgetMove(v);
+      }
+      // Cleaned (or forgotten): the rest is a normal update on the new host (outputs cleared there).
+      return inPlace(ctx);
+    }
+    case "repair":
+      return inPlace(ctx, a.op);
+    case "take":
+      return takeOver(ctx, a.from);
+    case "converge":
+      return inPlace(ctx);
+    default:
+      throw new Error(`volume ${v.volumeId}: no update action for ${a.kind}`);
   }
+}
+
+/** Undoes a move that has not begun its switch: `back` gets the volume again, `target` is cleaned. */
+async function undo(ctx: UpdateContext, backHost: HostRef, targetHost: HostRef) {
+  const { news, olds, v, o, origin, log } = ctx;
+  const lock = <T>(r: Remote, lay: VolumeLayout, fn: () => Promise<T>) => exclusive(r, lay, log, fn);
+  let back: VolumeRef, target: VolumeRef;
+  if (origin && sameHost(hostRef(origin), backHost)) {
+    // The state recorded the move: the old host keeps its own layout; other changes made together
+    // with the move apply in the next update.
+    back = { ...v, ...(olds.moveOrigin as MoveOrigin), host: v.host };
+    target = o;
+  } else {
+    // A killed run's move (nothing in the state): the new host is reached with this host's
+    // credentials at the address and pinned key the lease names.
+    if (!targetHost.hostKey) {
+      throw new UserError(`volume ${v.volumeId} is in the middle of a move to ${hostName(targetHost)} started by a run that was cut off; ` +
+        `its lease names no host key for that host, so it cannot be undone safely from here: set host to ${hostName(targetHost)} to finish it`);
+    }
+    back = o;
+    target = inputsAt(targetHost, v, o, origin);
+  }
+  const warning = await undoMove(back, target, log, lock);
+  const lBack = steps.layout(back);
+  return withRemote(back.host, async (r) => {
+    const obs = await steps.observe(r, lBack);
+    const snaps = await snapshotsOrUndefined(r, lBack);
+    const restored = origin && sameHost(hostRef(origin), backHost) ? { ...(olds.moveOrigin as MoveOrigin), host: v.host } : {};
+    return { outs: { ...news, ...restored, ...outputs(lBack, obs, snaps, { ...olds,
+      unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null, interruptedOperation: {},
+      lastMove: { undone: true, from: hostName(targetHost), to: r.name, ...(warning ? { warning } : {}) } }) } };
+  });
+}
+
+/** The host the state names is gone for good: the volume is taken from it by force and its latest snapshot restored on the new host. */
+async function takeOver(ctx: UpdateContext, from: HostRef) {
+  const { olds, news, v, o, log } = ctx;
+  const l = steps.layout(v);
+  const instanceId = v.instanceId ?? newToken();
+  return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
+    await steps.preflight(r, v, l, { readOnly: true });
+    const { lease, forcedFrom } = await claim({ ...v, instanceId }, { instance: instanceId, adoptLegacy: false });
+    const init = await converge(r, v, lease.token, log);
+    const snaps = init.snapshots ?? await steps.listSnapshots(r, l);
+    const used = snaps.find((s) => s.id === init.restoredFrom);
+    const lostSeconds = used ? Math.round((Date.now() - Date.parse(used.time)) / 1000) : null;
+    log(`FORCED takeover from ${hostName(from)}: restored snapshot ${init.restoredFrom?.slice(0, 8) ?? "(none)"} of ${used?.time ?? "never"}; ` +
+      `anything written on ${hostName(from)} after it (up to ${lostSeconds ?? "?"} s) is lost; ${hostName(from)} is cleaned by a later pulumi up once it is back`);
+    await steps.runBackup(r, l, log);
+    const obs = await steps.observe(r, l);
+    const lastMove = { forced: true, from: hostName(forcedFrom?.holder ?? from), to: r.name, snapshotId: init.restoredFrom ?? "",
+      snapshotTime: used?.time ?? "", dataLossWindowSeconds: lostSeconds };
+    return { outs: { ...news, ...outputs(l, obs, await snapshotsOrUndefined(r, l), { ...olds, instanceId, lastMove, unfinishedMove: {},
+      interruptedOperation: {}, pendingCleanup: { host: hostName(from), reason: "given up by force: it may still hold its old copy" },
+      moveOrigin: originOf(o) }, init.restoredFrom ?? "") } };
+  }), { log });
+}
+
+/** An update on the host the volume lives on: converge, grow, reschedule, rebuild, or repair a cut-off delete or rebuild. */
+async function inPlace(ctx: UpdateContext, repair?: "delete" | "rebuild") {
+  const { olds, news, v, o, log } = ctx;
+  const l = steps.layout(v);
   const instanceId = (olds.instanceId as string) || newToken();
   return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     if (o.host.address !== v.host.address || Number(o.host.port) !== Number(v.host.port)) {
@@ -539,10 +739,17 @@ export async function update(id: string, olds: Props, news: Props) {
       }
       log(`${o.host.address}:${o.host.port} is now reached as ${r.name} (same host key): not a move`);
     }
-    if (o.filesystem !== v.filesystem || (o.volumeGroup ?? "") !== (v.volumeGroup ?? "")) {
+    if (repair === "delete") {
+      // A delete cut off after it stopped the volume (its change reverted): back in service.
+      const users = [...new Set([...await steps.usersOf(r, o, steps.layout(o)), ...o.stopUnits])];
+      log(`a delete of ${v.volumeId} was cut off on ${r.name}: giving the volume back (read-write, scheduled${users.length ? `, ${users.join(", ")} started` : ""})`);
+      await giveBack(r, steps.layout(o), users, true);
+      await setDeleting(v, undefined);
+    }
+    if (repair === "rebuild" || o.filesystem !== v.filesystem || (o.volumeGroup ?? "") !== (v.volumeGroup ?? "")) {
       await rebuild(r, o, v, instanceId, log);
     } else {
-      const { lease } = await claim({ ...v, force: false }, { instance: instanceId, adoptLegacy: true });
+      const { lease } = await claim({ ...v, force: false, instanceId }, { instance: instanceId, adoptLegacy: true });
       await converge(r, v, lease.token, log);
       if (v.size > (o.size ?? 0)) {
         log(`growing to ${formatSize(v.size)}`);
@@ -552,54 +759,96 @@ export async function update(id: string, olds: Props, news: Props) {
     }
     const obs = await steps.observe(r, l);
     const snaps = await snapshotsOrUndefined(r, l);
-    return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, instanceId, unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null }) } };
+    return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, instanceId, unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null,
+      interruptedOperation: {} }) } };
   }), { log });
 }
 
 export async function remove(id: string, props: Props) {
-  const v = props as VolumeInputs;
+  const instanceId = (props.instanceId as string) || undefined;
+  const v: VolumeRef = { ...(props as VolumeInputs), instanceId };
   const log = logger(v);
-  const l = steps.layout(v);
-  if (isSet(props.unfinishedMove) && isSet(props.moveOrigin)) {
-    const o = props.moveOrigin as MoveOrigin;
-    throw new UserError(`volume ${v.volumeId} is in the middle of a move from ${o.host.address}:${o.host.port} to ${v.host.address}:${v.host.port}: ` +
-      `its data is on the old host, read-only. Set host back to ${o.host.address}:${o.host.port} and run pulumi up (undoes the move), ` +
-      "or keep it and run pulumi up (finishes it), then delete");
+  const origin = originOfState(props, v);
+  const { found, clock } = await readLeaseAndClock(leaseS3(v), v.volumeId);
+  const cur = found?.lease;
+  if (cur && otherInstance(cur, instanceId) && sameOwner(cur.owner, v.owner) && sameHost(cur.holder, hostRef(v))) {
+    // This resource was replaced (pulumi up --replace): the volume is its successor's now.
+    log(`volume ${v.volumeId} on ${hostName(cur.holder)} now belongs to this resource's replacement: leaving it in place`);
+    return;
   }
+  const action = decide({ op: "delete", state: stateView(props, origin), lease: leaseView(cur, v, clock) });
+  if (action.kind !== "remove") log(`placement: ${describeAction(action)}`);
+  switch (action.kind) {
+    case "refuse":
+      throw new UserError(`volume ${v.volumeId}: ${action.message}`);
+    case "leave":
+      log(`volume ${v.volumeId} on ${hostName(hostRef(v))}: ${action.why}: leaving it in place`);
+      return;
+    case "remove": {
+      const here = inputsAt(action.host, v, v, origin);
+      if (!sameHost(action.host, hostRef(v))) log(`volume ${v.volumeId} lives on ${hostName(action.host)} (a cut-off run moved it): removing it there`);
+      await removeFrom(here, log, instanceId);
+      if (action.alsoClean) await cleanLeftover(inputsAt(action.alsoClean, v, v, origin), log);
+      await release(here, instanceId, { withMove: true });
+      return;
+    }
+    default:
+      throw new Error(`volume ${v.volumeId}: no delete action for ${action.kind}`);
+  }
+}
+
+/** The old host of a move, cleaned when it can be reached; otherwise it stays fenced, and the log says what to remove by hand. */
+async function cleanLeftover(o: VolumeRef, log: (m: string) => void): Promise<void> {
+  const l = steps.layout(o);
+  try {
+    await withRemote(o.host, async (r) => exclusive(r, l, log, async () => {
+      const users = await steps.usersOf(r, o, l);
+      if (users.length) await r.runArgv(["systemctl", "stop", ...users], { allowFailure: true });
+      await steps.teardown(r, l);
+      log(`cleaned the old host ${r.name}`);
+    }), { attempts: 1, dialTimeoutMs: 15_000 });
+  } catch (e) {
+    log(`WARNING: the old host ${o.host.address}:${o.host.port} could not be cleaned (${(e as Error).message.split("\n")[0]}); it stays fenced ` +
+      `(read-only, no timer, no valid lease token): remove its units dboxed-volume-${o.volumeId}-*, /etc/dboxed-volumes/${o.volumeId} ` +
+      `and its storage by hand (a volume declared there again with this id discards it: its data is in the repository)`);
+  }
+}
+
+async function removeFrom(v: VolumeRef, log: (m: string) => void, instanceId: string | undefined): Promise<void> {
+  const l = steps.layout(v);
   await withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     const obs = await steps.observe(r, l);
     const initialized = (await r.run(`test -e ${q(l.stateDir + "/initialized")}`, { allowFailure: true })).code === 0;
-    const instanceId = props.instanceId as string | undefined;
     if (!obs.present && !obs.configured) {
       log(`nothing left on ${r.name}`);
-      await release(v, instanceId);
       return;
     }
     const lease = await readLease(leaseS3(v), v.volumeId);
-    const mv = lease?.lease.move;
-    if (mv && mv.phase !== "switched" && lease && ownsLease(lease.lease, v) && (sameHost(mv.from, hostRef(v)) || sameHost(mv.to, hostRef(v)))) {
-      // A run cut off mid-move (nothing in the state): finish or undo it before deleting.
-      throw new UserError(`volume ${v.volumeId} is in the middle of a move from ${hostName(mv.from)} to ${hostName(mv.to)} (phase ${mv.phase}), ` +
-        `started by a pulumi run that was cut off: run pulumi up with host ${hostName(mv.from)} (undoes it) or ${hostName(mv.to)} ` +
-        "(finishes it), then delete");
-    }
     let users: string[] = [];
-    const fenced = !!lease && (!sameHost(lease.lease.holder, hostRef(v)) || !ownsLease(lease.lease, v) || otherInstance(lease.lease, instanceId));
-    if (fenced && sameHost(lease!.lease.holder, hostRef(v))) {
-      // The volume here is held by another resource, or by this one's replacement: not ours to remove.
-      log(`volume ${v.volumeId} on ${r.name} now belongs to ${lease!.lease.owner ? ownerName(lease!.lease.owner) : "another resource"}` +
-        `${otherInstance(lease!.lease, instanceId) ? " (this resource's replacement)" : ""}: leaving it in place`);
-      return;
-    }
+    const fenced = !!lease && (!sameHost(lease.lease.holder, hostRef(v)) || !ownsLease(lease.lease, v));
     if (fenced) {
       log(`${r.name} no longer holds volume ${v.volumeId} (${hostName(lease!.lease.holder)} does): no final backup from here`);
+    } else if (lease && (v.forgetSnapshotsOnDelete || (v.finalBackupOnDelete && initialized && obs.present))) {
+      // Intent first: a delete cut off from here on (the volume stopped, read-only) is given back
+      // by the next pulumi up that still declares it.
+      await setDeleting(v, { startedAt: new Date().toISOString() });
+    }
+    const failed = async (e: unknown, what: string) => {
+      if (!fenced) {
+        await giveBack(r, l, users);
+        await setDeleting(v, undefined).catch(() => undefined);
+      }
+      return new UserError(`${(e as Error).message}\nThe volume was left in place on ${r.name}` +
+        `${fenced ? "" : `: mounted read-write and scheduled as before${users.length ? `, ${users.join(", ")} started again` : ""}`}; ${what}`);
+    };
+    if (fenced) {
+      // nothing to back up
     } else if (v.forgetSnapshotsOnDelete) {
       await r.runArgv(["systemctl", "stop", l.units.timer], { allowFailure: true });
       try {
         await steps.forgetSnapshots(r, l, log);
       } catch (e) {
-        await giveBack(r, l, []);
-        throw new UserError(`${(e as Error).message}\nThe volume was left in place on ${r.name}, mounted and scheduled as before.`);
+        throw await failed(e, "fix the cause and run again.");
       }
     } else if (v.finalBackupOnDelete && initialized && obs.present) {
       // Not mounted (e.g. a failed boot): mount it so the final backup sees its latest data.
@@ -607,7 +856,12 @@ export async function remove(id: string, props: Props) {
       // The declared users (stopUnits, units that require the mount) stop as in a move: the
       // teardown would stop the latter anyway, and a writer would make the remount fail.
       users = await steps.usersOf(r, v, l);
-      await finalBackupVerified(r, v, l, log, { users });
+      try {
+        await finalBackupVerified(r, v, l, log, { users });
+      } catch (e) {
+        await setDeleting(v, undefined).catch(() => undefined);
+        throw e;
+      }
     } else if (v.finalBackupOnDelete && !initialized && obs.configured) {
       log("the volume never finished its first restore: no final backup (the repository holds its data)");
     }
@@ -615,10 +869,7 @@ export async function remove(id: string, props: Props) {
     try {
       await steps.teardown(r, l);
     } catch (e) {
-      if (!fenced) await giveBack(r, l, users);
-      throw new UserError(`${(e as Error).message}\nThe volume was left in place on ${r.name}` +
-        `${fenced ? "" : `: mounted read-write and scheduled as before${users.length ? `, ${users.join(", ")} started again` : ""}`}; fix the cause and run again.`);
+      throw await failed(e, "fix the cause and run again.");
     }
-    await release(v, instanceId);
   }), { log });
 }

@@ -2,7 +2,7 @@
 // on every command, and secrets passed on stdin (never on a command line).
 import type { NodeSSH } from "node-ssh";
 import { command, quote } from "../host/shell";
-import { CommandError, UserError } from "../errors";
+import { CommandError, DialError, UserError } from "../errors";
 
 /** How to reach a host, as remote.Connection of @pulumi/command describes it. */
 export interface SshTarget {
@@ -155,7 +155,7 @@ export class Remote {
         }
       }
     }
-    throw new UserError(`cannot reach ${name} over SSH after ${attempts} attempts: ${(lastError as Error)?.message ?? lastError}`);
+    throw new DialError(`cannot reach ${name} over SSH after ${attempts} attempts: ${(lastError as Error)?.message ?? lastError}`);
   }
 
   /** Runs a shell script as root (through `sudo -n` when the user is not root). */

@@ -167,6 +167,8 @@ export class Volume extends pulumi.dynamic.Resource {
   public readonly unfinishedMove!: pulumi.Output<Record<string, unknown>>;
   /** The old host of a finished move that could not be cleaned yet (`host`, `reason`; empty when none): the next `pulumi up` retries. */
   public readonly pendingCleanup!: pulumi.Output<Record<string, unknown>>;
+  /** A delete or rebuild that was cut off on the volume's host (`op`, `since`; empty when none): the next `pulumi up` repairs it. */
+  public readonly interruptedOperation!: pulumi.Output<Record<string, unknown>>;
 
   constructor(name: string, args: VolumeArgs, opts?: pulumi.CustomResourceOptions) {
     refuseUnknownArgs(`Volume "${name}"`, args, VOLUME_ARGS);
@@ -197,7 +199,8 @@ export class Volume extends pulumi.dynamic.Resource {
       owner: { project: pulumi.getProject(), stack: pulumi.getStack(), name },
       snapshotSpace: args.snapshotSpace,
       host: connection(args.host, true),
-      hostAddress: pulumi.output(args.host).apply((h) => h.address),
+      // Plain even when the connection holds secrets (its key): an address is no secret.
+      hostAddress: pulumi.unsecret(pulumi.output(args.host).apply((h) => h.address)),
       size: args.size,
       filesystem: args.filesystem ?? "ext4",
       mountPath: args.mountPath,
@@ -229,7 +232,7 @@ export class Volume extends pulumi.dynamic.Resource {
       device: undefined, sizeBytes: undefined, usedBytes: undefined, mounted: undefined, timerActive: undefined,
       lastBackupAt: undefined, lastBackupStatus: undefined, lastBackupMessage: undefined, lastSuccessfulBackupAt: undefined,
       latestSnapshotId: undefined, snapshotCount: undefined, restoredFrom: undefined, clonedFrom: undefined, lastMove: undefined, instanceId: undefined,
-      unfinishedMove: undefined, pendingCleanup: undefined, moveOrigin: undefined,
+      unfinishedMove: undefined, pendingCleanup: undefined, moveOrigin: undefined, interruptedOperation: undefined,
     }, {
       ...opts,
       dependsOn,

@@ -13,7 +13,8 @@ export interface HostRef { address: string; port: number; hostKey?: string }
 /** The Pulumi resource that owns a volume: one per volume id, whatever host it lives on. */
 export interface Owner { project: string; stack: string; name: string }
 
-export type MovePhase = "warm" | "final-backup" | "restored" | "switched";
+/** A move's phases, each recorded before the step it names takes effect (see lifecycle/placement.ts). */
+export type MovePhase = "warm" | "final-backup" | "restored" | "switching" | "switched";
 
 export interface MoveState {
   from: HostRef;
@@ -48,8 +49,14 @@ export interface Lease {
    * (pulumi up --replace) the old instance's delete must leave the volume to the new one.
    */
   instance?: string;
-  /** A rebuild (filesystem or volumeGroup change) in progress: the verified final snapshot to restore. */
-  rebuild?: { snapshotId: string; startedAt: string };
+  /**
+   * A rebuild (filesystem or volumeGroup change) in progress, recorded before the volume is
+   * stopped: the layout it leaves and the one it builds, and once taken and verified, the final
+   * snapshot to restore. A run cut off anywhere is finished, or rolled back, from it.
+   */
+  rebuild?: { snapshotId?: string; startedAt: string; from?: RebuildLayout; to?: RebuildLayout };
+  /** A delete in progress on the holder, recorded before the volume is stopped: a cut-off delete is repaired from it. */
+  deleting?: { startedAt: string };
   /** Random per write: tells a writer whose answer was lost that its write landed. */
   writeId?: string;
   /** How long the lease lasts without renewal (the Volume's leaseDuration). */
@@ -61,7 +68,36 @@ export interface Lease {
   expiresAt?: number;
 }
 
+export interface RebuildLayout { filesystem: "ext4" | "xfs"; volumeGroup?: string }
+
 export const DEFAULT_LEASE_SECONDS = 600;
+
+/**
+ * The S3 server's clock, as one of its answers told it (the Date header, whole seconds, stamped
+ * between the request leaving and the answer arriving): every lease expiry is reckoned on it, so
+ * that hosts and the machine running pulumi, whatever their own clocks say, judge alike.
+ */
+export interface ServerClock { date: number; before: number; after: number }
+
+/** The server's time now (ms): at least (`low`) or at most (`high`) what its last answer allows. */
+export function serverNow(c: ServerClock | undefined, bound: "low" | "high", local = Date.now()): number {
+  if (!c) return local;
+  return bound === "low" ? c.date + (local - c.after) : c.date + 1000 + (local - c.before);
+}
+
+/** Registers a middleware on `client` that records the Date of each raw answer, errors included. */
+function watchServerDate(client: import("@aws-sdk/client-s3").S3Client): { clock?: ServerClock } {
+  const seen: { clock?: ServerClock } = {};
+  client.middlewareStack.add((next) => async (args) => {
+    const before = Date.now();
+    const out = await next(args);
+    const h = (out.response as { headers?: Record<string, string> } | undefined)?.headers;
+    const d = h ? Date.parse(h.date ?? h.Date ?? "") : NaN;
+    if (Number.isFinite(d)) seen.clock = { date: d, before, after: Date.now() };
+    return out;
+  }, { step: "deserialize", priority: "low", name: "dboxedServerDate" });
+  return seen;
+}
 
 const httpStatus = (err: unknown) => (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
 
@@ -97,15 +133,23 @@ export function leaseKey(prefix: string, volumeId: string): string {
   return `${prefix}-meta/volumes/${volumeId}/lease.json`;
 }
 
-export async function readLease(s: S3Settings, volumeId: string): Promise<{ lease: Lease; etag: string } | undefined> {
+export interface ReadLease { lease: Lease; etag: string; clock?: ServerClock }
+
+export async function readLease(s: S3Settings, volumeId: string): Promise<ReadLease | undefined> {
+  return (await readLeaseAndClock(s, volumeId)).found;
+}
+
+/** The lease (if any) and the server's clock as the answer told it (also when there is no lease). */
+export async function readLeaseAndClock(s: S3Settings, volumeId: string): Promise<{ found?: ReadLease; clock?: ServerClock }> {
   const { GetObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   const client = s3Client(s);
+  const seen = watchServerDate(client);
   try {
     const res = await client.send(new GetObjectCommand({ Bucket: s.bucket, Key: leaseKey(s.prefix, volumeId) }));
     const text = await res.Body!.transformToString();
-    return { lease: JSON.parse(text) as Lease, etag: res.ETag! };
+    return { found: { lease: JSON.parse(text) as Lease, etag: res.ETag!, clock: seen.clock }, clock: seen.clock };
   } catch (err) {
-    if (httpStatus(err) === 404) return undefined;
+    if (httpStatus(err) === 404) return { clock: seen.clock };
     throw explainS3Error(err, s, `read the lease of volume ${volumeId}`);
   } finally {
     client.destroy();
@@ -139,7 +183,7 @@ export async function readMaintenance(s: S3Settings, task: "prune" | "check"): P
  * own write and gets 412. So a 412, or an error after which the write may have landed, is
  * judged by reading the lease back: our writeId there (a host's renewal keeps it) means written.
  */
-export async function writeLease(s: S3Settings, lease: Lease, etag: string | undefined): Promise<string> {
+export async function writeLease(s: S3Settings, lease: Lease, etag: string | undefined, clock?: ServerClock): Promise<string> {
   const { PutObjectCommand } = require("@aws-sdk/client-s3") as typeof import("@aws-sdk/client-s3");
   const client = s3Client(s);
   const writeId = newToken();
@@ -148,7 +192,8 @@ export async function writeLease(s: S3Settings, lease: Lease, etag: string | und
       Bucket: s.bucket, Key: leaseKey(s.prefix, lease.volumeId), ContentType: "application/json",
       // Pretty-printed: the holding host renews it by rewriting the top-level "expiresAt" line.
       Body: JSON.stringify({ ...lease, writeId, updatedAt: new Date().toISOString(),
-        expiresAt: Math.floor(Date.now() / 1000) + (lease.durationSeconds ?? DEFAULT_LEASE_SECONDS) }, null, 2),
+        // On the server's clock, at the latest time its last answer allows (an expiry never early).
+        expiresAt: Math.floor(serverNow(clock, "high") / 1000) + (lease.durationSeconds ?? DEFAULT_LEASE_SECONDS) }, null, 2),
       ...(etag ? { IfMatch: etag } : { IfNoneMatch: "*" }),
     }));
     return res.ETag!;
@@ -186,12 +231,13 @@ export async function deleteLease(s: S3Settings, volumeId: string, etag: string)
  * came first. `change` sees the current lease (or undefined) and returns the new one, or
  * throws to refuse.
  */
-export async function updateLease(s: S3Settings, volumeId: string, change: (cur: Lease | undefined) => Lease): Promise<Lease> {
+export async function updateLease(s: S3Settings, volumeId: string,
+  change: (cur: Lease | undefined, clock: ServerClock | undefined) => Lease): Promise<Lease> {
   for (let attempt = 0; attempt < 5; attempt++) {
-    const cur = await readLease(s, volumeId);
-    const next = change(cur?.lease);
+    const { found: cur, clock } = await readLeaseAndClock(s, volumeId);
+    const next = change(cur?.lease, clock);
     try {
-      await writeLease(s, next, cur?.etag);
+      await writeLease(s, next, cur?.etag, clock);
       return next;
     } catch (e) {
       if (!(e instanceof LeaseConflict)) throw e;
