@@ -4,13 +4,14 @@
 #   dboxed-volume detach ID   release it again (after the mount unit is stopped)
 #   dboxed-volume backup ID   crash-consistent backup: lvm2 snapshot -> rustic -> S3, retention
 #   dboxed-volume maintain ID repository prune and check, when due and this host takes their lease
+#   dboxed-volume prune-now ID     a repository prune at once, under its lease (after a delete's forget)
 #   dboxed-volume check-lease ID   exit 0 only if this host still holds the volume's lease
 #   dboxed-volume renew ID    move the lease's expiry on (only while this host holds it)
 # Per-volume settings come from /etc/dboxed-volumes/ID/volume.env (written by the provider,
 # every value quoted); the repository secrets sit in the root-only rustic profile next to it.
 set -euo pipefail
 umask 077
-AGENT_VERSION=5
+AGENT_VERSION=6
 EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 
 die() {
@@ -50,7 +51,8 @@ race() {
 step() {
   local desc=$1 out=$2; shift 2
   local err; err=$(mktemp)
-  if ! "$@" > "$out" 2> "$err"; then
+  # The backup lock's descriptor (9) is not passed on: lvm2 warns of every descriptor it inherits.
+  if ! "$@" > "$out" 2> "$err" 9>&-; then
     cat "$err" >&2
     local tail_; tail_=$(said "$err")
     rm -f "$err"
@@ -99,7 +101,7 @@ detach() {
 
 remove_snapshot() {
   if mountpoint -q "$SNAP_MNT" 2>/dev/null; then umount "$SNAP_MNT" || umount -l "$SNAP_MNT"; fi
-  if lvs "$VG/$SNAP_LV" >/dev/null 2>&1; then lvremove -q -f -y "$VG/$SNAP_LV" >/dev/null; fi
+  if lvs "$VG/$SNAP_LV" >/dev/null 2>&1 9>&-; then lvremove -q -f -y "$VG/$SNAP_LV" >/dev/null 9>&-; fi
 }
 
 write_status() { # write_status STATUS SNAPSHOT_ID MESSAGE
@@ -158,9 +160,10 @@ check_lease() {
 # whose lease was handed on or taken cannot renew it. Also the check before every backup.
 renew_lease() {
   [ -n "${LEASE_URL:-}" ] || die "volume $VOLUME_ID has no lease settings: run pulumi up to update the host"
-  local dir code etag attempt
+  local dir code etag attempt t_req off
   dir=$(mktemp -d)
   for attempt in 1 2 3 4; do
+    t_req=$EPOCHSECONDS
     code=$(curl -sS -m 60 --retry 2 -D "$dir/h" -o "$dir/b" -w '%{http_code}' -H "x-amz-content-sha256: $EMPTY_SHA256" \
       --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$LEASE_URL" 2>&1) || { rm -rf "$dir"; die "cannot read the lease of $VOLUME_ID: $code"; }
     if [ "$code" != 200 ]; then rm -rf "$dir"; die "the lease of $VOLUME_ID cannot be read (HTTP $code): refusing to back up"; fi
@@ -172,7 +175,10 @@ renew_lease() {
     if [ -z "${LEASE_SECONDS:-}" ] || ! grep -q '^  "expiresAt": [0-9]*,\{0,1\}$' "$dir/b"; then rm -rf "$dir"; return 0; fi
     etag=$(etag_of "$dir/h")
     [ -n "$etag" ] || { rm -rf "$dir"; die "the lease of $VOLUME_ID came without an ETag: cannot renew it"; }
-    sed "s/^  \"expiresAt\": [0-9]*/  \"expiresAt\": $(( $EPOCHSECONDS + LEASE_SECONDS ))/" "$dir/b" > "$dir/n"
+    # On the S3 server's clock (its Date header), as the provider reckons it: a host whose clock is
+    # off neither looks dead to force elsewhere nor holds the lease longer than it should.
+    off=$(srv_offset "$dir/h" "$t_req")
+    sed "s/^  \"expiresAt\": [0-9]*/  \"expiresAt\": $(( $EPOCHSECONDS + off + LEASE_SECONDS ))/" "$dir/b" > "$dir/n"
     code=$(curl -sS -m 60 -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$dir/n" -H "Content-Type: application/json" \
       -H "If-Match: $etag" -H "x-amz-content-sha256: $(sha256sum < "$dir/n" | cut -c1-64)" \
       --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$LEASE_URL" 2>&1) || code="($code)"
@@ -189,7 +195,7 @@ renew_lease() {
 # An lvm2 snapshot whose copy-on-write space ran out is invalid: lv_attr's 5th character is I
 # (or snap_percent reached 100). Fails closed: a snapshot that cannot be inspected is not valid.
 snapshot_valid() {
-  local out; out=$(lvs --noheadings --reportformat json -o lv_attr,snap_percent "$VG/$SNAP_LV" 2>/dev/null) || return 1
+  local out; out=$(lvs --noheadings --reportformat json -o lv_attr,snap_percent "$VG/$SNAP_LV" 2>/dev/null 9>&-) || return 1
   local attr pct
   attr=$(printf '%s' "$out" | grep -o '"lv_attr":"[^"]*"' | cut -d'"' -f4)
   pct=$(printf '%s' "$out" | grep -o '"snap_percent":"[^"]*"' | cut -d'"' -f4)
@@ -257,6 +263,16 @@ rustic_() {
 
 # Crash-report directories of rustic runs killed (a stopped unit) before they could remove them.
 sweep_rustic_tmp() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'dboxed-rustic.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true; }
+
+# unreadable STDERR SRC MOUNT_PATH: what rustic backup left out because it could not read it (its
+# first "[WARN] ignoring error" line, the snapshot's mount shown as the volume's path), or nothing.
+unreadable() {
+  local line
+  line=$(grep -m1 -E '^\[WARN\] ignoring error' "$1" 2>/dev/null) || return 0
+  line=${line#\[WARN\] ignoring error}; line=${line#:}; line=${line# }
+  line=${line//"$2"/"$3"}
+  printf '%s\n' "${line:0:400}"
+}
 
 finish_backup() {
   local rc=$1
@@ -356,6 +372,15 @@ backup() {
   if [ "$rc" != 0 ]; then
     local tail_; tail_=$(said "$err"); rm -f "$err"
     die "rustic backup failed: $tail_"
+  fi
+  # rustic 0.11 leaves out a file or directory it cannot read (an I/O error, a permission) with a
+  # warning and exits 0: such a snapshot is not the volume, and must not become anybody's latest.
+  local unread; unread=$(unreadable "$err" "$src" "$MOUNT_PATH")
+  if [ -n "$unread" ]; then
+    [ -z "$SNAPSHOT_ID" ] || echo "$SNAPSHOT_ID" >> "$STATE_DIR/discard"
+    forget_discarded
+    rm -f "$err"; SNAPSHOT_ID=""
+    die "rustic could not read everything, so the snapshot it saved was incomplete and was discarded: $unread"
   fi
   rm -f "$err"
   [ -n "$SNAPSHOT_ID" ] || die "rustic reported no snapshot id"
@@ -739,6 +764,17 @@ maintain() {
   maint_known_not_due check "$CHECK_INTERVAL" || maintain_task check "$CHECK_INTERVAL" check_repository
 }
 
+# prune-now: a prune at once (a deleted volume's snapshots were forgotten), under the repository's
+# prune lease like any other: never beside another host's prune or check. When another host holds
+# it, this one gives way (that run, or the next one due, frees the space).
+prune_now() {
+  load "$1"
+  [ -n "${MAINT_URL:-}" ] || { echo "prune-now: volume $VOLUME_ID has no maintenance settings: the next scheduled prune frees the space"; return 0; }
+  exec 8>/run/dboxed-volumes-maintenance.lock
+  flock -w 3600 8 || { echo "prune-now: another maintenance run on this host holds its lock: the next scheduled prune frees the space"; return 0; }
+  maintain_task prune 1 prune_repository
+}
+
 # Sourced (tests of the functions): define, do not dispatch.
 [ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
@@ -747,6 +783,7 @@ case "${1:-}" in
   detach) detach "${2:?volume id}" ;;
   backup) backup "${2:?volume id}" ;;
   maintain) maintain "${2:?volume id}" ;;
+  prune-now) prune_now "${2:?volume id}" ;;
   check-lease) load "${2:?volume id}"; check_lease; echo "volume $VOLUME_ID: this host holds the lease" ;;
   renew) load "${2:?volume id}"; renew_lease; echo "volume $VOLUME_ID: lease renewed for ${LEASE_SECONDS:-?} s" ;;
   version) echo "$AGENT_VERSION" ;;

@@ -11,6 +11,8 @@ Description=dboxed volume ${l.volumeId}: block device
 DefaultDependencies=no
 After=systemd-remount-fs.service systemd-udevd.service
 Wants=systemd-udevd.service
+# Its image (own volume group), settings and agent may live on filesystems of their own (/var, /etc, /usr).
+RequiresMountsFor=${l.ownVg ? `${l.image} ` : ""}${l.envFile} ${AGENT_PATH}
 Before=${l.units.mount}
 
 [Service]

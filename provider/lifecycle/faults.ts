@@ -17,7 +17,7 @@ export function faultPoint(point: FaultPoint, delayMs = 0): void {
  * With DBOXED_VOLUMES_PAUSE=<point>:<dir>, the provider stops at that point of a move: it
  * writes <dir>/paused and waits until <dir>/resume exists (a test acts on the hosts meanwhile).
  */
-export async function pausePoint(point: "after-final-backup" | "after-final-restore"): Promise<void> {
+export async function pausePoint(point: "after-final-backup" | "after-final-restore" | "undo-before-teardown" | "undo-before-give-back"): Promise<void> {
   const spec = process.env.DBOXED_VOLUMES_PAUSE;
   if (!spec || !spec.startsWith(`${point}:`)) return;
   const fs = require("fs") as typeof import("fs");

@@ -51,7 +51,7 @@ export function leaseView(cur: Lease | undefined, v: VolumeRef, clock: ServerClo
   if (!cur) return undefined;
   return {
     holder: cur.holder, ours: ownsLease(cur, v), live: leaseLive(cur, clock),
-    move: cur.move ? { from: cur.move.from, to: cur.move.to, phase: cur.move.phase } : undefined,
+    move: cur.move ? { from: cur.move.from, to: cur.move.to, phase: cur.move.phase, undoing: cur.move.undoing } : undefined,
     interrupted: cur.deleting ? "delete" : cur.rebuild ? "rebuild" : undefined,
   };
 }

@@ -149,7 +149,7 @@ async function setPhase(v: VolumeRef, expectFrom: HostRef, move: MoveState, toke
         `not by ${hostName(expectFrom)} for this resource: refusing to move it`);
     }
     // Compare-and-swap on this very move: a move undone (or replaced) meanwhile is not brought back.
-    if (cur?.move ? cur.move.newToken !== move.newToken : move.phase !== "warm") {
+    if (cur?.move ? cur.move.newToken !== move.newToken || cur.move.undoing : move.phase !== "warm") {
       throw new UserError(`volume ${v.volumeId}: the move in the lease changed meanwhile (undone, or another run?): stopping this one`);
     }
     return { ...(cur ?? {}), volumeId: v.volumeId, holder: cur?.holder ?? expectFrom, generation: cur?.generation ?? 1,
@@ -178,6 +178,9 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
     if (m && !(sameHost(m.from, from) && sameHost(m.to, to))) {
       throw new Redecide(`volume ${news.volumeId} is in the middle of a move from ${hostName(m.from)} to ${hostName(m.to)} now; ` +
         `set host back to ${hostName(m.to)} to finish that move first`);
+    }
+    if (m?.undoing) {
+      throw new Redecide(`volume ${news.volumeId}: an undo of its move to ${hostName(m.to)} began meanwhile (another run)`);
     }
     if (existing && !ownsLease(existing.lease, news)) {
       throw new Redecide(`volume ${news.volumeId}: the lease is held by ${hostName(existing.lease.holder)} for ` +

@@ -34,7 +34,7 @@ export const newHostMayHaveServed = (p: MovePhase) => reached(p, "switching");
 /** From `final-backup` on, the old host is fenced and its final snapshot is recorded. */
 export const oldHostFenced = (p: MovePhase) => reached(p, "final-backup");
 
-export interface MoveView { from: HostRef; to: HostRef; phase: MovePhase }
+export interface MoveView { from: HostRef; to: HostRef; phase: MovePhase; undoing?: boolean }
 
 export interface LeaseView {
   holder: HostRef;
@@ -262,6 +262,12 @@ function inMove(s: Situation, M: MoveView): Action {
   const { from: F, to: T, phase: P } = M;
   const D = d.host;
   const U = s.unreachable;
+  if (M.undoing) {
+    // An undo began (the new host may be half cleaned, the old one half given back): only finished.
+    if (sameHost(D, F) && !isIn(F, U)) return { kind: "undo", back: F, target: T };
+    return refuse(`an undo of its move from ${n(F)} to ${n(T)} began and was cut off: set host to ${n(F)} and run pulumi up to finish it` +
+      `${isIn(F, U) ? ` when ${n(F)} can be reached again` : ""}`, { setHost: F, retry: true });
+  }
   if (sameHost(D, T)) {
     if (isIn(F, U) && !newHostMayHaveServed(P)) {
       if (d.force) {

@@ -12,6 +12,7 @@ import { hostName, Lease, MoveState, readLease, sameHost, updateLease } from "..
 import { hostRef, leaseS3, ownsLease, VolumeRef } from "./lease";
 import { Redecide, sameMachine, unmountStaging } from "./move";
 import { newHostMayHaveServed } from "./placement";
+import { pausePoint } from "./faults";
 import * as steps from "./steps";
 import { unitsArgv } from "../host/systemd";
 
@@ -61,15 +62,34 @@ export async function undoMove(back: VolumeRef, target: VolumeRef, log: (m: stri
           throw new UserError(`host: the move of ${back.volumeId} to ${t.name} cannot be undone: ${t.name} shows the volume in service (${served}), ` +
             `so it may hold writes made there. Set host to ${hostName(hostRef(target))} and run pulumi up (finishes the move), then move it back`);
         }
-        await unmountStaging(t, lTarget); // teardown removes /run/dboxed-volumes/<id> with it
-        await steps.teardown(t, lTarget);
-        log(`removed the volume's staging and storage from ${t.name}`);
-      } else if (m && m.phase !== "warm" && m.phase !== "final-backup") {
+      } else if (m && m.phase !== "warm" && m.phase !== "final-backup" && !m.undoing) {
         throw new UserError(`cannot undo the move of ${back.volumeId} to ${hostName(m.to)}: that host cannot be reached ` +
           `(${unreachable!.message.split("\n")[0]}), and at phase ${m.phase} it may have started serving the volume. ` +
           `Run again when it is reachable; ${r.name} stays read-only meanwhile`);
       }
-      // The lease: the old host holds it again with its own token (its backups pass again).
+      // Intent first: the undo is recorded (and the old host's own token put back: it is still
+      // fenced, so it backs up nothing until given back) before anything is removed or given
+      // back; a run cut off from here on is finished by the next, never turned into a finish.
+      if (m && !m.undoing) {
+        await updateLease(leaseS3(back), back.volumeId, (c) => {
+          if (!c || !sameHost(c.holder, hostRef(back)) || c.move?.newToken !== m.newToken || newHostMayHaveServed(c.move.phase)) {
+            throw new Redecide(`volume ${back.volumeId}: the lease changed before the undo began (a forced takeover or another run?)`);
+          }
+          return { ...c, token: m.oldToken ?? c.token, move: { ...c.move, undoing: true }, owner: back.owner ?? c.owner };
+        });
+      }
+      if (t) {
+        await pausePoint("undo-before-teardown");
+        await unmountStaging(t, lTarget); // teardown removes /run/dboxed-volumes/<id> with it
+        await steps.teardown(t, lTarget);
+        log(`removed the volume's staging and storage from ${t.name}`);
+      }
+      await pausePoint("undo-before-give-back");
+      // The old host in service again: the units the fence kept, the ones that need the mount, stopUnits.
+      const users = [...new Set([...await steps.fencedUsers(r, lBack), ...await steps.usersOf(r, back, lBack)])]
+        .filter((u) => u !== lBack.units.renew && u !== lBack.units.renewTimer);
+      await giveBack(r, lBack, users, true);
+      // Done: the move leaves the lease.
       if (m) {
         await updateLease(leaseS3(back), back.volumeId, (c) => {
           if (!c || !sameHost(c.holder, hostRef(back)) || c.move?.newToken !== m.newToken) {
@@ -80,10 +100,6 @@ export async function undoMove(back: VolumeRef, target: VolumeRef, log: (m: stri
           return next;
         });
       }
-      // The old host in service again: the units the fence kept, the ones that need the mount, stopUnits.
-      const users = [...new Set([...await steps.fencedUsers(r, lBack), ...await steps.usersOf(r, back, lBack)])]
-        .filter((u) => u !== lBack.units.renew && u !== lBack.units.renewTimer);
-      await giveBack(r, lBack, users, true);
       log(`${back.volumeId} is back in service on ${r.name}: read-write, scheduled${users.length ? `, ${users.join(", ")} started` : ""}`);
       if (!t) {
         const warning = `the new host ${hostName(hostRef(target))} could not be reached (${unreachable!.message.split("\n")[0]}); what is ` +
@@ -109,7 +125,7 @@ function check(cur: Lease | undefined, m: MoveState | undefined, back: VolumeRef
   if (cur && !ownsLease(cur, back)) {
     throw new Redecide(`volume ${back.volumeId} belongs to another resource now: not undoing anything`);
   }
-  if (m && newHostMayHaveServed(m.phase)) {
+  if (m && newHostMayHaveServed(m.phase) && !m.undoing) {
     throw new Redecide(`host: the move of volume ${back.volumeId} from ${hostName(m.from)} to ${hostName(m.to)} reached its switch meanwhile`);
   }
   if (m && (!sameHost(m.from, hostRef(back)) || !sameHost(m.to, hostRef(target)))) {

@@ -31,6 +31,8 @@ export interface MoveState {
    */
   oldToken?: string;
   startedAt: string;
+  /** An undo of this move began (recorded before the new host is cleaned and the old one given back): it is only ever finished. */
+  undoing?: boolean;
 }
 
 export interface Lease {
