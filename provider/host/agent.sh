@@ -91,8 +91,15 @@ detach() {
   mountpoint -q "$MOUNT_PATH" && die "$MOUNT_PATH is still mounted"
   if [ "$OWN_VG" = 1 ]; then
     vgs "$VG" >/dev/null 2>&1 && vgchange -q -an "$VG" >/dev/null
-    local dev
-    while dev=$(loop_device) && [ -n "$dev" ]; do losetup -d "$dev"; done
+    # Bounded: a deferred detach (autoclear) returns 0 while the device is still listed.
+    local dev i
+    for i in $(seq 1 30); do
+      dev=$(loop_device)
+      [ -n "$dev" ] || break
+      losetup -d "$dev" 2>/dev/null || true
+      sleep 0.2
+    done
+    [ -z "$(loop_device)" ] || echo "dboxed-volume: the loop device of $IMAGE is still attached (in use?)" >&2
   else
     lvs "$VG/$LV" >/dev/null 2>&1 && lvchange -q -an "$VG/$LV" >/dev/null
   fi
@@ -177,7 +184,7 @@ renew_lease() {
     [ -n "$etag" ] || { rm -rf "$dir"; die "the lease of $VOLUME_ID came without an ETag: cannot renew it"; }
     # On the S3 server's clock (its Date header), as the provider reckons it: a host whose clock is
     # off neither looks dead to force elsewhere nor holds the lease longer than it should.
-    off=$(srv_offset "$dir/h" "$t_req")
+    off=$(srv_offset "$dir/h" "$t_req"); SRV_OFF=$off
     sed "s/^  \"expiresAt\": [0-9]*/  \"expiresAt\": $(( $EPOCHSECONDS + off + LEASE_SECONDS ))/" "$dir/b" > "$dir/n"
     code=$(curl -sS -m 60 -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$dir/n" -H "Content-Type: application/json" \
       -H "If-Match: $etag" -H "x-amz-content-sha256: $(sha256sum < "$dir/n" | cut -c1-64)" \
@@ -264,6 +271,70 @@ rustic_() {
 # Crash-report directories of rustic runs killed (a stopped unit) before they could remove them.
 sweep_rustic_tmp() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'dboxed-rustic.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true; }
 
+# Backups and the repository's prune never overlap. rustic 0.12.0 "fixes a bug in prune which can
+# lead to potential data loss when multiple parallel prune and backup runs are in the game"; the
+# newest rustic the package registries carry is 0.11.4 on rustic_core 0.13.0, which predates the
+# fix. A backup marks itself running (an object "backup-<volume>.json" next to the maintenance
+# leases) before it reads the repository, then reads the prune lease; a prune writes its lease,
+# then lists the marks. Each writes before it reads, so of a backup and a prune that start at the
+# same moment at least one sees the other and gives way: the backup waits, the prune tries again
+# at its next run. A mark lapses after BACKUP_MARK_TTL (a backup's longest run) should its host
+# die mid-backup; a clean end, or a stopped run, deletes it.
+BACKUP_MARK_TTL=${BACKUP_MARK_TTL:-21600}
+s3_delete() { # s3_delete URL: prints the HTTP code (204 or 404 is gone)
+  curl -sS -m "${S3_MAX_TIME:-60}" --retry "${S3_RETRY:-2}" -o /dev/null -w '%{http_code}' -X DELETE -H "x-amz-content-sha256: $EMPTY_SHA256" \
+    --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$1" 2>/dev/null || echo 000
+}
+s3_put() { # s3_put URL FILE: an unconditional PUT; prints the HTTP code
+  curl -sS -m "${S3_MAX_TIME:-60}" --retry "${S3_RETRY:-2}" -o /dev/null -w '%{http_code}' -X PUT --data-binary "@$2" -H "Content-Type: application/json" \
+    -H "x-amz-content-sha256: $(sha256sum < "$2" | cut -c1-64)" --aws-sigv4 "aws:amz:$S3_REGION:s3" -K "$CURL_CONFIG" "$1" 2>/dev/null || echo 000
+}
+
+# backup_gate: waits while a prune holds the repository (at most PRUNE_WAIT_SECONDS), then marks this backup running.
+backup_gate() {
+  [ -n "${MAINT_URL:-}" ] && [ -n "${MAINT_LIST_URL:-}" ] || return 0
+  local url="${MAINT_URL}backup-$VOLUME_ID.json" d code holder waited=0 max=${PRUNE_WAIT_SECONDS:-3600} off=${SRV_OFF:-0}
+  d=$(mktemp -d)
+  while :; do
+    maint_json "$VOLUME_ID@$(hostname)" $(( $EPOCHSECONDS + off + BACKUP_MARK_TTL )) 0 0 "" "" "" 0 "" > "$d/m"
+    code=$(s3_put "$url" "$d/m")
+    [ "$code" = 200 ] || { rm -rf "$d"; die "cannot mark the backup running for the repository's prune (HTTP $code): refusing to back up beside a prune"; }
+    BACKUP_MARKED=1
+    holder=$(maint_busy prune "$off")
+    [ -n "$holder" ] || break
+    backup_unmark
+    if [ "$waited" -ge "$max" ]; then
+      rm -rf "$d"; die "the repository's prune has been running on $holder for over $max s: a backup must not run beside it; the next run tries again"
+    fi
+    [ "$waited" != 0 ] || echo "waiting for the repository's prune on $holder to end (a backup never runs beside a prune)"
+    sleep 5; waited=$((waited + 5))
+  done
+  [ "$waited" = 0 ] || echo "the prune ended after $waited s"
+  rm -rf "$d"
+}
+
+backup_unmark() {
+  [ "${BACKUP_MARKED:-0}" = 1 ] || return 0
+  BACKUP_MARKED=0
+  local code; code=$(s3_delete "${MAINT_URL}backup-$VOLUME_ID.json")
+  case "$code" in 204|200|404) ;; *) echo "could not remove this backup's running mark (HTTP $code): it lapses in $BACKUP_MARK_TTL s" >&2 ;; esac
+}
+
+# backups_running OFFSET: prints the holder of a live backup mark, if any (an unreadable listing counts as one).
+backups_running() {
+  [ -n "${MAINT_LIST_URL:-}" ] || return 0
+  local d code key holder expires; d=$(mktemp -d)
+  code=$(s3_get "$MAINT_LIST_URL" "$d")
+  if [ "$code" != 200 ]; then echo "(the backup marks cannot be listed: HTTP $code)"; rm -rf "$d"; return 0; fi
+  for key in $(grep -o '<Key>[^<]*</Key>' "$d/b" | sed -e 's/^<Key>//' -e 's/<\/Key>$//' | grep -E '/backup-[a-z0-9-]+\.json$' || true); do
+    code=$(s3_get "${MAINT_URL}${key##*/}" "$d")
+    [ "$code" = 200 ] || continue
+    holder=$(mfield holder "$d/b"); expires=$(num "$(mfield expiresAt "$d/b")")
+    if [ -n "$holder" ] && [ "$expires" -gt $(( $EPOCHSECONDS + $1 )) ]; then echo "$holder"; break; fi
+  done
+  rm -rf "$d"
+}
+
 # unreadable STDERR SRC MOUNT_PATH: what rustic backup left out because it could not read it (its
 # first "[WARN] ignoring error" line, the snapshot's mount shown as the volume's path), or nothing.
 unreadable() {
@@ -278,6 +349,7 @@ finish_backup() {
   local rc=$1
   trap - EXIT TERM
   set +e
+  backup_unmark
   [ "${SNAP_GONE:-0}" = 1 ] || remove_snapshot
   if [ "$rc" -eq 0 ]; then
     echo "steps: $STEPS"
@@ -319,6 +391,8 @@ backup() {
   if [ "$FINAL" = 0 ] && [ -e "/etc/dboxed-volumes/$VOLUME_ID/fenced" ]; then
     die "volume $VOLUME_ID is fenced for a move (read-only until the move finishes or is undone): no periodic backups"
   fi
+  backup_gate
+  timing gate
   local src
   if [ "$FINAL" = 1 ]; then
     # Nothing can change a read-only filesystem: back it up directly, no lvm2 snapshot needed.
@@ -359,6 +433,7 @@ backup() {
     sleep $((2 * attempt))
   done
   SNAPSHOT_ID=$(grep -o '"id": *"[0-9a-f]\{64\}"' "$STATE_DIR/last-backup.json" | head -n1 | grep -o '[0-9a-f]\{64\}' || true)
+  backup_unmark
   timing rustic
   if [ "$FINAL" = 0 ] && ! snapshot_valid; then
     # The copy-on-write space ran out while rustic read the snapshot: what it read is not the
@@ -598,6 +673,12 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     sleep 2; waited=$((waited + 2))
     busy=$(maint_busy "$other" "$off")
   done
+  local why=""
+  [ -z "$busy" ] || why="$other runs on $busy: not at the same time"
+  if [ -z "$busy" ] && [ "$task" = prune ]; then
+    busy=$(backups_running "$off")
+    [ -z "$busy" ] || why="a backup runs ($busy): a prune never runs beside a backup (rustic 0.11's prune), the next run tries again"
+  fi
   local holds_until=$((wrote_at + MAINT_TTL))   # on the server's clock: how long the lease surely holds
   # Another host reads this lease as held only until it expires: a run that starts with little of
   # it left (this host slowed down since the write) could overlap the other task's next run.
@@ -606,7 +687,7 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     echo "maintenance $task: this host took $((MAINT_TTL - left)) s to take its lease and read $other's; $left s of it left is too little to start: the next run tries again"
     busy=slow
   elif [ -n "$busy" ]; then
-    echo "maintenance $task: $other runs on $busy: not at the same time"
+    echo "maintenance $task: $why"
   fi
   if [ -n "$busy" ]; then
     maint_json "" 0 $((runs - 1)) "${fields[@]:1}" > "$dir/n"

@@ -75,7 +75,7 @@ export interface EnvSettings {
   lease: { token: string; url: string; region: string; seconds: number };
   retention: { keepLast: number; keepHourly: number; keepDaily: number; keepWeekly: number; keepMonthly: number; keepYearly: number };
   /** Repository maintenance: where its leases are, the repository's name (a metric label), the intervals in seconds. */
-  maintenance: { url: string; repository: string; pruneInterval: number; checkInterval: number; checkSubsets: number; keepDelete: number };
+  maintenance: { url: string; listUrl: string; repository: string; pruneInterval: number; checkInterval: number; checkSubsets: number; keepDelete: number };
 }
 
 /** The volume.env the host agent sources: every value quoted. */
@@ -89,7 +89,7 @@ export function volumeEnv(l: VolumeLayout, s: EnvSettings): string {
     KEEP_WEEKLY: s.retention.keepWeekly, KEEP_MONTHLY: s.retention.keepMonthly, KEEP_YEARLY: s.retention.keepYearly,
     LEASE_TOKEN: s.lease.token, LEASE_URL: s.lease.url, S3_REGION: s.lease.region, CURL_CONFIG: `${l.configDir}/s3.curl`,
     LEASE_SECONDS: s.lease.seconds,
-    MAINT_URL: s.maintenance.url, REPOSITORY: s.maintenance.repository, PRUNE_INTERVAL: s.maintenance.pruneInterval,
+    MAINT_URL: s.maintenance.url, MAINT_LIST_URL: s.maintenance.listUrl, REPOSITORY: s.maintenance.repository, PRUNE_INTERVAL: s.maintenance.pruneInterval,
     CHECK_INTERVAL: s.maintenance.checkInterval, CHECK_SUBSETS: s.maintenance.checkSubsets, KEEP_DELETE: s.maintenance.keepDelete,
   };
   return "# Written by pulumi-dboxed-volumes; changes are overwritten.\n" +

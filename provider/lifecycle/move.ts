@@ -12,7 +12,7 @@
 import { DialError, HostUnreachable, UserError } from "../errors";
 import { formatSize, VolumeInputs } from "../inputs";
 import { diffManifests, filesToHash, hashScript, Manifest, manifestScript, parseManifest, parseSums, pathsInput, withHashes } from "../host/manifest";
-import { imageBytes, snapshotBytes, VolumeLayout } from "../host/layout";
+import { VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { acquireRemote, Remote, withRemote } from "../remote/ssh";
 import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, ownerName, readLease, sameHost, updateLease } from "../storage/lease";
@@ -52,20 +52,7 @@ function staging(l: VolumeLayout): string {
  */
 async function preflightNew(r: Remote, v: VolumeInputs, l: VolumeLayout, opts: { readOnly?: boolean } = {}): Promise<void> {
   await steps.preflight(r, v, l, opts);
-  const need = l.ownVg ? imageBytes(v.size) : v.size + (v.snapshotSpace ?? snapshotBytes(v.size));
-  const res = await r.run(l.ownVg
-    ? `test -e ${q(l.image)} && echo have || { d=/var/lib/dboxed-volumes; [ -d "$d" ] || d=/var/lib; df -B1 --output=avail "$d" | tail -n1; }`
-    : `lvs ${q(`${l.vg}/${l.lv}`)} >/dev/null 2>&1 && echo have || vgs --noheadings --units b --nosuffix -o vg_free ${q(l.vg)}`, { allowFailure: true });
-  const out = res.stdout.trim();
-  if (out !== "have") {
-    const free = Number(out);
-    if (!Number.isFinite(free) || res.code !== 0) throw new UserError(`host ${r.name}: cannot tell the free space (${res.stderr.trim()})`);
-    if (free < need) {
-      throw new UserError(`host ${r.name} has no room for volume ${v.volumeId}: it needs ${formatSize(Math.ceil(need / 1048576) * 1048576)} ` +
-        `${l.ownVg ? "in /var/lib/dboxed-volumes" : `in volume group ${l.vg}`}, and ${Math.floor(free / 1048576)}MiB are free. ` +
-        "The volume stays where it is.");
-    }
-  }
+  await steps.checkRoom(r, v, l, "The volume stays where it is.");
 }
 
 /**

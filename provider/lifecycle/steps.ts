@@ -6,14 +6,14 @@ import * as path from "path";
 import { CommandError, UserError } from "../errors";
 import { formatSize, VolumeInputs } from "../inputs";
 import { repositoryMasterKey, runLocalRustic } from "./localRustic";
-import { AGENT_PATH, layoutFor, METRICS_DIR, RUSTIC_PATH, VolumeLayout, volumeEnv } from "../host/layout";
+import { AGENT_PATH, imageBytes, layoutFor, METRICS_DIR, RUSTIC_PATH, snapshotBytes, VolumeLayout, volumeEnv } from "../host/layout";
 import { ensureFilesystemScript } from "../host/fs";
 import { ensureStorageScript, growScript, STORAGE_MADE, lvsArgv, parseLvs, removeStorageScript } from "../host/lvm";
 import { diffArgs, parseDiff, parseSnapshots, profileToml, restoreArgs, rusticArgv, Snapshot, snapshotsArgs } from "../host/rustic";
 import { command, quote as q } from "../host/shell";
 import { UNIT_DIR, unitFiles, unitsCommand } from "../host/systemd";
 import { Remote } from "../remote/ssh";
-import { leaseUrl, maintenanceUrl } from "../storage/lease";
+import { backupMarksListUrl, leaseUrl, maintenanceUrl } from "../storage/lease";
 
 export type Log = (msg: string) => void;
 
@@ -169,7 +169,8 @@ export async function writeConfig(r: Remote, v: VolumeInputs, l: VolumeLayout, l
   await r.writeFiles([
     { path: l.envFile, content: volumeEnv(l, { sizeBytes: v.size, snapshotSpaceBytes: v.snapshotSpace, retention: v.retention, lease,
       maintenance: { ...v.maintenance, repository: `s3://${v.repository.bucket}/${v.repository.prefix}`,
-        url: maintenanceUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.repository.forcePathStyle) } }), mode: "0600" },
+        url: maintenanceUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.repository.forcePathStyle),
+        listUrl: backupMarksListUrl(v.repository.endpoint, v.repository.bucket, v.repository.prefix, v.repository.forcePathStyle) } }), mode: "0600" },
     { path: `${l.configDir}/s3.curl`, content: curlConfig(v), mode: "0600" },
     { path: `${l.profile}.toml`, content: profileToml({ ...repo, masterKey }), mode: "0600" },
   ], { before: `install -d -m 0700 ${q(l.configDir)} ${q(l.stateDir)} /var/cache/dboxed-volumes` });
@@ -662,4 +663,27 @@ true`);
 export async function fencedLeftover(r: Remote, l: VolumeLayout): Promise<boolean> {
   const res = await r.run(`test -e ${q(fenceFile(l))}`, { allowFailure: true });
   return res.code === 0;
+}
+
+/**
+ * Room for the volume on r before anything is made: its sparse image (filesystem and snapshot
+ * space) in /var/lib/dboxed-volumes, or the LV and its snapshot space in the volume group. A
+ * sparse image on a full filesystem turns into I/O errors inside the volume later.
+ */
+export async function checkRoom(r: Remote, v: VolumeInputs, l: VolumeLayout, after = "Nothing was made."): Promise<void> {
+  const need = l.ownVg ? imageBytes(v.size) : v.size + (v.snapshotSpace ?? snapshotBytes(v.size));
+  const res = await r.run(l.ownVg
+    ? `test -e ${q(l.image)} && echo have || { d=/var/lib/dboxed-volumes; [ -d "$d" ] || d=/var/lib; df -B1 --output=avail "$d" | tail -n1; }`
+    : `lvs ${q(`${l.vg}/${l.lv}`)} >/dev/null 2>&1 && echo have || vgs --noheadings --units b --nosuffix -o vg_free ${q(l.vg)}`, { allowFailure: true });
+  const out = res.stdout.trim();
+  if (out === "have") return;
+  const free = Number(out);
+  if (!Number.isFinite(free) || res.code !== 0) {
+    if (!l.ownVg) return; // no such volume group: ensureStorage names it
+    throw new UserError(`host ${r.name}: cannot tell the free space (${res.stderr.trim()})`);
+  }
+  if (free < need) {
+    throw new UserError(`host ${r.name} has no room for volume ${v.volumeId}: it needs ${formatSize(Math.ceil(need / 1048576) * 1048576)} ` +
+      `${l.ownVg ? "in /var/lib/dboxed-volumes" : `in volume group ${l.vg}`}, and ${Math.floor(free / 1048576)}MiB are free. ${after}`);
+  }
 }

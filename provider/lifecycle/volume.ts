@@ -305,6 +305,7 @@ export async function create(inputs: Props) {
     const made = { storage: false };
     try {
       await steps.preflight(r, v, l);
+      await steps.checkRoom(r, v, l);
       touched = true;
       const init = await converge(r, v, lease.token, log, undefined, true, clone, made);
       let lastMove: Record<string, unknown> = {};

@@ -370,6 +370,16 @@ export function maintenanceUrl(endpoint: string, bucket: string, prefix: string,
   return objectUrl(endpoint, bucket, maintenanceKey(prefix, "prune").replace(/prune\.json$/, ""), pathStyle);
 }
 
+/**
+ * The URL that lists the backups in progress (ListObjectsV2 of the markers "backup-<volume>.json"
+ * next to the maintenance leases): a prune runs only when none is live.
+ */
+export function backupMarksListUrl(endpoint: string, bucket: string, prefix: string, pathStyle: boolean): string {
+  const u = new URL(endpoint);
+  const base = pathStyle ? `${u.protocol}//${u.host}/${bucket}` : `${u.protocol}//${bucket}.${u.host}`;
+  return `${base}/?list-type=2&prefix=${encodeURIComponent(maintenanceKey(prefix, "prune").replace(/prune\.json$/, "backup-"))}`;
+}
+
 function objectUrl(endpoint: string, bucket: string, key: string, pathStyle: boolean): string {
   const u = new URL(endpoint);
   const k = key.split("/").map(encodeURIComponent).join("/");

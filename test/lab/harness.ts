@@ -93,7 +93,7 @@ export interface PulumiResult { code: number; stdout: string; stderr: string }
 /** A Pulumi project in a scratch directory, run with the real CLI. */
 export class Stack {
   readonly dir: string;
-  constructor(readonly name: string, fixture: string, readonly extraEnv: Record<string, string> = {}) {
+  constructor(public name: string, fixture: string, readonly extraEnv: Record<string, string> = {}) {
     this.dir = path.join(lab().dir, "programs", name);
     fs.rmSync(this.dir, { recursive: true, force: true });
     fs.mkdirSync(this.dir, { recursive: true });
@@ -179,6 +179,12 @@ export class Stack {
 
   async init(): Promise<void> {
     await this.ok(["stack", "init"]);
+  }
+
+  /** `pulumi stack rename`: this object then runs the stack under its new name. */
+  async rename(to: string): Promise<void> {
+    await this.ok(["stack", "rename", to]);
+    this.name = to;
   }
 
   up(input?: Record<string, unknown>) { return this.run(["up", "--yes", "--skip-preview"], { input }); }

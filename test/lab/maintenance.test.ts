@@ -12,7 +12,7 @@ import * as os from "os";
 import * as path from "path";
 import { lab, onHost, Stack, stepByStep, untilInactive } from "./harness";
 import { restartS3, stopS3 } from "../../lab/lab";
-import { maintenanceUrl, readMaintenance } from "../../provider/storage/lease";
+import { backupMarksListUrl, maintenanceUrl, readMaintenance } from "../../provider/storage/lease";
 import { S3Proxy } from "./s3proxy";
 
 const AGENT = path.join(__dirname, "..", "..", "provider", "host", "agent.sh");
@@ -62,6 +62,7 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     fs.mkdirSync(path.join(dir, "metrics"));
     env = { ...process.env, LOG: path.join(dir, "log"), CURL_CONFIG: path.join(dir, "s3.curl"), S3_REGION: lab().s3.region,
       MAINT_URL: maintenanceUrl(lab().s3.endpoint, lab().s3.bucket, prefix, true), METRICS_DIR: path.join(dir, "metrics"),
+      MAINT_LIST_URL: backupMarksListUrl(lab().s3.endpoint, lab().s3.bucket, prefix, true),
       REPOSITORY: `s3://${lab().s3.bucket}/${prefix}`, CHECK_SUBSETS: "10" };
   });
   after(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -162,6 +163,57 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     const r2 = await runTask("p", { interval: 60 });
     expect(r2.out).to.match(/maintenance prune: run 21 ok/);
     await put(lease({ runs: 3 }), "check");
+  });
+
+  // rustic 0.11's prune must never run beside a backup (see agent.sh, backup_gate).
+  const mark = async (volume: string, body?: Record<string, unknown>) => {
+    const { PutObjectCommand, DeleteObjectCommand } = await import("@aws-sdk/client-s3");
+    const { s3Client } = await import("../../provider/storage/s3");
+    const c = s3Client(s3());
+    const Key = `${prefix}-meta/maintenance/backup-${volume}.json`;
+    await c.send(body ? new PutObjectCommand({ Bucket: s3().bucket, Key, Body: JSON.stringify(body, null, 2) }) : new DeleteObjectCommand({ Bucket: s3().bucket, Key }));
+    c.destroy();
+  };
+
+  it("a prune gives way to a backup that runs (its mark), and runs once the mark is gone or lapsed", async () => {
+    await put(lease({ runs: 30 }));
+    await mark("vol-a", { holder: "vol-a@host-a", expiresAt: now() + 600 });
+    await mark("vol-b", { holder: "vol-b@host-b", expiresAt: now() - 5 }); // a dead host's, lapsed
+    const before = log().length;
+    const r = await runTask("p", { interval: 60 });
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/maintenance prune: a backup runs \(vol-a@host-a\): a prune never runs beside a backup/);
+    expect(log().length, "the prune did not run").to.equal(before);
+    expect((await record())!.runs).to.equal(30);
+    await mark("vol-a");
+    const r2 = await runTask("p", { interval: 60 });
+    expect(r2.out).to.match(/maintenance prune: run 31 ok/);
+    await mark("vol-b");
+  });
+
+  it("a backup waits while a prune holds the repository, then marks itself running; its end removes the mark", async () => {
+    await put(lease({ holder: "prn@host-prn", expiresAt: now() + 600, runs: 31 }));
+    const markedAt = path.join(dir, "marked");
+    const gate = new Promise<{ code: number; out: string }>((resolve) => execFile("bash", ["-c", `. ${JSON.stringify(AGENT)}
+hostname() { echo host-g; }; die() { echo "died: $*"; exit 1; }
+backup_gate; date +%s.%N > ${JSON.stringify(markedAt)}; sleep 2; backup_unmark`],
+      { env: { ...env, VOLUME_ID: "vol-g", SRV_OFF: "0" } }, (err, stdout, stderr) => resolve({ code: err ? 1 : 0, out: stdout + stderr })));
+    await sleep(8000);
+    expect(fs.existsSync(markedAt), "the backup waits for the prune").to.equal(false);
+    const freedAt = Date.now() / 1000;
+    await put(lease({ runs: 31 }));
+    // Marked once the prune's lease is free: what a prune starting now would see.
+    let seen = false;
+    for (let i = 0; i < 40 && !seen; i++) { seen = fs.existsSync(markedAt); if (!seen) await sleep(250); }
+    expect(seen).to.equal(true);
+    expect(Number(fs.readFileSync(markedAt, "utf8"))).to.be.greaterThan(freedAt);
+    const listed = await new Promise<string>((resolve) => execFile("bash", ["-c", `. ${JSON.stringify(AGENT)}; backups_running 0`], { env }, (_e, out) => resolve(out)));
+    expect(listed.trim()).to.equal("vol-g@host-g");
+    const r = await gate;
+    expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/waiting for the repository's prune on prn@host-prn to end/);
+    const after = await new Promise<string>((resolve) => execFile("bash", ["-c", `. ${JSON.stringify(AGENT)}; backups_running 0`], { env }, (_e, out) => resolve(out)));
+    expect(after.trim(), "the mark is gone").to.equal("");
   });
 
   it("of hosts racing for a due prune and a due check, the two tasks never run at once; the check gives way", async () => {

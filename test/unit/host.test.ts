@@ -63,10 +63,10 @@ describe("host layout and units", () => {
       sizeBytes: 1 << 30,
       retention: { keepLast: 2, keepHourly: 6, keepDaily: 7, keepWeekly: 4, keepMonthly: 6, keepYearly: 1 },
       lease: { token: "tok'en$(id)", url: "http://h:9000/b/p-meta/volumes/v1/lease.json", region: "us-east-1", seconds: 600 },
-      maintenance: { url: "http://h:9000/b/p-meta/maintenance/", repository: "s3://b/p", pruneInterval: 86400, checkInterval: 604800, checkSubsets: 10, keepDelete: 82800 },
+      maintenance: { url: "http://h:9000/b/p-meta/maintenance/", listUrl: "http://h:9000/b/?list-type=2&prefix=p-meta%2Fmaintenance%2Fbackup-", repository: "s3://b/p", pruneInterval: 86400, checkInterval: 604800, checkSubsets: 10, keepDelete: 82800 },
     });
-    const out = execFileSync("sh", ["-c", `${env}\nprintf '%s|%s|%s' "$VG" "$LEASE_TOKEN" "$MOUNT_PATH"`]).toString();
-    expect(out).to.equal("dbv-v1|tok'en$(id)|/srv/a");
+    const out = execFileSync("sh", ["-c", `${env}\nprintf '%s|%s|%s|%s' "$VG" "$LEASE_TOKEN" "$MOUNT_PATH" "$MAINT_LIST_URL"`]).toString();
+    expect(out).to.equal("dbv-v1|tok'en$(id)|/srv/a|http://h:9000/b/?list-type=2&prefix=p-meta%2Fmaintenance%2Fbackup-");
   });
 });
 
