@@ -300,6 +300,12 @@ export async function create(inputs: Props) {
     // A clone's snapshot is chosen before anything is claimed or made.
     const clone = await steps.sourceSnapshot(v);
     if (clone && !clone.snapshot) log(`volume ${v.volumeId} has snapshots of its own: source (volume ${clone.volumeId}) is not used`);
+    // Where the id's volume is (a move of this resource in flight, or living elsewhere for it).
+    // Another resource's lease is left to the claim, a compare-and-swap that names its owner.
+    const { found, clock } = await readLeaseAndClock(leaseS3(v), v.volumeId);
+    const view = leaseView(found?.lease, { ...v, instanceId }, clock);
+    const a = decide({ op: "create", desired: desiredOf(v), lease: view });
+    if (a.kind === "refuse" && view?.ours) throw new UserError(`volume ${v.volumeId}: ${a.message}`);
     const { lease, forcedFrom, fresh } = await claim(v, { instance: instanceId, adoptLegacy: false });
     let touched = false;
     const made = { storage: false };
