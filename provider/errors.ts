@@ -59,3 +59,13 @@ export function adoptionHint(what: string, id: string): string {
     "filesystem that holds data). Its lease must name this resource (the same project, stack and name), as after a lost " +
     "state or `pulumi state delete`; a volume owned by another resource is refused, naming it.";
 }
+
+/** Runs fn; a failure to dial `host` becomes HostUnreachable (the caller decides again without it). */
+export async function dialing<T>(host: { address: string; port: number; hostKey?: string }, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (e instanceof DialError) throw new HostUnreachable(host, e);
+    throw e;
+  }
+}

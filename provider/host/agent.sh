@@ -292,7 +292,7 @@ s3_put() { # s3_put URL FILE: an unconditional PUT; prints the HTTP code
 
 # backup_gate: waits while a prune holds the repository (at most PRUNE_WAIT_SECONDS), then marks this backup running.
 backup_gate() {
-  [ -n "${MAINT_URL:-}" ] && [ -n "${MAINT_LIST_URL:-}" ] || return 0
+  [ -n "${MAINT_URL:-}" ] || return 0
   local url="${MAINT_URL}backup-$VOLUME_ID.json" d code holder waited=0 max=${PRUNE_WAIT_SECONDS:-3600} off=${SRV_OFF:-0}
   d=$(mktemp -d)
   while :; do
@@ -321,14 +321,18 @@ backup_unmark() {
 }
 
 # backups_running OFFSET: prints the holder of a live backup mark, if any (an unreadable listing counts as one).
+# Fails closed: settings without the listing's URL (written before it existed), a listing that
+# cannot be read or is cut short, a mark that cannot be read: each counts as a backup running.
 backups_running() {
-  [ -n "${MAINT_LIST_URL:-}" ] || return 0
+  if [ -z "${MAINT_LIST_URL:-}" ]; then echo "(this volume's settings predate backup marks: run pulumi up)"; return 0; fi
   local d code key holder expires; d=$(mktemp -d)
   code=$(s3_get "$MAINT_LIST_URL" "$d")
   if [ "$code" != 200 ]; then echo "(the backup marks cannot be listed: HTTP $code)"; rm -rf "$d"; return 0; fi
+  if grep -q '<IsTruncated>true</IsTruncated>' "$d/b"; then echo "(more backup marks than one listing holds)"; rm -rf "$d"; return 0; fi
   for key in $(grep -o '<Key>[^<]*</Key>' "$d/b" | sed -e 's/^<Key>//' -e 's/<\/Key>$//' | grep -E '/backup-[a-z0-9-]+\.json$' || true); do
     code=$(s3_get "${MAINT_URL}${key##*/}" "$d")
-    [ "$code" = 200 ] || continue
+    [ "$code" != 404 ] || continue # ended since the listing
+    if [ "$code" != 200 ]; then echo "(backup mark ${key##*/} unreadable: HTTP $code)"; break; fi
     holder=$(mfield holder "$d/b"); expires=$(num "$(mfield expiresAt "$d/b")")
     if [ -n "$holder" ] && [ "$expires" -gt $(( $EPOCHSECONDS + $1 )) ]; then echo "$holder"; break; fi
   done
@@ -675,8 +679,23 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
   done
   local why=""
   [ -z "$busy" ] || why="$other runs on $busy: not at the same time"
+  mkdir -p "$dir/r"
   if [ -z "$busy" ] && [ "$task" = prune ]; then
+    # Backups that run now end, while the prune's lease (which new backups wait for) is held and
+    # renewed: the prune gets its window however many volumes back up (bounded by PRUNE_BACKUP_WAIT).
+    local bw=0 r2
     busy=$(backups_running "$off")
+    while [ -n "$busy" ] && [ "$bw" -lt "${PRUNE_BACKUP_WAIT:-600}" ]; do
+      [ "$bw" != 0 ] || echo "maintenance prune: waiting for a backup to end ($busy): a prune never runs beside a backup"
+      sleep 5; bw=$((bw + 5))
+      if [ $(( $EPOCHSECONDS + off - wrote_at )) -ge $((MAINT_TTL / 3)) ]; then
+        local before_r=$EPOCHSECONDS; r2=0
+        S3_MAX_TIME=$(( MAINT_TTL / 10 > 2 ? MAINT_TTL / 10 : 2 )) S3_RETRY=0 maint_renew "$url" "$dir" "$off" "${fields[@]}" || r2=$?
+        if [ "$r2" != 0 ]; then busy="(its own lease could not be kept while it waited)"; break; fi
+        wrote_at=$(( before_r + off ))
+      fi
+      busy=$(backups_running "$off")
+    done
     [ -z "$busy" ] || why="a backup runs ($busy): a prune never runs beside a backup (rustic 0.11's prune), the next run tries again"
   fi
   local holds_until=$((wrote_at + MAINT_TTL))   # on the server's clock: how long the lease surely holds
@@ -695,7 +714,6 @@ maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due 
     rm -rf "$dir"; return 0
   fi
   echo "maintenance $task: run $runs${subset:+ (data part $subset)} by $me, started"
-  mkdir "$dir/r"
   local err t0 rc=0 lost=""
   err=$(mktemp)
   t0=$EPOCHSECONDS

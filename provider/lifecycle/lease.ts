@@ -3,10 +3,10 @@
 import { UserError } from "../errors";
 import { VolumeInputs } from "../inputs";
 import {
-  DEFAULT_LEASE_SECONDS, HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, newToken, normalizeHostKey, Owner, ownerName,
+  DEFAULT_LEASE_SECONDS, HolderLayout, HostRef, hostName, Lease, readLease, deleteLease, LeaseConflict, newToken, normalizeHostKey, Owner, ownerName,
   sameHost, sameOwner, ServerClock, serverNow, updateLease,
 } from "../storage/lease";
-import { LeaseView } from "./placement";
+import { LeaseView, newHostMayHaveServed } from "./placement";
 
 /** A volume's inputs, with this resource instance's id where the state has one (an update's, a delete's). */
 export type VolumeRef = VolumeInputs & { instanceId?: string };
@@ -16,6 +16,11 @@ export function leaseS3(v: VolumeInputs): S3Settings {
   const r = v.repository;
   return { endpoint: r.localEndpoint, region: r.region, bucket: r.bucket, prefix: r.prefix, forcePathStyle: r.forcePathStyle,
     accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey };
+}
+
+/** Where the volume is on its host, as the lease records it for a host only the lease names. */
+export function holderLayout(v: Pick<VolumeInputs, "mountPath" | "filesystem" | "volumeGroup">): HolderLayout {
+  return JSON.parse(JSON.stringify({ mountPath: v.mountPath, filesystem: v.filesystem, volumeGroup: v.volumeGroup }));
 }
 
 export function hostRef(v: VolumeInputs): HostRef {
@@ -78,21 +83,24 @@ export function claimedLease(cur: Lease | undefined, v: VolumeRef, opts: ClaimOp
   const owner = ownerOf(v);
   const instance = opts.instance || undefined;
   const durationSeconds = v.leaseDuration ?? DEFAULT_LEASE_SECONDS;
-  if (!cur) return { next: { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "", owner, instance, durationSeconds } };
+  const layout = holderLayout(v);
+  if (!cur) return { next: { volumeId: v.volumeId, holder: me, generation: 1, token: newToken(), updatedAt: "", owner, instance, durationSeconds, layout } };
   if (ownsLease(cur, v, opts.adoptLegacy) && sameHost(cur.holder, me) && !cur.move) {
     // (also a renamed stack or resource: the same instance re-owns it under its new name)
     // Same resource, same machine (perhaps at a new address): keep the token, record where it is now.
-    return { next: { ...cur, holder: me, token: cur.token || newToken(), owner: owner ?? cur.owner, instance: instance ?? cur.instance, durationSeconds } };
+    return { next: { ...cur, holder: me, token: cur.token || newToken(), owner: owner ?? cur.owner, instance: instance ?? cur.instance, durationSeconds, layout } };
   }
   if (v.force && cur.owner && sameHost(cur.holder, me) && !ownsLease(cur, v)) {
     throw new UserError(`force: volume ${v.volumeId} lives on this very host ${hostName(cur.holder)} for ${ownerName(cur.owner)}; ` +
       "force takes a volume from a host that is gone for good, never from a live one on the same host: give this Volume another volumeId");
   }
-  if (cur.move && ownsLease(cur, v)) {
+  // This resource's move past its switch, whose new host is gone: force takes it (once the lease expired).
+  const forcedPastSwitch = !!cur.move && v.force && newHostMayHaveServed(cur.move.phase) && !cur.move.undoing;
+  if (cur.move && ownsLease(cur, v) && !forcedPastSwitch) {
     throw new UserError(`volume ${v.volumeId} is in the middle of a move from ${hostName(cur.move.from)} to ${hostName(cur.move.to)} ` +
       `(phase ${cur.move.phase}); set host to ${hostName(cur.move.to)} or back to ${hostName(cur.move.from)} in the stack that started it`);
   }
-  if (cur.move && v.force && !v.forceDespiteLiveLease) {
+  if (cur.move && cur.move.phase !== "switched" && !ownsLease(cur, v) && v.force && !v.forceDespiteLiveLease) {
     // Nothing renews a lease while a move's final backup, restore or verification runs (the old
     // host is fenced, the new one not started): its expiry says nothing about whether it is alive.
     throw new UserError(`force: volume ${v.volumeId} is in the middle of a move from ${hostName(cur.move.from)} to ${hostName(cur.move.to)} ` +
@@ -115,7 +123,7 @@ export function claimedLease(cur: Lease | undefined, v: VolumeRef, opts: ClaimOp
       `that time. Only if you know that host is gone for good and cannot wait, set forceDespiteLiveLease: true ` +
       "(anything it writes until it is stopped is lost)");
   }
-  return { next: { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "", owner, instance, durationSeconds },
+  return { next: { volumeId: v.volumeId, holder: me, generation: cur.generation + 1, token: newToken(), updatedAt: "", owner, instance, durationSeconds, layout },
     forcedFrom: cur };
 }
 
@@ -171,6 +179,7 @@ async function setIntent<K extends "rebuild" | "deleting">(v: VolumeRef, key: K,
     }
     const next: Lease = { ...cur, [key]: value, owner: v.owner ?? cur.owner };
     if (!value) delete next[key];
+    if (!value && key === "rebuild") next.layout = holderLayout(v);
     return next;
   });
 }

@@ -16,10 +16,10 @@ import { VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { acquireRemote, Remote, withRemote } from "../remote/ssh";
 import { HostRef, hostName, Lease, MovePhase, MoveState, newToken, ownerName, readLease, sameHost, updateLease } from "../storage/lease";
-import { hostRef, leaseS3, ownsLease, VolumeRef } from "./lease";
+import { holderLayout, hostRef, leaseLive, leaseS3, ownsLease, VolumeRef } from "./lease";
 import * as steps from "./steps";
 import { faultPoint, pausePoint } from "./faults";
-import { reached as phaseReached } from "./placement";
+import { oldHostFenced, reached as phaseReached } from "./placement";
 
 const reached = (m: MoveState | undefined, p: MovePhase) => !!m && phaseReached(m.phase, p);
 
@@ -35,6 +35,8 @@ export interface MoveReport {
   pendingCleanup?: string;
   /** Finished without its old host, by force: from which snapshot, and how much time of writes that gave up. */
   forced?: { snapshot: "final" | "latest"; snapshotTime: string; dataLossWindowSeconds: number };
+  /** The phase a cut-off run had reached, when this run resumed it. */
+  resumedFrom?: MovePhase;
 }
 
 export interface MoveOptions {
@@ -166,7 +168,7 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
       throw new Redecide(`volume ${news.volumeId} is in the middle of a move from ${hostName(m.from)} to ${hostName(m.to)} now; ` +
         `set host back to ${hostName(m.to)} to finish that move first`);
     }
-    if (m?.undoing) {
+    if (m?.undoing && !opts.withoutOld) {
       throw new Redecide(`volume ${news.volumeId}: an undo of its move to ${hostName(m.to)} began meanwhile (another run)`);
     }
     if (existing && !ownsLease(existing.lease, news)) {
@@ -182,6 +184,7 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
     }
     token = m?.newToken ?? newToken();
     if (m) log(`resuming the move from ${hostName(from)} to ${hostName(to)} at phase ${m.phase}`);
+    resumedFrom ??= m?.phase;
   };
   let downtimeStart = 0;
   let downtimeEnd = 0;
@@ -191,8 +194,14 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
   let pendingCleanup: string | undefined;
   let hashedAfterStop: MoveReport["hashedAfterStop"];
   let forced: MoveReport["forced"];
+  let resumedFrom: MovePhase | undefined;
 
-  return withRemote(news.host, (newR) => lock(newR, lNew, async () => {
+  // The new host first: one that cannot be dialled is left to the caller to decide again without.
+  const { remote: newConn, release: releaseNew } = await acquireRemote(news.host, { log }).catch((e) => {
+    throw e instanceof DialError ? new HostUnreachable(to, e) : e;
+  });
+  return lock(newConn, lNew, async () => {
+    const newR = newConn;
     const prepareNew = async () => {
       if (reached(m, "switching")) return;
       await timed("preflight", async () => {
@@ -221,22 +230,38 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
     /** Up to the final snapshot, restored and verified: with the old host (its tree) or, forced, without it. */
     const toRestored = async (oldR: Remote | undefined) => {
       if (!m) {
-        m = { from, to, phase: "warm", startedAt: new Date().toISOString(), newToken: token };
-        await setPhase(news, from, m);
+        m = { from, to, phase: "warm", startedAt: new Date().toISOString(), newToken: token, toLayout: holderLayout(news) };
+        // A lease that is gone (deleted by hand) is written anew with the token the old host holds.
+        const hostToken = oldR && !(await readLease(leaseS3(news), news.volumeId)) ? await steps.leaseTokenOn(oldR, lOld) : undefined;
+        await setPhase(news, from, m, hostToken);
       }
       if (!oldR) {
-        if (!reached(m, "final-backup")) {
+        // Before a final backup, or after an undo began (the old host may have served again once
+        // given back): from the latest snapshot.
+        if (!reached(m, "final-backup") || m.undoing) {
           // The old host is gone: its latest snapshot stands in for the final one. Recorded with
           // the new token first, so that the old host, should it come back, can no longer back up.
           const latest = (await steps.listSnapshots(newR, lNew)).slice(-1)[0];
           if (!latest) throw new UserError(`volume ${news.volumeId} has no snapshot in the repository: nothing to finish the move from`);
-          const cur = await readLease(leaseS3(news), news.volumeId);
-          m = { ...m, phase: "final-backup", snapshotId: latest.id, oldToken: cur?.lease.token };
-          await setPhase(news, from, m, m.newToken);
+          m = { ...m, phase: "final-backup", snapshotId: latest.id, forced: true, undoing: undefined };
+          // The old host's liveness judged again in this very write (a lock wait may have passed
+          // since the decision): a host that came back and renewed keeps its volume.
+          await updateLease(leaseS3(news), news.volumeId, (cur, clock) => {
+            if (!cur || !sameHost(cur.holder, from) || !ownsLease(cur, news) || cur.move?.newToken !== m!.newToken) {
+              throw new Redecide(`volume ${news.volumeId}: the lease changed before the forced finish (another run?)`);
+            }
+            if (leaseLive(cur, clock) && !news.forceDespiteLiveLease && !(cur.move && oldHostFenced(cur.move.phase) && !cur.move.undoing)) {
+              throw new UserError(`force: ${hostName(from)} renewed the lease of volume ${news.volumeId} meanwhile: it is alive; nothing was changed`);
+            }
+            m = { ...m!, oldToken: cur.token };
+            return { ...cur, token: m.newToken, move: m, owner: news.owner ?? cur.owner };
+          });
           forced = { snapshot: "latest", snapshotTime: latest.time, dataLossWindowSeconds: Math.max(0, Math.round((Date.now() - Date.parse(latest.time)) / 1000)) };
           log(`FORCED: finishing the move to ${newR.name} from the latest snapshot ${latest.id.slice(0, 8)} of ${latest.time}; ` +
             `anything written on ${hostName(from)} after it (up to ${forced.dataLossWindowSeconds} s) is lost`);
         } else if (!reached(m, "restored")) {
+          m = { ...m, forced: true };
+          await setPhase(news, from, m);
           forced = { snapshot: "final", snapshotTime: "", dataLossWindowSeconds: 0 };
           log(`FORCED: finishing the move to ${newR.name} from its final snapshot ${m.snapshotId!.slice(0, 8)} (the old host was read-only since: nothing is lost)`);
         }
@@ -249,17 +274,6 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
           await setPhase(news, from, m);
         }
         return;
-      }
-      if (reached(m, "final-backup")) {
-        // A resumed move: the final snapshot only stands while the old host stayed fenced.
-        const f = await steps.isFenced(oldR, lOld);
-        if (!f.fenced && reached(m, "switching")) {
-          throw new UserError(`volume ${news.volumeId}: the old host ${oldR.name} is no longer fenced (${f.why}) although the move reached its ` +
-            `switch: both hosts may have been written to since. Nothing was changed. Make ${oldR.name} read-only again (stop what writes ` +
-            `to ${lOld.mountPath}, mount -o remount,ro ${lOld.mountPath}, touch ${lOld.configDir}/fenced), copy by hand anything written there ` +
-            "since, and run pulumi up again");
-        }
-        if (!f.fenced && !reached(m, "restored")) await retakeFinal(`the old host ${oldR.name} is no longer fenced (${f.why}): its final backup no longer stands; taking a new one`);
       }
       if (!reached(m, "final-backup")) {
         await mountStaging(newR, lNew);
@@ -276,6 +290,7 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
           // new host hashes every file after the final restore in any case (bench: 3000 of 3000).
           await timed("warm hash", async () => { oldBefore = await oldHashed; });
         }
+        await steps.waitForPrune(news, log);
         downtimeStart = Date.now();
         await timed("stop old", async () => {
           const users = await steps.usersOf(oldR, olds, lOld);
@@ -342,7 +357,7 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
                 "a forced takeover or another run?): not switching");
             }
             return { ...cur, volumeId: news.volumeId, holder: to, generation: cur.generation + 1, token: m!.newToken, updatedAt: "", move: m,
-              owner: news.owner ?? cur.owner };
+              owner: news.owner ?? cur.owner, layout: holderLayout(news) };
           });
         } catch (e) {
           // Disabled too: after a reboot the new host must not mount what it does not hold.
@@ -352,9 +367,38 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
         log(`switched: ${news.volumeId} now lives on ${newR.name}`);
       }
     };
+    /**
+     * A resumed move's final snapshot stands only while the old host stayed fenced. Unfenced
+     * before the switch (remounted by hand, say): a new final backup is taken. Unfenced from the
+     * switch on: both hosts may hold writes; nothing is changed, the error says what to do.
+     */
+    const oldStillFenced = async (oldR: Remote) => {
+      if (!reached(m, "final-backup") || reached(m, "switched") || m!.forced) return;
+      const f = await steps.isFenced(oldR, lOld);
+      if (f.fenced) return;
+      if (reached(m, "switching")) {
+        throw new UserError(`volume ${news.volumeId}: the old host ${oldR.name} is no longer fenced (${f.why}) although the move reached its ` +
+          `switch: both hosts may have been written to since. Nothing was changed. Make ${oldR.name} read-only again (stop what writes ` +
+          `to ${lOld.mountPath}, mount -o remount,ro ${lOld.mountPath}, touch ${lOld.configDir}/fenced), copy by hand anything written there ` +
+          "since, and run pulumi up again");
+      }
+      await retakeFinal(`the old host ${oldR.name} is no longer fenced (${f.why}): its final backup no longer stands; taking a new one`);
+    };
     const cleanupOld = async (oldR: Remote | undefined) => {
       faultPoint("before-old-cleanup");
       if (!oldR) return;
+      if (!m!.forced) {
+        // Only a fenced copy is removed without a backup: one unfenced since (by hand) may hold writes.
+        const f = await steps.isFenced(oldR, lOld);
+        const o = f.fenced ? undefined : await steps.observe(oldR, lOld);
+        if (o && (o.present || o.configured)) {
+          pendingCleanup = `the old host ${oldR.name} is no longer fenced (${f.why}), so it may hold writes made there since its final backup: ` +
+            `nothing was removed there. Copy what you need from ${lOld.mountPath}, then fence it again (mount -o remount,ro ${lOld.mountPath}; ` +
+            `touch ${lOld.configDir}/fenced) for the next pulumi up to clean it, or set force: true to forget it`;
+          log(pendingCleanup);
+          return;
+        }
+      }
       try {
         await timed("clean old", async () => {
           log(`cleaning ${oldR.name}`);
@@ -387,6 +431,7 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
       ...(pendingCleanup ? { pendingCleanup } : {}),
       ...(hashedAfterStop ? { hashedAfterStop } : {}),
       ...(forced ? { forced } : {}),
+      ...(resumedFrom ? { resumedFrom } : {}),
     });
     /** Where the move stood, for the caller to record even if the lease cannot be read then. */
     const tagged = (e: unknown) => {
@@ -432,6 +477,7 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
       if (!onlyCleanup && !(peek?.move && phaseReached(peek.move.phase, "switching"))) await notSameMachine(oldR, newR, news, lNew);
       await lock(oldR, lOld, async () => {
         await decide();
+        await oldStillFenced(oldR!);
         await prepareNew();
         if (!reached(m, "switching")) await toRestored(oldR);
         await toSwitched();
@@ -443,5 +489,5 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
       releaseOld();
     }
     return report();
-  }), { log });
+  }).finally(releaseNew);
 }

@@ -90,8 +90,11 @@ export type Action =
   | { kind: "repair"; op: "delete" | "rebuild"; host: HostRef }
   /** The volume lives on `to`, not where the state says: record that (update: and refuse, naming the way out). */
   | { kind: "relocate"; to: HostRef; message: string; wayOut: WayOut; leftoverOn?: HostRef }
-  /** Take the volume from a holder that is gone, by force: its latest snapshot restored on `to`. */
-  | { kind: "take"; from: HostRef; to: HostRef }
+  /**
+   * Take the volume from a holder that is gone, by force: its latest snapshot restored on `to`.
+   * `ownHost`: `from` was this resource's (left to clean once it is back); else another resource's.
+   */
+  | { kind: "take"; from: HostRef; to: HostRef; ownHost: boolean }
   /** delete: remove the volume from `host` (final backup when it holds it). */
   | { kind: "remove"; host: HostRef; alsoClean?: HostRef }
   /** delete: the volume is another resource's (or this one's replacement's) now: leave it. */
@@ -165,7 +168,7 @@ function ofAnother(s: Situation, L: LeaseView, D: HostRef): Action {
     return refuse(`force: it lives on this very host ${n(D)} for another resource; force takes a volume from a host that is gone for good, ` +
       "never from a live one on the same host: give this Volume another volumeId", { otherVolumeId: true });
   }
-  if (L.move && !d.forceDespiteLiveLease) {
+  if (L.move && L.move.phase !== "switched" && !d.forceDespiteLiveLease) {
     return refuse(`force: it is in the middle of a move from ${n(L.move.from)} to ${n(L.move.to)} (phase ${L.move.phase}) run by another ` +
       "resource, which renews nothing while it runs: wait until that move is finished or undone; only if both hosts are gone for good, " +
       "set forceDespiteLiveLease: true", { forceDespiteLiveLease: true, retry: true });
@@ -174,13 +177,13 @@ function ofAnother(s: Situation, L: LeaseView, D: HostRef): Action {
   return takeOrWait(s, L, L.move && newHostMayHaveServed(L.move.phase) ? L.move.to : L.holder, D);
 }
 
-function takeOrWait(s: Situation, L: LeaseView, from: HostRef, to: HostRef): Action {
-  if (L.live && !s.desired!.forceDespiteLiveLease) {
+function takeOrWait(s: Situation, L: LeaseView | undefined, from: HostRef, to: HostRef): Action {
+  if (L?.live && !s.desired!.forceDespiteLiveLease) {
     return refuse(`force: the lease is live: ${n(L.holder)} renewed it lately. A host that is gone stops renewing it: run again after it ` +
       "expires. Only if you know that host is gone for good and cannot wait, set forceDespiteLiveLease: true (anything it writes until it " +
       "is stopped is lost)", { retry: true, forceDespiteLiveLease: true });
   }
-  return { kind: "take", from, to };
+  return { kind: "take", from, to, ownHost: !L || L.ours };
 }
 
 function decideUpdate(s: Situation): Action {
@@ -214,6 +217,8 @@ function decideUpdate(s: Situation): Action {
       // again (given back): the move is taken up again from its start.
       // (Unless the state saw its switch begin: then the new host may have served too, and stays.)
       const phase = newHostMayHaveServed(st.move.phase) ? st.move.phase : "warm";
+      // (Records that disagree, the state past the switch and the lease without its move, are never forced: both hosts may hold writes.)
+      if (newHostMayHaveServed(phase)) return inMove({ ...s, desired: { ...d, force: false } }, { from: F, to: T, phase });
       return inMove(s, { from: F, to: T, phase });
     } else if (sameHost(H, T)) {
       if (sameHost(D, T)) return { kind: "move", from: F, to: T }; // finds it switched: cleans F
@@ -224,9 +229,13 @@ function decideUpdate(s: Situation): Action {
 
   if (st.pendingCleanup && (!L || sameHost(H, S))) {
     const O = st.pendingCleanup;
-    if (sameHost(D, S) || d.force) return { kind: "cleanup", old: O, host: S };
+    if (sameHost(D, S)) return isIn(S, U) ? unreachableHere(S) : { kind: "cleanup", old: O, host: S };
+    // Moving on with the old host not cleaned: only by force, and only from a host that is gone
+    // (its lease expired); the old host stays fenced, forgotten.
+    if (d.force) return takeOrWait(s, L, S, D);
     return refuse(`the old host ${n(O)} of its last move is not cleaned yet: keep host at ${n(S)} until a pulumi up has cleaned it ` +
-      "(or set force: true to forget it)", { setHost: S, force: true });
+      `(with force: true, that pulumi up forgets it); if ${n(S)} itself is gone for good, set force: true here to restore the latest ` +
+      `snapshot on ${n(D)}`, { setHost: S, force: true });
   }
 
   if (L && !sameHost(H, S)) {
@@ -235,8 +244,14 @@ function decideUpdate(s: Situation): Action {
     return { kind: "relocate", to: H, message: relocated(H, S), wayOut: { setHost: H } };
   }
 
-  if (L?.interrupted) return { kind: "repair", op: L.interrupted, host: S };
-  if (sameHost(D, S)) return { kind: "converge", host: S };
+  if (L?.interrupted) {
+    if (!sameHost(D, S)) {
+      return refuse(`a ${L.interrupted} of it was cut off on ${n(S)}: keep host at ${n(S)} for pulumi up to repair it there first, then move it`,
+        { setHost: S });
+    }
+    return isIn(S, U) ? unreachableHere(S) : { kind: "repair", op: L.interrupted, host: S };
+  }
+  if (sameHost(D, S)) return isIn(S, U) ? unreachableHere(S) : { kind: "converge", host: S };
 
   // A new host: a move, unless the old one is gone.
   if (isIn(S, U)) {
@@ -245,10 +260,15 @@ function decideUpdate(s: Situation): Action {
         `Run again when ${n(S)} is back; if it is gone for good, set force: true to restore its latest snapshot on ${n(D)} ` +
         "(writes since that snapshot are lost)", { retry: true, force: true });
     }
-    if (!L) return { kind: "take", from: S, to: D };
     return takeOrWait(s, L, S, D);
   }
   return { kind: "move", from: S, to: D };
+}
+
+/** The host the volume lives on, and the update wants, cannot be reached. */
+function unreachableHere(S: HostRef): Action {
+  return refuse(`host ${n(S)}, where it lives, cannot be reached: run again when it is back; if it is gone for good, set host to ` +
+    "another host with force: true (its latest snapshot is restored there, once its lease expired)", { retry: true, force: true });
 }
 
 function relocated(at: HostRef, stateHost: HostRef): string {
@@ -263,10 +283,24 @@ function inMove(s: Situation, M: MoveView): Action {
   const D = d.host;
   const U = s.unreachable;
   if (M.undoing) {
-    // An undo began (the new host may be half cleaned, the old one half given back): only finished.
+    // An undo began (the new host may be half cleaned, the old one half given back): only finished,
+    // or, when the old host is gone for good, the move finished by force from the latest snapshot
+    // (the old host may have served again once given back: its lease must have expired).
     if (sameHost(D, F) && !isIn(F, U)) return { kind: "undo", back: F, target: T };
+    if (sameHost(D, T) && d.force && !isIn(T, U)) {
+      if (s.lease?.live && !d.forceDespiteLiveLease) return takeOrWait(s, s.lease, F, T);
+      return { kind: "finishWithoutOld", from: F, to: T, snapshot: "latest" };
+    }
     return refuse(`an undo of its move from ${n(F)} to ${n(T)} began and was cut off: set host to ${n(F)} and run pulumi up to finish it` +
-      `${isIn(F, U) ? ` when ${n(F)} can be reached again` : ""}`, { setHost: F, retry: true });
+      `${isIn(F, U) ? ` when ${n(F)} can be reached again` : ""}; if ${n(F)} is gone for good, set host to ${n(T)} with force: true ` +
+      "(the move is finished from the latest snapshot)", { setHost: F, retry: true });
+  }
+  if (newHostMayHaveServed(P) && isIn(T, U)) {
+    // The new host, which may serve it now, is gone: by force, its latest snapshot elsewhere.
+    if (d.force && !sameHost(D, T)) return takeOrWait(s, s.lease, T, D);
+    return refuse(`${n(T)}, where the volume lives since its move's switch, cannot be reached: run again when it is back; if it is gone ` +
+      `for good, set host to another host (${n(F)}, say) with force: true to restore its latest snapshot there once its lease expired`,
+    { retry: true, setHost: F, force: true });
   }
   if (sameHost(D, T)) {
     if (isIn(F, U) && !newHostMayHaveServed(P)) {
@@ -284,6 +318,10 @@ function inMove(s: Situation, M: MoveView): Action {
       { retry: true, force: true });
     }
     return { kind: "move", from: F, to: T };
+  }
+  if (newHostMayHaveServed(P) && d.force) {
+    // The new host may serve; force elsewhere takes it only once it stopped renewing the lease.
+    return takeOrWait(s, s.lease, T, D);
   }
   if (sameHost(D, F)) {
     if (newHostMayHaveServed(P)) {

@@ -13,7 +13,7 @@ import { diffArgs, parseDiff, parseSnapshots, profileToml, restoreArgs, rusticAr
 import { command, quote as q } from "../host/shell";
 import { UNIT_DIR, unitFiles, unitsCommand } from "../host/systemd";
 import { Remote } from "../remote/ssh";
-import { backupMarksListUrl, leaseUrl, maintenanceUrl } from "../storage/lease";
+import { backupMarksListUrl, leaseUrl, maintenanceUrl, readMaintenance } from "../storage/lease";
 
 export type Log = (msg: string) => void;
 
@@ -685,5 +685,33 @@ export async function checkRoom(r: Remote, v: VolumeInputs, l: VolumeLayout, aft
   if (free < need) {
     throw new UserError(`host ${r.name} has no room for volume ${v.volumeId}: it needs ${formatSize(Math.ceil(need / 1048576) * 1048576)} ` +
       `${l.ownVg ? "in /var/lib/dboxed-volumes" : `in volume group ${l.vg}`}, and ${Math.floor(free / 1048576)}MiB are free. ${after}`);
+  }
+}
+
+/** The lease token the volume's settings on r hold (its volume.env), or undefined. */
+export async function leaseTokenOn(r: Remote, l: VolumeLayout): Promise<string | undefined> {
+  const res = await r.run(`sed -n "s/^LEASE_TOKEN=//p" ${q(l.envFile)} 2>/dev/null | head -n1`, { allowFailure: true });
+  const raw = res.stdout.trim().replace(/^'(.*)'$/, "$1");
+  return /^[0-9a-f]{32}$/.test(raw) ? raw : undefined;
+}
+
+/**
+ * Waits while the repository's prune runs (its lease held), before a final backup stops the
+ * volume's users: the backup would wait for the prune anyway (they never overlap), and this way
+ * the wait is not downtime. Best effort: a prune that starts right after is waited for by the
+ * backup itself.
+ */
+export async function waitForPrune(v: VolumeInputs, log: Log, maxMs = 2 * 3600_000): Promise<void> {
+  const s = { endpoint: v.repository.localEndpoint, region: v.repository.region, bucket: v.repository.bucket, prefix: v.repository.prefix,
+    forcePathStyle: v.repository.forcePathStyle, accessKeyId: v.accessKeyId, secretAccessKey: v.secretAccessKey };
+  const t0 = Date.now();
+  for (let said = false; Date.now() - t0 < maxMs; said = true) {
+    const rec = await readMaintenance(s, "prune").catch(() => undefined);
+    if (!rec?.holder || rec.expiresAt * 1000 <= Date.now()) {
+      if (said) log(`the repository's prune ended after ${Math.round((Date.now() - t0) / 1000)} s`);
+      return;
+    }
+    if (!said) log(`waiting for the repository's prune on ${rec.holder} to end before stopping the volume (a backup never runs beside a prune)`);
+    await new Promise((r) => setTimeout(r, 10_000));
   }
 }

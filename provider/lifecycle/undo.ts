@@ -9,7 +9,7 @@ import { VolumeLayout } from "../host/layout";
 import { quote as q } from "../host/shell";
 import { Remote, withRemote } from "../remote/ssh";
 import { hostName, Lease, MoveState, readLease, sameHost, updateLease } from "../storage/lease";
-import { hostRef, leaseS3, ownsLease, VolumeRef } from "./lease";
+import { claim, hostRef, leaseS3, ownsLease, VolumeRef } from "./lease";
 import { Redecide, sameMachine, unmountStaging } from "./move";
 import { newHostMayHaveServed } from "./placement";
 import { pausePoint } from "./faults";
@@ -62,7 +62,7 @@ export async function undoMove(back: VolumeRef, target: VolumeRef, log: (m: stri
           throw new UserError(`host: the move of ${back.volumeId} to ${t.name} cannot be undone: ${t.name} shows the volume in service (${served}), ` +
             `so it may hold writes made there. Set host to ${hostName(hostRef(target))} and run pulumi up (finishes the move), then move it back`);
         }
-      } else if (m && m.phase !== "warm" && m.phase !== "final-backup" && !m.undoing) {
+      } else if (m && newHostMayHaveServed(m.phase) && !m.undoing) {
         throw new UserError(`cannot undo the move of ${back.volumeId} to ${hostName(m.to)}: that host cannot be reached ` +
           `(${unreachable!.message.split("\n")[0]}), and at phase ${m.phase} it may have started serving the volume. ` +
           `Run again when it is reachable; ${r.name} stays read-only meanwhile`);
@@ -89,6 +89,12 @@ export async function undoMove(back: VolumeRef, target: VolumeRef, log: (m: stri
       const users = [...new Set([...await steps.fencedUsers(r, lBack), ...await steps.usersOf(r, back, lBack)])]
         .filter((u) => u !== lBack.units.renew && u !== lBack.units.renewTimer);
       await giveBack(r, lBack, users, true);
+      if (!cur) {
+        // The lease was gone (deleted by hand): claimed again, the old host given its token, so
+        // that its backups pass (without one they are refused, and nothing would say so).
+        const { lease } = await claim({ ...back, force: false }, { instance: back.instanceId ?? "", adoptLegacy: true });
+        await steps.writeConfig(r, back, lBack, lease.token);
+      }
       // Done: the move leaves the lease.
       if (m) {
         await updateLease(leaseS3(back), back.volumeId, (c) => {

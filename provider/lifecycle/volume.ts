@@ -2,7 +2,7 @@
 // The dynamic-provider contract rules every step: if create fails, the volume must be able to be
 // created again by the next `pulumi up` (every host step is resumable); if delete fails, the
 // volume is still there, with its data.
-import { adoptionHint, HostUnreachable, UserError } from "../errors";
+import { adoptionHint, dialing, HostUnreachable, UserError } from "../errors";
 import { parseSize, PROXY_ABSENT, volumeSchema, VolumeInputs, formatSize } from "../inputs";
 import { legacyDefaultVolumeId } from "../volumeId";
 import { VolumeLayout } from "../host/layout";
@@ -12,9 +12,9 @@ import { Remote, withRemote } from "../remote/ssh";
 import { checkInputs } from "./check";
 import { progress } from "./progress";
 import * as steps from "./steps";
-import { claim, hostRef, leaseS3, leaseView, otherInstance, ownsLease, release, setDeleting, setRebuild, VolumeRef } from "./lease";
+import { claim, holderLayout, hostRef, leaseS3, leaseView, otherInstance, ownsLease, release, setDeleting, setRebuild, VolumeRef } from "./lease";
 import { checkMoveTarget, move, MoveOptions, MoveReport, Redecide } from "./move";
-import { Action, decide, describe as describeAction, Desired, isWork, newHostMayHaveServed, StateView } from "./placement";
+import { Action, decide, describe as describeAction, Desired, isWork, newHostMayHaveServed, oldHostFenced, reached as phaseReached, StateView } from "./placement";
 import { containsUnknown } from "./unknowns";
 import { giveBack, undoMove } from "./undo";
 import {
@@ -307,6 +307,8 @@ export async function create(inputs: Props) {
     const a = decide({ op: "create", desired: desiredOf(v), lease: view });
     if (a.kind === "refuse" && view?.ours) throw new UserError(`volume ${v.volumeId}: ${a.message}`);
     const { lease, forcedFrom, fresh } = await claim(v, { instance: instanceId, adoptLegacy: false });
+    // Taken by force: what this host holds of the volume from before is kept only if it is the latest.
+    if (forcedFrom) await discardIfStale(r, v, l, log);
     let touched = false;
     const made = { storage: false };
     try {
@@ -372,14 +374,25 @@ export async function read(id: string, props: Props) {
   const v: VolumeRef = { ...(props as VolumeInputs), instanceId: (props.instanceId as string) || undefined };
   const l = steps.layout(v);
   const origin = originOfState(props, v);
-  const observed = await withRemote(v.host, async (r) => {
-    const obs = await steps.observe(r, l);
-    return { obs, snaps: obs.present || obs.configured ? await snapshotsOrNote(r, l, v) : undefined };
-  });
-  const read = await readLeaseAndClock(leaseS3(v), v.volumeId).catch(() => undefined);
+  // The lease first. Without it (S3 unreachable) a volume on its state's host is still reported,
+  // but none is ever dropped, nor found elsewhere, for want of it: the refresh fails then.
+  let leaseError: Error | undefined;
+  const read = await readLeaseAndClock(leaseS3(v), v.volumeId).catch((e) => { leaseError = e as Error; return undefined; });
   const cur = read?.found?.lease;
-  const action = decide({ op: "read", state: stateView(props, origin), lease: read ? leaseView(cur, v, read.clock) : undefined,
-    presentOnStateHost: observed.obs.present || observed.obs.configured });
+  const lease = read ? leaseView(cur, v, read.clock) : undefined;
+  let observed: { obs: steps.Observed; snaps?: Snapshot[] } | undefined;
+  try {
+    observed = await withRemote(v.host, async (r) => {
+      const obs = await steps.observe(r, l);
+      return { obs, snaps: obs.present || obs.configured ? await snapshotsOrNote(r, l, v) : undefined };
+    });
+  } catch (e) {
+    // The state's host is unreachable: fine when the volume lives elsewhere (it is recorded there).
+    if (leaseError || decide({ op: "read", state: stateView(props, origin), lease, presentOnStateHost: true }).kind !== "relocate") throw e;
+  }
+  if (leaseError && !(observed!.obs.present || observed!.obs.configured)) throw leaseError;
+  const action = leaseError ? { kind: "observe" as const, host: hostRef(v) }
+    : decide({ op: "read", state: stateView(props, origin), lease, presentOnStateHost: observed ? observed.obs.present || observed.obs.configured : true });
   // A move cut off with the CLI (nothing in the state) shows from the lease; so does a cut-off delete or rebuild.
   const fromLease = (at: HostRef): Props => {
     const m = cur?.move;
@@ -392,10 +405,10 @@ export async function read(id: string, props: Props) {
   };
   switch (action.kind) {
     case "observe":
-      return { id, props: { ...props, ...outputs(l, observed.obs, observed.snaps, { ...props, ...fromLease(hostRef(v)) }) } };
+      return { id, props: { ...props, ...outputs(l, observed!.obs, observed!.snaps, { ...props, ...fromLease(hostRef(v)) }) } };
     case "relocate": {
       // Never dropped: the volume lives on another host of this resource (a cut-off run moved it).
-      const at = inputsAt(action.to, v, v, origin);
+      const at = inputsAt(action.to, v, v, origin, cur);
       logger(v)(`${action.message}`);
       const there = await withRemote(at.host, async (r) => {
         const obs = await steps.observe(r, l);
@@ -407,7 +420,7 @@ export async function read(id: string, props: Props) {
           moveOrigin: originOf(v) }
         : { pendingCleanup: {}, moveOrigin: null };
       const base = { ...props, host: at.host, ...(props.hostAddress !== undefined ? { hostAddress: at.host.address } : {}),
-        unfinishedMove: {}, ...leftover };
+        mountPath: at.mountPath, filesystem: at.filesystem, volumeGroup: at.volumeGroup, unfinishedMove: {}, ...leftover };
       return { id, props: there ? { ...base, ...outputs(l, there.obs, there.snaps, { ...base, ...fromLease(action.to) }) } : base };
     }
     default:
@@ -425,12 +438,18 @@ async function snapshotsOrNote(r: Remote, l: VolumeLayout, v: VolumeInputs): Pro
   }
 }
 
-/** The inputs that reach host h: the desired ones, the state's, the move's origin, or (a host only the lease names) the state's connection at h's address. */
-function inputsAt(h: HostRef, v: VolumeRef, o: VolumeRef, origin?: VolumeRef): VolumeRef {
+/**
+ * The inputs that reach host h: the desired ones, the state's, the move's origin, or (a host only
+ * the lease names) the state's connection at h's address with the layout the lease records there.
+ */
+function inputsAt(h: HostRef, v: VolumeRef, o: VolumeRef, origin?: VolumeRef, lease?: Lease): VolumeRef {
   if (sameHost(h, hostRef(v))) return v;
   if (sameHost(h, hostRef(o))) return o;
   if (origin && sameHost(h, hostRef(origin))) return origin;
-  return { ...o, host: { ...o.host, address: h.address, port: h.port, hostKey: h.hostKey ?? o.host.hostKey } };
+  const layout = lease?.move?.toLayout && sameHost(lease.move.to, h) ? lease.move.toLayout
+    : lease?.layout && sameHost(lease.holder, h) ? lease.layout : undefined;
+  return { ...o, ...(layout ? { mountPath: layout.mountPath, filesystem: layout.filesystem, volumeGroup: layout.volumeGroup } : {}),
+    host: { ...o.host, address: h.address, port: h.port, hostKey: h.hostKey ?? o.host.hostKey } };
 }
 
 /**
@@ -441,6 +460,7 @@ function inputsAt(h: HostRef, v: VolumeRef, o: VolumeRef, origin?: VolumeRef): V
 async function finalBackupVerified(r: Remote, v: VolumeInputs, l: VolumeLayout, log: (m: string) => void,
   opts: { users: string[] }): Promise<string> {
   const users = opts.users;
+  await steps.waitForPrune(v, log);
   try {
     if (users.length) {
       log(`stopping ${users.join(", ")} on ${r.name}`);
@@ -587,15 +607,38 @@ async function moveTo(id: string, o: VolumeRef, olds: Props, news: Props, v: Vol
     : { pendingCleanup: {}, moveOrigin: null };
   const lastMove = { ...report } as Record<string, unknown>;
   delete lastMove.pendingCleanup;
+  if (report.pendingCleanup && v.force) {
+    log(`force: forgetting the old host ${hostName(hostRef(o))} without cleaning it; it stays fenced (read-only, no timer, ` +
+      `its lease token revoked): clean it by hand (units dboxed-volume-${v.volumeId}-*, /etc/dboxed-volumes/${v.volumeId}, its storage)`);
+    await forgetMove(v);
+    Object.assign(pending, { pendingCleanup: {}, moveOrigin: null });
+  }
   return withRemote(v.host, async (r) => {
-    const obs = await steps.observe(r, l);
+    if (report.resumedFrom && phaseReached(report.resumedFrom, "switching")) {
+      // Resumed past its switch, the new host was not prepared in this run: its settings and units
+      // are written as this run declares them (keys, schedule, retention changed meanwhile).
+      await exclusive(r, l, log, async () => {
+        const cur = (await readLease(leaseS3(v), v.volumeId))?.lease;
+        if (cur && sameHost(cur.holder, hostRef(v))) {
+          await steps.writeConfig(r, v, l, cur.token);
+          await steps.writeUnits(r, v, l);
+        }
+      });
+    }
+    let obs = await steps.observe(r, l);
+    // A larger size declared with the move (or while it was resumed): grown on the new host.
+    if (obs.present && obs.mounted && (obs.sizeBytes ?? 0) < v.size) {
+      log(`growing to ${formatSize(v.size)} on ${r.name}`);
+      await exclusive(r, l, log, () => steps.grow(r, v, l));
+      obs = await steps.observe(r, l);
+    }
     const snaps = await snapshotsOrUndefined(r, l);
     return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, instanceId: v.instanceId ?? olds.instanceId, lastMove, unfinishedMove: {},
       interruptedOperation: {}, ...pending }) } };
   });
 }
 
-interface UpdateContext { id: string; olds: Props; news: Props; v: VolumeRef; o: VolumeRef; origin?: VolumeRef; log: (m: string) => void }
+interface UpdateContext { id: string; olds: Props; news: Props; v: VolumeRef; o: VolumeRef; origin?: VolumeRef; log: (m: string) => void; lease?: Lease }
 
 export async function update(id: string, olds: Props, news: Props) {
   const instanceId = (olds.instanceId as string) || undefined;
@@ -611,7 +654,7 @@ export async function update(id: string, olds: Props, news: Props) {
     const action = decide({ op: "update", state: stateView(olds, ctx.origin), desired: desiredOf(v), lease: leaseView(found?.lease, v, clock), unreachable });
     if (round > 0 || !(action.kind === "converge" || action.kind === "move")) ctx.log(`placement: ${describeAction(action)}`);
     try {
-      return await carryOut(action, ctx);
+      return await carryOut(action, { ...ctx, lease: found?.lease });
     } catch (e) {
       if (e instanceof HostUnreachable && !unreachable.some((h) => sameHost(h, e.host))) {
         unreachable.push(e.host);
@@ -628,7 +671,7 @@ export async function update(id: string, olds: Props, news: Props) {
 
 async function carryOut(a: Action, ctx: UpdateContext) {
   const { id, olds, news, v, o, origin, log } = ctx;
-  const at = (h: HostRef) => inputsAt(h, v, o, origin);
+  const at = (h: HostRef) => inputsAt(h, v, o, origin, ctx.lease);
   switch (a.kind) {
     case "refuse":
       throw new UserError(`volume ${v.volumeId}: ${a.message}`);
@@ -636,6 +679,7 @@ async function carryOut(a: Action, ctx: UpdateContext) {
       // The state follows the volume: it lives on a.to, reached with the state's connection settings.
       const there = at(a.to);
       throw partialFailure(id, `volume ${v.volumeId}: ${a.message}`, { ...olds, host: there.host,
+        mountPath: there.mountPath, filesystem: there.filesystem, volumeGroup: there.volumeGroup,
         ...(olds.hostAddress !== undefined ? { hostAddress: there.host.address } : {}), unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null });
     }
     case "move":
@@ -667,7 +711,7 @@ async function carryOut(a: Action, ctx: UpdateContext) {
     case "repair":
       return inPlace(ctx, a.op);
     case "take":
-      return takeOver(ctx, a.from);
+      return takeOver(ctx, at(a.from), a.ownHost);
     case "converge":
       return inPlace(ctx);
     default:
@@ -693,9 +737,9 @@ async function undo(ctx: UpdateContext, backHost: HostRef, targetHost: HostRef) 
         `its lease names no host key for that host, so it cannot be undone safely from here: set host to ${hostName(targetHost)} to finish it`);
     }
     back = o;
-    target = inputsAt(targetHost, v, o, origin);
+    target = inputsAt(targetHost, v, o, origin, ctx.lease);
   }
-  const warning = await undoMove(back, target, log, lock);
+  const warning = await dialing(backHost, () => undoMove(back, target, log, lock));
   const lBack = steps.layout(back);
   return withRemote(back.host, async (r) => {
     const obs = await steps.observe(r, lBack);
@@ -707,28 +751,73 @@ async function undo(ctx: UpdateContext, backHost: HostRef, targetHost: HostRef) 
   });
 }
 
-/** The host the state names is gone for good: the volume is taken from it by force and its latest snapshot restored on the new host. */
-async function takeOver(ctx: UpdateContext, from: HostRef) {
-  const { olds, news, v, o, log } = ctx;
+/**
+ * The host the volume lives on is gone for good: the volume is taken from it by force (its lease
+ * expired, or forceDespiteLiveLease) and its latest snapshot restored on the declared host. A
+ * host of this resource's own is left to clean once it is back (the lease records it as a forced
+ * move, so that its copy, never fenced, is removed without a backup); another resource's host is
+ * that resource's to clean.
+ */
+async function takeOver(ctx: UpdateContext, from: VolumeRef, ownHost: boolean) {
+  const { olds, news, v, log } = ctx;
   const l = steps.layout(v);
   const instanceId = v.instanceId ?? newToken();
-  return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
+  const fromHost = hostRef(from);
+  const leftBehind = ownHost && !sameHost(fromHost, hostRef(v));
+  if (isSet(olds.pendingCleanup) && ctx.origin && !sameHost(hostRef(ctx.origin), hostRef(v))) {
+    log(`force: forgetting the old host ${hostName(hostRef(ctx.origin))} of the last move without cleaning it; it stays fenced: clean it by hand`);
+  }
+  const lm = ctx.lease?.move;
+  if (lm && !lm.forced && oldHostFenced(lm.phase) && !sameHost(lm.from, hostRef(v)) && !sameHost(lm.from, fromHost)) {
+    log(`${hostName(lm.from)} keeps a fenced copy from the move to ${hostName(lm.to)}: remove it by hand (a volume declared there again discards it)`);
+  }
+  return dialing(hostRef(v), () => withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     await steps.preflight(r, v, l, { readOnly: true });
     const { lease, forcedFrom } = await claim({ ...v, instanceId }, { instance: instanceId, adoptLegacy: false });
+    if (leftBehind) {
+      await updateLease(leaseS3(v), v.volumeId, (cur) => {
+        if (!cur || cur.token !== lease.token) throw new UserError(`volume ${v.volumeId}: the lease changed right after the takeover (another run?)`);
+        return { ...cur, move: { from: fromHost, to: hostRef(v), phase: "switched", newToken: lease.token, startedAt: new Date().toISOString(),
+          forced: true, toLayout: holderLayout(v) } };
+      });
+    }
+    // What this host holds of the volume from before (it lived here once) is not trusted blindly.
+    await discardIfStale(r, v, l, log);
     const init = await converge(r, v, lease.token, log);
     const snaps = init.snapshots ?? await steps.listSnapshots(r, l);
     const used = snaps.find((s) => s.id === init.restoredFrom);
     const lostSeconds = used ? Math.round((Date.now() - Date.parse(used.time)) / 1000) : null;
-    log(`FORCED takeover from ${hostName(from)}: restored snapshot ${init.restoredFrom?.slice(0, 8) ?? "(none)"} of ${used?.time ?? "never"}; ` +
-      `anything written on ${hostName(from)} after it (up to ${lostSeconds ?? "?"} s) is lost; ${hostName(from)} is cleaned by a later pulumi up once it is back`);
+    log(`FORCED takeover from ${hostName(fromHost)}: restored snapshot ${init.restoredFrom?.slice(0, 8) ?? "(none)"} of ${used?.time ?? "never"}; ` +
+      `anything written on ${hostName(fromHost)} after it (up to ${lostSeconds ?? "?"} s) is lost` +
+      (leftBehind ? `; ${hostName(fromHost)} is cleaned by a later pulumi up once it is back` : ""));
     await steps.runBackup(r, l, log);
     const obs = await steps.observe(r, l);
-    const lastMove = { forced: true, from: hostName(forcedFrom?.holder ?? from), to: r.name, snapshotId: init.restoredFrom ?? "",
+    const lastMove = { forced: true, from: hostName(forcedFrom?.holder ?? fromHost), to: r.name, snapshotId: init.restoredFrom ?? "",
       snapshotTime: used?.time ?? "", dataLossWindowSeconds: lostSeconds };
+    const pending = leftBehind
+      ? { pendingCleanup: { host: hostName(fromHost), reason: "given up by force: it may still hold its old copy" }, moveOrigin: originOf(from) }
+      : { pendingCleanup: {}, moveOrigin: null };
     return { outs: { ...news, ...outputs(l, obs, await snapshotsOrUndefined(r, l), { ...olds, instanceId, lastMove, unfinishedMove: {},
-      interruptedOperation: {}, pendingCleanup: { host: hostName(from), reason: "given up by force: it may still hold its old copy" },
-      moveOrigin: originOf(o) }, init.restoredFrom ?? "") } };
-  }), { log });
+      interruptedOperation: {}, ...pending }, init.restoredFrom ?? "") } };
+  }), { log }));
+}
+
+/**
+ * A copy of the volume on r from before a forced takeover (it lived here once, or another
+ * resource had it here): kept only when its last backup is the repository's latest snapshot
+ * (nothing newer exists elsewhere), else removed (its users stopped first) for the latest to be
+ * restored. A fenced copy is converge's (takeBackFenced).
+ */
+async function discardIfStale(r: Remote, v: VolumeRef, l: VolumeLayout, log: (m: string) => void): Promise<void> {
+  const obs = await steps.observe(r, l);
+  if (!obs.configured || await steps.fencedLeftover(r, l)) return;
+  const latest = (await steps.listSnapshots(r, l)).slice(-1)[0];
+  if (obs.status.snapshotId && latest && obs.status.snapshotId === latest.id) return;
+  log(`${r.name} holds an old copy of ${v.volumeId} (its last backup ${obs.status.snapshotId?.slice(0, 8) || "none"} is not the latest snapshot ` +
+    `${latest?.id.slice(0, 8) ?? "(none)"}): removing it; the latest snapshot is restored instead`);
+  const users = await steps.usersOf(r, v, l);
+  if (users.length) await r.runArgv(["systemctl", "stop", ...users], { allowFailure: true });
+  await steps.teardown(r, l);
 }
 
 /** An update on the host the volume lives on: converge, grow, reschedule, rebuild, or repair a cut-off delete or rebuild. */
@@ -736,7 +825,7 @@ async function inPlace(ctx: UpdateContext, repair?: "delete" | "rebuild") {
   const { olds, news, v, o, log } = ctx;
   const l = steps.layout(v);
   const instanceId = (olds.instanceId as string) || newToken();
-  return withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
+  return dialing(hostRef(v), () => withRemote(v.host, async (r) => exclusive(r, l, log, async () => {
     if (o.host.address !== v.host.address || Number(o.host.port) !== Number(v.host.port)) {
       // Same pinned key at another address: the same machine, unless hosts were cloned with their keys.
       const obs = await steps.observe(r, steps.layout(o));
@@ -768,7 +857,7 @@ async function inPlace(ctx: UpdateContext, repair?: "delete" | "rebuild") {
     const snaps = await snapshotsOrUndefined(r, l);
     return { outs: { ...news, ...outputs(l, obs, snaps, { ...olds, instanceId, unfinishedMove: {}, pendingCleanup: {}, moveOrigin: null,
       interruptedOperation: {} }) } };
-  }), { log });
+  }), { log }));
 }
 
 export async function remove(id: string, props: Props) {
@@ -792,10 +881,10 @@ export async function remove(id: string, props: Props) {
       log(`volume ${v.volumeId} on ${hostName(hostRef(v))}: ${action.why}: leaving it in place`);
       return;
     case "remove": {
-      const here = inputsAt(action.host, v, v, origin);
+      const here = inputsAt(action.host, v, v, origin, cur);
       if (!sameHost(action.host, hostRef(v))) log(`volume ${v.volumeId} lives on ${hostName(action.host)} (a cut-off run moved it): removing it there`);
       await removeFrom(here, log, instanceId);
-      if (action.alsoClean) await cleanLeftover(inputsAt(action.alsoClean, v, v, origin), log);
+      if (action.alsoClean) await cleanLeftover(inputsAt(action.alsoClean, v, v, origin, cur), log);
       await release(here, instanceId, { withMove: true });
       return;
     }
@@ -830,7 +919,15 @@ async function removeFrom(v: VolumeRef, log: (m: string) => void, instanceId: st
       log(`nothing left on ${r.name}`);
       return;
     }
-    const lease = await readLease(leaseS3(v), v.volumeId);
+    let lease = await readLease(leaseS3(v), v.volumeId);
+    if (!lease && obs.configured) {
+      // The lease object is gone (a bucket lifecycle rule, deleted by hand): claimed again and its
+      // token given to the host, or the agent would refuse the final backup forever.
+      log(`the lease of volume ${v.volumeId} is gone: claiming it again for the final backup`);
+      const { lease: fresh } = await claim({ ...v, force: false }, { instance: instanceId ?? "", adoptLegacy: true });
+      await steps.writeConfig(r, v, l, fresh.token);
+      lease = await readLease(leaseS3(v), v.volumeId);
+    }
     let users: string[] = [];
     const fenced = !!lease && (!sameHost(lease.lease.holder, hostRef(v)) || !ownsLease(lease.lease, v));
     if (fenced) {

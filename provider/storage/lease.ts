@@ -33,6 +33,10 @@ export interface MoveState {
   startedAt: string;
   /** An undo of this move began (recorded before the new host is cleaned and the old one given back): it is only ever finished. */
   undoing?: boolean;
+  /** Finished, or taken, by force without its old host: that host is cleaned without a backup once it is back. */
+  forced?: boolean;
+  /** The layout on the new host (mount path, filesystem, volume group): a host only the lease names is reached with it. */
+  toLayout?: HolderLayout;
 }
 
 export interface Lease {
@@ -63,6 +67,8 @@ export interface Lease {
   writeId?: string;
   /** How long the lease lasts without renewal (the Volume's leaseDuration). */
   durationSeconds?: number;
+  /** The holder's layout (mount path, filesystem, volume group), as last applied there. */
+  layout?: HolderLayout;
   /**
    * Until when (epoch seconds) the holder is presumed alive: each provider write and each renewal
    * by the holding host (on every backup and on a timer) moves it on. `force` waits for it.
@@ -71,6 +77,9 @@ export interface Lease {
 }
 
 export interface RebuildLayout { filesystem: "ext4" | "xfs"; volumeGroup?: string }
+
+/** Where the volume is on its holder: what a host that only the lease names needs to be found and cleaned. */
+export interface HolderLayout extends RebuildLayout { mountPath: string }
 
 export const DEFAULT_LEASE_SECONDS = 600;
 

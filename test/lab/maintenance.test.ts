@@ -38,7 +38,7 @@ hostname() { echo host-${me}; }
 ${opts.hook ?? ""}
 maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     return new Promise<{ code: number; out: string }>((resolve) => {
-      execFile("bash", ["-c", script], { env: { ...env, VOLUME_ID: me, MAINT_TTL: String(opts.ttl ?? 300), MAINT_YIELD_WAIT: "6" } }, (err, stdout, stderr) =>
+      execFile("bash", ["-c", script], { env: { ...env, VOLUME_ID: me, MAINT_TTL: String(opts.ttl ?? 300), MAINT_YIELD_WAIT: "6", PRUNE_BACKUP_WAIT: "6" } }, (err, stdout, stderr) =>
         resolve({ code: err ? (err as any).code ?? 1 : 0, out: stdout + stderr }));
     });
   }
@@ -182,11 +182,16 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     const before = log().length;
     const r = await runTask("p", { interval: 60 });
     expect(r.code, r.out).to.equal(0);
+    expect(r.out).to.match(/maintenance prune: waiting for a backup to end \(vol-a@host-a\)/);
     expect(r.out).to.match(/maintenance prune: a backup runs \(vol-a@host-a\): a prune never runs beside a backup/);
     expect(log().length, "the prune did not run").to.equal(before);
     expect((await record())!.runs).to.equal(30);
+    // The backup ends while the prune waits for it (holding its lease): the prune runs then.
+    const r2p = runTask("p", { interval: 60 });
+    await sleep(2500);
+    expect((await record())!.holder, "the prune holds its lease while it waits").to.equal("p@host-p");
     await mark("vol-a");
-    const r2 = await runTask("p", { interval: 60 });
+    const r2 = await r2p;
     expect(r2.out).to.match(/maintenance prune: run 31 ok/);
     await mark("vol-b");
   });

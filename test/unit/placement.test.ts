@@ -133,6 +133,12 @@ function checkInvariants(s: Situation, a: Action): void {
     (!!s.state?.move && newHostMayHaveServed(s.state.move.phase));
   if (a.kind === "move") expect(has(s.unreachable ?? [], a.from) && !atTarget(a), `move needs ${name(a.from)}: ${why()}`).to.equal(false);
   if (a.kind === "undo") expect(has(s.unreachable ?? [], a.back), `undo needs ${name(a.back)}: ${why()}`).to.equal(false);
+  // An update works toward the host the program declares: whatever it mounts, moves to, gives back or repairs is that host.
+  if (s.op === "update" && s.desired) {
+    const target = a.kind === "converge" || a.kind === "repair" || a.kind === "cleanup" ? a.host
+      : a.kind === "move" || a.kind === "finishWithoutOld" || a.kind === "take" ? a.to : a.kind === "undo" ? a.back : undefined;
+    if (target) expect(sameHost(target, s.desired.host), `acts on ${name(target)}, not on the declared ${name(s.desired.host)}: ${why()}`).to.equal(true);
+  }
   // 3. Every refusal names its way out, and following it leads to an action.
   if (a.kind === "refuse") {
     const w = a.wayOut;
@@ -261,7 +267,7 @@ describe("placement: the documented table", () => {
   it("a host gone for good, no move: force takes the volume to the new host once the lease expired", () => {
     expect(up({ host: A }, held(A), B, { unreachable: [A] }).kind).to.equal("refuse");
     expect(up({ host: A }, held(A), B, { unreachable: [A], force: true }).kind).to.equal("refuse"); // live lease
-    expect(up({ host: A }, held(A, { live: false }), B, { unreachable: [A], force: true })).to.deep.equal({ kind: "take", from: A, to: B });
+    expect(up({ host: A }, held(A, { live: false }), B, { unreachable: [A], force: true })).to.deep.equal({ kind: "take", from: A, to: B, ownHost: true });
   });
 
   it("a run cut off finished the move elsewhere: the state follows the volume", () => {
@@ -281,7 +287,7 @@ describe("placement: the documented table", () => {
     const mid = up({ host: C }, { holder: A, ours: false, live: false, move: { from: A, to: B, phase: "final-backup" } }, C, { force: true });
     expect(mid.kind).to.equal("refuse");
     expect((mid as { message: string }).message).to.match(/in the middle of a move/);
-    expect(up({ host: C }, held(A, { ours: false, live: false }), C, { force: true })).to.deep.equal({ kind: "take", from: A, to: C });
+    expect(up({ host: C }, held(A, { ours: false, live: false }), C, { force: true })).to.deep.equal({ kind: "take", from: A, to: C, ownHost: false });
   });
 
   it("destroy with a pending cleanup cleans the old host and releases the lease", () => {
