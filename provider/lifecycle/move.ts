@@ -332,6 +332,7 @@ export async function move(olds: VolumeRef, news: VolumeRef, log: (m: string) =>
         });
         m = { ...m!, phase: "restored" };
         await setPhase(news, from, m);
+        faultPoint("after-restored");
       }
     };
     /** The switch: recorded first (from here the new host may serve: no undo), then the new host takes over. */

@@ -215,6 +215,23 @@ describe("an undo cut off by reboots of either host is finished by the next pulu
     expect(again.code, again.stdout + again.stderr).to.equal(0);
   });
 
+  it("a move cut off once restored and verified, its old host then unfenced by hand and written to: the next run takes a new final backup, nothing is lost", async () => {
+    await onHost(h1, `systemctl stop ${app}`);
+    const killed = await stack.run(["up", "--yes", "--skip-preview"], { input: input(2), env: { DBOXED_VOLUMES_FAULT: "after-restored" } });
+    expect(killed.code).to.not.equal(0);
+    stack.clearLocks();
+    expect((await labLease(prefix, volumeId))!.lease.move?.phase).to.equal("restored");
+    // What an operator might do by hand: lift the fence and write.
+    await onHost(h1, `rm -f /etc/dboxed-volumes/${volumeId}/fenced /etc/systemd/system/*.d/dboxed-fence-${volumeId}.conf
+systemctl daemon-reload; mount -o remount,rw ${mountPath}; echo "by hand" > ${mountPath}/d/by-hand; sync`);
+    const res = await stack.up(input(2));
+    expect(res.code, res.stdout + res.stderr).to.equal(0);
+    expect(res.stdout).to.match(/no longer fenced .*taking a new one/);
+    expect(await mounts([h1, h3], mountPath)).to.deep.equal(["unmounted", "rw"]);
+    expect((await onHost(h3, `cat ${mountPath}/d/by-hand`)).stdout.trim(), "the write made by hand moved with the volume").to.equal("by hand");
+    await clean(h1, volumeId, mountPath);
+  });
+
   after(async () => {
     if (stack) await stack.run(["destroy", "--yes", "--skip-preview"]);
   });
