@@ -409,10 +409,11 @@ export async function read(id: string, props: Props) {
     case "relocate": {
       // Never dropped: the volume lives on another host of this resource (a cut-off run moved it).
       const at = inputsAt(action.to, v, v, origin, cur);
+      const lAt = steps.layout(at);
       logger(v)(`${action.message}`);
       const there = await withRemote(at.host, async (r) => {
-        const obs = await steps.observe(r, l);
-        return { obs, snaps: await snapshotsOrNote(r, l, v) };
+        const obs = await steps.observe(r, lAt);
+        return { obs, snaps: await snapshotsOrNote(r, lAt, v) };
       }, { attempts: 1, dialTimeoutMs: 15_000 }).catch(() => undefined);
       // What is left on the state's host (a move switched, its cleanup cut off) is cleaned by the next up.
       const leftover = action.leftoverOn
@@ -421,7 +422,8 @@ export async function read(id: string, props: Props) {
         : { pendingCleanup: {}, moveOrigin: null };
       const base = { ...props, host: at.host, ...(props.hostAddress !== undefined ? { hostAddress: at.host.address } : {}),
         mountPath: at.mountPath, filesystem: at.filesystem, volumeGroup: at.volumeGroup, unfinishedMove: {}, ...leftover };
-      return { id, props: there ? { ...base, ...outputs(l, there.obs, there.snaps, { ...base, ...fromLease(action.to) }) } : base };
+      // plain: no undefined (a volumeGroup that is none) in the reply, the engine cannot encode it.
+      return { id, props: plain(there ? { ...base, ...outputs(lAt, there.obs, there.snaps, { ...base, ...fromLease(action.to) }) } : base) };
     }
     default:
       // Gone from its host, and nowhere else this resource holds it: gone.
