@@ -296,7 +296,7 @@ backup_gate() {
   local url="${MAINT_URL}backup-$VOLUME_ID.json" d code holder waited=0 max=${PRUNE_WAIT_SECONDS:-3600} off=${SRV_OFF:-0}
   d=$(mktemp -d)
   while :; do
-    maint_json "$VOLUME_ID@$(hostname)" $(( $EPOCHSECONDS + off + BACKUP_MARK_TTL )) 0 0 "" "" "" 0 "" > "$d/m"
+    maint_json "$VOLUME_ID@${HOSTNAME:-$(hostname)}" $(( $EPOCHSECONDS + off + BACKUP_MARK_TTL )) 0 0 "" "" "" 0 "" > "$d/m"
     code=$(s3_put "$url" "$d/m")
     [ "$code" = 200 ] || { rm -rf "$d"; die "cannot mark the backup running for the repository's prune (HTTP $code): refusing to back up beside a prune"; }
     BACKUP_MARKED=1

@@ -200,7 +200,7 @@ maintain_task ${opts.task ?? "prune"} ${opts.interval ?? 3600} work`;
     await put(lease({ holder: "prn@host-prn", expiresAt: now() + 600, runs: 31 }));
     const markedAt = path.join(dir, "marked");
     const gate = new Promise<{ code: number; out: string }>((resolve) => execFile("bash", ["-c", `. ${JSON.stringify(AGENT)}
-hostname() { echo host-g; }; die() { echo "died: $*"; exit 1; }
+hostname() { echo host-g; }; HOSTNAME=host-g; die() { echo "died: $*"; exit 1; }
 backup_gate; date +%s.%N > ${JSON.stringify(markedAt)}; sleep 2; backup_unmark`],
       { env: { ...env, VOLUME_ID: "vol-g", SRV_OFF: "0" } }, (err, stdout, stderr) => resolve({ code: err ? 1 : 0, out: stdout + stderr })));
     await sleep(8000);
