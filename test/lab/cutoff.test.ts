@@ -8,7 +8,7 @@
 //    scheduled, its application running, data intact.
 import { expect } from "chai";
 import * as crypto from "crypto";
-import { lab, labLease, onHost, Stack, stepByStep } from "./harness";
+import { installHeartbeat, lab, labLease, onHost, Stack, stepByStep } from "./harness";
 import { manifest, Manifest } from "./manifest";
 import type { LabHost } from "../../lab/lab";
 
@@ -110,13 +110,7 @@ describe("a delete cut off, then reverted: the volume is given back (real pulumi
 
   before(async () => {
     h = lab().hosts[2];
-    await onHost(h, `cat > /etc/systemd/system/${app} <<UNIT
-[Unit]
-RequiresMountsFor=${mountPath}
-[Service]
-ExecStart=/bin/bash -c 'while true; do date +%%s.%%N > ${mountPath}/heartbeat; sleep 1; done'
-UNIT
-systemctl daemon-reload`);
+    await installHeartbeat(h, app, mountPath);
     stack = new Stack("cut-delete", "volumes");
     await stack.init();
   });
