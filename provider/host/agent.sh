@@ -619,7 +619,8 @@ maint_known_not_due() { # maint_known_not_due TASK INTERVAL
   [ -r "$f" ] && read -r at url read_at < "$f" || return 1
   [[ "$at" =~ ^(0|[1-9][0-9]{0,17})$ && "$read_at" =~ ^[1-9][0-9]{0,17}$ ]] && [ "$url" = "$MAINT_URL$1.json" ] || return 1
   [ "$read_at" -le "$EPOCHSECONDS" ] && [ $((EPOCHSECONDS - read_at)) -lt "$MAINT_CACHE_MAX" ] || return 1
-  [ "$at" -le "$EPOCHSECONDS" ] && [ $((at + 10#$2)) -gt "$EPOCHSECONDS" ]
+  # A last run up to a minute ahead is the offset's rounding up (a slow answer), not a clock set back.
+  [ "$at" -le $((EPOCHSECONDS + 60)) ] && [ $((at + 10#$2)) -gt "$EPOCHSECONDS" ]
 }
 
 maintain_task() { # maintain_task TASK INTERVAL COMMAND...: runs COMMAND if due and this host takes the lease
